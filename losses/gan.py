@@ -1,0 +1,79 @@
+"""GAN losses, label tricks and the gradient penalty. Stateless; every function returns per-sample values (N,)
+and the script reduces them. D outputs are raw logits/scores of shape (N,)."""
+
+import torch
+import torch.nn.functional as F
+
+
+def _bce_logits(logits: torch.Tensor, targets: torch.Tensor | float) -> torch.Tensor:
+    """-t log sigmoid(x) - (1 - t) log(1 - sigmoid(x)), written with softplus for stability."""
+    return targets * F.softplus(-logits) + (1 - targets) * F.softplus(logits)
+
+
+# Goodfellow et al. 2014, arXiv 1406.2661 (non-saturating G loss, Sec. 3). Ref: gau-nernst/gan losses.py.
+class NonSaturatingLoss:
+    """D: -log D(x) - log(1 - D(G(z))); G: -log D(G(z)). Targets default to 1 (real) / 0 (fake); per-sample
+    targets carry Ganzo's soft/noisy labels (see `ganzo_targets`)."""
+
+    def d_loss(self, d_reals, d_fakes, real_targets=1.0, fake_targets=0.0) -> torch.Tensor:
+        return _bce_logits(d_reals, real_targets) + _bce_logits(d_fakes, fake_targets)
+
+    def g_loss(self, d_fakes, real_targets=1.0) -> torch.Tensor:
+        return _bce_logits(d_fakes, real_targets)
+
+
+# Arjovsky et al. 2017, arXiv 1701.07875 (Algorithm 1); also the WGAN-GP critic loss, arXiv 1704.00028.
+class WassersteinLoss:
+    def d_loss(self, d_reals, d_fakes) -> torch.Tensor:
+        return d_fakes - d_reals
+
+    def g_loss(self, d_fakes) -> torch.Tensor:
+        return -d_fakes
+
+
+# Hinge loss in the SN-GAN form: Miyato et al. 2018, arXiv 1802.05957; Lim & Ye 2017, arXiv 1705.02894.
+class HingeLoss:
+    def d_loss(self, d_reals, d_fakes) -> torch.Tensor:
+        return F.relu(1 - d_reals) + F.relu(1 + d_fakes)
+
+    def g_loss(self, d_fakes) -> torch.Tensor:
+        return -d_fakes
+
+
+# Ganzo (andreaferretti/ganzo, loss.py): soft labels U[0.9, 1] / U[0, 0.1]; noisy labels swap a whole term's
+# targets with probability p, one coin per batch and per term. Ganzo's bug (fake targets = 1 without soft labels)
+# is not reproduced: hard fake targets are 0.
+def ganzo_targets(n: int, soft: bool, noisy_p: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real_targets, fake_targets) of shape (n,) for one discriminator step."""
+    if soft:
+        real_t = torch.empty(n, device=device).uniform_(0.9, 1.0)
+        fake_t = torch.empty(n, device=device).uniform_(0.0, 0.1)
+    else:
+        real_t, fake_t = torch.ones(n, device=device), torch.zeros(n, device=device)
+    if noisy_p > 0:
+        swap_real, swap_fake = (torch.rand(2) < noisy_p).tolist()
+        real_t, fake_t = (1 - real_t if swap_real else real_t), (1 - fake_t if swap_fake else fake_t)
+    return real_t, fake_t
+
+
+def soft_real_targets(n: int, soft: bool, device=None) -> torch.Tensor | float:
+    """Targets for the G loss: clean (1), or soft U[0.9, 1] when soft labels are on (Ganzo)."""
+    return torch.empty(n, device=device).uniform_(0.9, 1.0) if soft else 1.0
+
+
+# WGAN-GP: Gulrajani et al. 2017, arXiv 1704.00028, Algorithm 1 (two-sided penalty, lambda applied by the caller).
+# Mixed precision: PyTorch's AMP recipe for gradient penalties (docs "Automatic Mixed Precision examples",
+# "Gradient penalty"): scale the output before autograd.grad so fp16 gradients do not underflow, then unscale.
+def gradient_penalty(critic, reals, fakes, labels=None, scale: float = 1.0, one_sided: bool = False) -> torch.Tensor:
+    """Per-sample (||grad_x D(x_hat)|| - 1)^2 at x_hat = eps * real + (1 - eps) * fake, eps ~ U[0, 1] per sample.
+
+    `critic` must be an eager module (never torch.compile'd: double backward through compiled graphs is wrong or
+    unsupported, pytorch #91469). `scale` is the GradScaler's current scale under fp16, else 1.
+    """
+    eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
+    x_hat = (eps * reals.detach() + (1 - eps) * fakes.detach()).requires_grad_(True)
+    d_hat = critic(x_hat, labels)
+    (grads,) = torch.autograd.grad(d_hat.sum() * scale, x_hat, create_graph=True)
+    grad_norm = (grads.float() / scale).flatten(1).norm(dim=1)  # norm in fp32 from unscaled gradients
+    excess = grad_norm - 1
+    return (excess.clamp(min=0) if one_sided else excess).square()

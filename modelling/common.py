@@ -1,0 +1,49 @@
+"""Pieces every architecture family may use: spectral normalisation and BatchNorm "standing statistics"."""
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+SN_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """SN-GAN (arXiv 1802.05957): W / sigma_max(W) on every conv, linear and embedding layer, one power iteration
+    per training forward. torch's parametrization reshapes ConvTranspose weights along dim 1 (its output dim)."""
+    for m in list(module.modules()):
+        if isinstance(m, SN_LAYERS) and not hasattr(m, "parametrizations"):
+            spectral_norm(m)
+    return module
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, inputs) -> nn.Module:
+    """Re-estimate BatchNorm running statistics as exact averages over `inputs` (an iterable of argument tuples),
+    then switch to eval mode ("standing statistics", BigGAN arXiv 1809.11096).
+
+    A generator trained with batch statistics gives outputs that depend on the rest of the batch; after this, in
+    eval mode, image k depends only on its own latent, which is what per-seed sampling needs. The EMA generator
+    in particular never saw its own statistics during training. No-op for models without running statistics.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model.eval()
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: every batch weighs the same
+    model.train()
+    for args in inputs:
+        model(*args)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def latent_batches(z_dim: int, n_classes: int, n_batches: int = 8, batch_size: int = 128, seed: int = 0, device="cpu"):
+    """Fixed (zs, labels) batches from their own RNG, e.g. for `recalibrate_batchnorm` of a generator."""
+    rng = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        zs = torch.randn(batch_size, z_dim, generator=rng).to(device)
+        labels = torch.randint(n_classes, (batch_size,), generator=rng).to(device) if n_classes else None
+        yield zs, labels

@@ -1,0 +1,120 @@
+"""DCGAN generator and discriminator, with the conditional variant (CGAN adapted to CNNs) built in.
+
+Paper: Radford et al. 2016, "Unsupervised Representation Learning with Deep Convolutional GANs", arXiv 1511.06434.
+Conditioning: Mirza & Osindero 2014, arXiv 1411.1784, in gau-nernst/gan's CNN form: G gets concat(z, embed(y));
+D gets embed(y) broadcast over H x W as extra input channels. Each network owns its label embedding.
+Reference code read for facts: gau-nernst/gan `modelling/dcgan.py`, `modelling/cgan.py`.
+
+Layout (all kernels 4; stride-2 convs halve, stride-2 transposed convs double):
+  G: z (N, z_dim) -> ConvT k4 s1 p0 -> (base * 2^(depth-1), 4, 4) -> ... -> (img_channels, img_size, img_size), tanh
+  D: (img_channels, img_size, img_size) -> conv ... -> (base * 2^(depth-1), 4, 4) -> conv k4 s1 p0 -> (N,)
+  with depth = log2(img_size / 4); 32x32: G 256@4 -> 128@8 -> 64@16 -> C@32.
+Deviations from the paper: none in the layers. The first D layer and the last G layer have no norm (the paper's
+rule; gau-nernst traced washed-out colours to a BN on D's input). G's BatchNorm tracks running statistics so that
+`modelling.common.recalibrate_batchnorm` can give batch-independent samples; D's BatchNorm uses batch statistics
+only. `disc norm="none"` is the WGAN-GP critic (a per-sample gradient penalty is invalid with batch statistics).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from modelling.common import apply_spectral_norm
+
+
+def _depth(img_size: int) -> int:
+    depth = math.log2(img_size / 4) if img_size >= 8 else 0
+    if img_size < 8 or depth != int(depth):
+        raise ValueError(f"DCGAN needs img_size = 4 * 2^k >= 8 (8, 16, 32, 64, ...), got {img_size}")
+    return int(depth)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """DCGAN init: conv and embedding weights N(0, 0.02), BatchNorm scale N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 32,
+        img_channels: int = 1,
+        z_dim: int = 128,
+        base_dim: int = 64,  # channels of the last hidden map; the first has base_dim * 2^(depth-1)
+        n_classes: int = 0,  # > 0: conditional, labels in [0, n_classes)
+        label_dim: int = 64,  # size of the label embedding concatenated to z
+        spectral_norm: bool = False,  # SA-GAN/BigGAN put SN in G too
+    ):
+        super().__init__()
+        self.img_size, self.img_channels, self.z_dim, self.n_classes = img_size, img_channels, z_dim, n_classes
+        depth = _depth(img_size)
+        self.embed = nn.Embedding(n_classes, label_dim) if n_classes else None
+        in_dim = z_dim + (label_dim if n_classes else 0)
+        ch = base_dim * 2 ** (depth - 1)
+        layers = [nn.ConvTranspose2d(in_dim, ch, 4, 1, 0, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+        for _ in range(depth - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, img_channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.reset_parameters()
+        if spectral_norm:
+            apply_spectral_norm(self)
+
+    def reset_parameters(self) -> None:
+        _init_weights(self)
+
+    def forward(self, zs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            zs = torch.cat([zs, self.embed(labels)], dim=1)
+        return self.net(zs[:, :, None, None])  # (N, z, 1, 1) -> (N, C, H, W)
+
+
+class Discriminator(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 32,
+        img_channels: int = 1,
+        base_dim: int = 64,  # channels of the first conv; doubled at every halving
+        norm: str = "batch",  # "batch" | "none" (WGAN-GP critic, SN-GAN)
+        n_classes: int = 0,
+        label_dim: int = 64,  # label embedding channels appended to the image
+        spectral_norm: bool = False,
+    ):
+        super().__init__()
+        if norm not in ("batch", "none"):
+            raise ValueError(f"unknown DCGAN discriminator norm {norm!r}; valid: ['batch', 'none']")
+        self.img_size, self.img_channels, self.n_classes = img_size, img_channels, n_classes
+        depth = _depth(img_size)
+        self.embed = nn.Embedding(n_classes, label_dim) if n_classes else None
+        in_ch = img_channels + (label_dim if n_classes else 0)
+        layers = [nn.Conv2d(in_ch, base_dim, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        ch = base_dim
+        for _ in range(depth - 1):
+            use_bn = norm == "batch"
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=not use_bn)]
+            layers += [nn.BatchNorm2d(ch * 2, track_running_stats=False)] if use_bn else []
+            layers += [nn.LeakyReLU(0.2, inplace=True)]
+            ch *= 2
+        layers += [nn.Conv2d(ch, 1, 4, 1, 0)]  # "flatten and matmul" as a conv over the whole 4x4 map
+        self.net = nn.Sequential(*layers)
+        self.reset_parameters()
+        if spectral_norm:
+            apply_spectral_norm(self)
+
+    def reset_parameters(self) -> None:
+        _init_weights(self)
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            n, _, h, w = imgs.shape
+            imgs = torch.cat([imgs, self.embed(labels)[:, :, None, None].expand(n, -1, h, w)], dim=1)
+        return self.net(imgs).flatten()  # (N,)

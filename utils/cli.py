@@ -1,0 +1,127 @@
+"""Command line and config files for a script's `@dataclass Config`.
+
+`parse(Config)` builds an argparse parser from the dataclass fields (bool -> --flag/--no-flag, dict -> JSON,
+`metadata={"choices": ...}` -> choices), lets `--config file.yaml|file.json` set defaults that explicit flags
+override, and handles `--dry_run` (print the resolved config, exit 0). Bad input raises `UserError`, which
+`user_errors()` turns into one line on stderr and exit code 2: no traceback for a user's mistake.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user (flags, data, checkpoints): reported as one line, never a traceback."""
+
+
+@contextlib.contextmanager
+def user_errors(prog: str | None = None):
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        yield
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage block; one line is easier to read in a log
+        raise UserError(f"{message} (see --help)")
+
+
+def _base_type(kind):
+    """`int | None` -> int; plain types unchanged."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def make_parser(config_cls, description: str | None = None) -> argparse.ArgumentParser:
+    parser = _OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file of defaults; explicit flags override it")
+    parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(default=default, help=f.metadata.get("help", " "))
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is dict:
+            kwargs["type"] = _json_dict
+        else:
+            kwargs["type"] = _base_type(kind)
+        names = [f"--{f.name}"] + [f"--{alias}" for alias in f.metadata.get("aliases", ())]
+        parser.add_argument(*names, dest=f.name, **kwargs)
+    return parser
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        text = p.read_text()
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"--config {path}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    return data
+
+
+def parse(config_cls, argv: list[str] | None = None, description: str | None = None):
+    """Resolve defaults < config file < command line into a `config_cls` instance."""
+    parser = make_parser(config_cls, description)
+    config_path = _find_config_arg(sys.argv[1:] if argv is None else argv)
+    if config_path:
+        file_values = load_config_file(config_path)
+        valid = {f.name for f in dataclasses.fields(config_cls)}
+        unknown = sorted(set(file_values) - valid)
+        if unknown:
+            raise UserError(f"--config {config_path}: unknown option(s) {unknown}; valid: {sorted(valid)}")
+        # Values from the file go through the same type conversion and choices as the flags.
+        file_argv = []
+        for key, value in file_values.items():
+            if isinstance(value, bool):
+                file_argv.append(f"--{key}" if value else f"--no-{key}")
+            else:
+                file_argv += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+        parser.set_defaults(**vars(parser.parse_args(file_argv)))
+    args = parser.parse_args(argv)
+    dry_run = args.dry_run
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run")}
+    cfg = config_cls(**values)
+    if dry_run:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        sys.exit(0)
+    return cfg
+
+
+def _find_config_arg(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None

@@ -1,0 +1,45 @@
+"""Exponential moving average of a network, with the horizon given as a half-life in images.
+
+beta = 0.5 ** (batch / halflife_nimg) per update, so the averaging horizon measured in images stays the same when
+the batch size or the number of GPUs changes (EDM's `ema_halflife_kimg`, StyleGAN2-ADA's `ema_kimg`). With a
+ramp-up ratio r the half-life is capped at r * images seen so far, so early weights are forgotten quickly.
+Parameters are averaged; buffers (BatchNorm statistics, spectral-norm vectors) are copied, as StyleGAN2-ADA does.
+Call `update` only after a real optimizer step (not a skipped fp16 step, not a gradient-accumulation micro-step).
+"""
+
+import copy
+
+import torch
+
+
+def ema_beta(batch_size: int, halflife_kimg: float, cur_nimg: int, rampup_ratio: float | None = None) -> float:
+    halflife_nimg = halflife_kimg * 1000
+    if rampup_ratio:
+        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+class EMA:
+    def __init__(self, model: torch.nn.Module, halflife_kimg: float = 10.0, rampup_ratio: float | None = 0.05):
+        # Build from the plain module, before accelerator.prepare: a copy of a prepared module would share its
+        # autocast-wrapped forward with the original.
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.halflife_kimg, self.rampup_ratio = halflife_kimg, rampup_ratio
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, batch_size: int, cur_nimg: int) -> float:
+        """Average `model` (unwrapped) into the EMA; `cur_nimg` counts images seen including this step."""
+        beta = ema_beta(batch_size, self.halflife_kimg, cur_nimg, self.rampup_ratio)
+        ema_params, params = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise ValueError("EMA and model have different parameter lists")
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+        for ema_b, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+        return beta
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state)
