@@ -73,7 +73,7 @@ def gradient_penalty(critic, reals, fakes, labels=None, scale: float = 1.0, one_
     eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
     x_hat = (eps * reals.detach() + (1 - eps) * fakes.detach()).requires_grad_(True)
     d_hat = critic(x_hat, labels)
-    (grads,) = torch.autograd.grad(d_hat.sum() * scale, x_hat, create_graph=True)
+    (grads,) = torch.autograd.grad(d_hat.float().sum() * scale, x_hat, create_graph=True)  # fp32 product
     grad_norm = (grads.float() / scale).flatten(1).norm(dim=1)  # norm in fp32 from unscaled gradients
     excess = grad_norm - 1
     return (excess.clamp(min=0) if one_sided else excess).square()

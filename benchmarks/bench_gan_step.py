@@ -1,0 +1,138 @@
+"""Per-step overhead of gan_mnist.py's training loop against a bare PyTorch loop of the same models, batch and losses.
+
+    python benchmarks/bench_gan_step.py --method gan --batch_size 64 --n_steps 300 --warmup 30 --threads 2
+
+The script side runs `gan_mnist.py --ema` in a subprocess, as a user would, and reads its steady-state seconds per
+step from stats.jsonl (rows after step `warmup`). Its timer stops before a log row is written and restarts after it,
+and with large sample/checkpoint intervals the only save comes after the last row: the number covers the loop
+itself (Accelerate wrappers, reseeding, sampler, finite-gradient checks, loss meters), not logging or saving.
+The bare side then runs in this process, after the subprocess has exited, and does the same work per step:
+D step, G step with D frozen, weight clipping for wgan, and an EMA lerp plus buffer copy into a copy of G.
+The last line printed is the ratio of the two.
+"""
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from losses import get_gan_loss, gradient_penalty  # noqa: E402
+from modelling import build_discriminator, build_generator  # noqa: E402
+from tests.idx import make_mnist_dir  # noqa: E402
+from utils.data import build_dataset  # noqa: E402
+
+# The script's settings, so that both sides run the same kernels.
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+torch.backends.cudnn.benchmark = True
+
+
+def script_sec_per_step(args: argparse.Namespace, data_dir: str, log_dir: str) -> float:
+    """Run gan_mnist.py and return its mean seconds per step over the steps after `warmup`."""
+    total = args.warmup + args.n_steps
+    cmd = [sys.executable, "gan_mnist.py", "--data_dir", data_dir, "--no-download", "--n_steps", str(total),
+           "--batch_size", str(args.batch_size), "--method", args.method, "--ema", "--log_interval", str(args.warmup),
+           "--sample_interval", str(10 * total), "--checkpoint_interval", str(10 * total), "--loggers", "tensorboard",
+           "--log_dir", log_dir, "--log_name", "bench"]
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"gan_mnist.py failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (Path(log_dir) / "bench" / "stats.jsonl").read_text().splitlines() if line]
+    prev, seconds = args.warmup, 0.0
+    for row in rows:
+        if row["step"] > args.warmup:  # each row times the steps since the previous row
+            seconds += row["sec_per_kimg"] * (row["step"] - prev) * args.batch_size / 1000
+            prev = row["step"]
+    if prev != total:
+        sys.exit(f"stats.jsonl has no row at the last step {total}: {[row['step'] for row in rows]}")
+    return seconds / args.n_steps
+
+
+def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
+    """The same D step, G step and EMA update in plain PyTorch; returns seconds per step after `warmup` steps."""
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    images = build_dataset("mnist", data_dir, 32, download=False).images.to(device)  # uint8 (N, 1, 32, 32)
+    torch.manual_seed(0)
+    gen = build_generator("dcgan", img_size=32, img_channels=1, z_dim=128, n_classes=0, spectral_norm=False)
+    disc = build_discriminator("dcgan", img_size=32, img_channels=1, n_classes=0, spectral_norm=False,
+                               norm="none" if args.method == "wgan-gp" else "batch")
+    gen, disc = gen.to(device), disc.to(device)
+    ema = copy.deepcopy(gen).eval().requires_grad_(False)
+    ema_params, gen_params = list(ema.parameters()), list(gen.parameters())
+    optim_g = torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    optim_d = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    loss_fn, n = get_gan_loss(args.method), args.batch_size
+
+    def step() -> None:
+        reals = images[torch.randint(len(images), (n,), device=device)].float().div_(127.5).sub_(1.0)
+        with torch.no_grad():
+            fakes = gen(torch.randn(n, 128, device=device))
+        loss_d = loss_fn.d_loss(disc(reals), disc(fakes)).mean()
+        if args.method == "wgan-gp":
+            loss_d = loss_d + 10.0 * gradient_penalty(disc, reals, fakes).mean()
+        optim_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        optim_d.step()
+        if args.method == "wgan":
+            with torch.no_grad():
+                for p in disc.parameters():
+                    p.clamp_(-0.01, 0.01)
+        disc.requires_grad_(False)
+        loss_g = loss_fn.g_loss(disc(gen(torch.randn(n, 128, device=device)))).mean()
+        optim_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        disc.requires_grad_(True)
+        optim_g.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in gen_params], 1.0 - 0.999)
+            for ema_b, b in zip(ema.buffers(), gen.buffers(), strict=True):
+                ema_b.copy_(b)
+
+    for _ in range(args.warmup):
+        step()
+    sync = torch.accelerator.synchronize if device.type != "cpu" else lambda: None
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.n_steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / args.n_steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="gan", choices=["gan", "wgan-gp", "hinge", "wgan"])
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--n_steps", type=int, default=300, help="timed steps, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (>= 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads, both sides")
+    parser.add_argument("--data_dir", default=None, help="MNIST IDX files; default: synthetic, in a temp dir")
+    args = parser.parse_args()
+    if min(args.batch_size, args.n_steps, args.warmup, args.threads) < 1:
+        parser.error("--batch_size, --n_steps, --warmup and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), method {args.method}, batch size {args.batch_size}, "
+          f"{args.warmup} warm-up + {args.n_steps} timed steps, EMA on")
+
+    with tempfile.TemporaryDirectory(prefix="bench_gan_") as tmp:
+        data_dir = args.data_dir or str(make_mnist_dir(Path(tmp) / "data", n_train=2048))
+        script = script_sec_per_step(args, data_dir, str(Path(tmp) / "logs"))  # first, then bare: never concurrent
+        print(f"gan_mnist.py: {script * 1000:.2f} ms/step, {1 / script:.1f} steps/s")
+        bare = bare_sec_per_step(args, data_dir)
+        print(f"bare loop:    {bare * 1000:.2f} ms/step, {1 / bare:.1f} steps/s")
+    print(f"overhead ratio (gan_mnist.py / bare loop): {script / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.idx import make_mnist_dir
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny DCGAN so a script-level step takes milliseconds on a CPU.
+TINY = ["--batch_size", "8", "--gen_kwargs", '{"base_dim": 8}', "--disc_kwargs", '{"base_dim": 8}', "--z_dim", "16"]
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """MNIST in its real IDX format (gzip), synthetic content: 256 train / 64 test images."""
+    return make_mnist_dir(tmp_path_factory.mktemp("mnist"))
+
+
+def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_script(script: str, *args: str, ok: bool = True, launcher: list[str] | None = None, **kw):
+    """Run a top-level script the way a user does; with ok=True, fail the test with its output on error."""
+    result = run((launcher or [sys.executable]) + [str(REPO / script), *map(str, args)], **kw)
+    if ok and result.returncode != 0:
+        pytest.fail(f"{script} exited {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}")
+    return result
+
+
+def train(mnist_dir: Path, log_dir: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run_script("gan_mnist.py", "--data_dir", mnist_dir, "--no-download", "--log_dir", log_dir, *TINY, *args, **kw)
+
+
+def read_stats(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Bad input: non-zero exit, no traceback, one line on stderr that says what is wrong."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

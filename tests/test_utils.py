@@ -1,0 +1,203 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from utils.ckpt import (
+    list_states,
+    load_snapshot,
+    load_training_state,
+    resolve_state,
+    save_snapshot,
+    save_training_state,
+    unwrap,
+    weights_digest,
+)
+from utils.cli import UserError, parse
+from utils.ema import EMA, ema_beta
+from utils.grid import save_grid, to_uint8
+
+
+# EMA -----------------------------------------------------------------------------------------------------------
+def test_ema_beta_half_life_math():
+    assert ema_beta(32, 10.0, cur_nimg=10**9) == pytest.approx(0.997784, abs=1e-6)  # reference 6.7
+    # The horizon in images is the same for any batch: beta^(images / batch) after a half-life is 0.5.
+    for batch in (16, 64, 256):
+        assert ema_beta(batch, 10.0, 10**9) ** (10_000 / batch) == pytest.approx(0.5)
+    # Ramp-up caps the half-life at ratio x images seen.
+    assert ema_beta(32, 10.0, cur_nimg=3200, rampup_ratio=0.05) == pytest.approx(0.5 ** (32 / 160))
+
+
+def test_ema_update_lerps_parameters_and_copies_buffers():
+    model = nn.BatchNorm1d(3)
+    ema = EMA(model, halflife_kimg=0.001, rampup_ratio=None)  # half-life 1 image
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(7.0)
+    beta = ema.update(model, batch_size=1, cur_nimg=1)
+    assert beta == pytest.approx(0.5)
+    torch.testing.assert_close(ema.module.weight, torch.full((3,), 2.0))  # 0.5 * 1 + 0.5 * 3
+    torch.testing.assert_close(ema.module.running_mean, torch.full((3,), 7.0))
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+# Checkpoints ---------------------------------------------------------------------------------------------------
+def _tree():
+    return {"step": 7, "model": {"w": torch.randn(3, 2), "n": torch.tensor(5)},
+            "optim": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3)}},
+                      "param_groups": [{"lr": 1e-4, "betas": (0.5, 0.999), "params": [0]}]},
+            "scaler": None, "config": {"method": "gan", "kw": {"a": 1}}}
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_training_state_roundtrip_keeps_types(tmp_path):
+    tree = _tree()
+    path = save_training_state(tmp_path, 7, tree)
+    assert path.name == "state-00000007" and (path / "COMPLETE").is_file()
+    loaded = load_training_state(path)
+    assert _same(tree, loaded)  # int keys, tuples, None, 0-d tensors all survive
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "meta.json", "tensors.safetensors"]
+
+
+def test_states_are_pruned_after_a_good_save_keeping_two(tmp_path):
+    for step in (10, 20, 30, 40):
+        save_training_state(tmp_path, step, _tree(), keep=2)
+    assert [s for s, _ in list_states(tmp_path)] == [30, 40]
+    save_training_state(tmp_path, 50, _tree(), keep=1)  # asking for fewer than 2 still keeps 2
+    assert [s for s, _ in list_states(tmp_path)] == [40, 50]
+
+
+def test_failed_save_leaves_previous_states_and_no_partial_folder(tmp_path):
+    save_training_state(tmp_path, 10, _tree())
+    save_training_state(tmp_path, 20, _tree())
+    bad = _tree() | {"oops": object()}  # cannot be stored: the save fails half-way
+    with pytest.raises(TypeError):
+        save_training_state(tmp_path, 30, bad)
+    assert [s for s, _ in list_states(tmp_path)] == [10, 20]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000010", "state-00000020"]
+
+
+def test_a_state_cut_mid_write_is_never_picked(tmp_path):
+    save_training_state(tmp_path / "states", 10, _tree())
+    cut = tmp_path / "states" / "state-00000020"  # renamed but no COMPLETE marker: an interrupted copy
+    cut.mkdir()
+    (cut / "meta.json").write_text("{")
+    (tmp_path / "states" / ".tmp-state-00000030-1").mkdir()  # a save killed before its rename
+    assert resolve_state("latest", tmp_path).name == "state-00000010"
+    with pytest.raises(UserError, match="not a complete"):
+        resolve_state(str(cut), tmp_path)
+
+
+def test_snapshot_roundtrip_and_refusals(tmp_path):
+    model = nn.Linear(3, 2)
+    snap = tmp_path / "run" / "snapshots" / "snapshot-00000005.safetensors"
+    save_snapshot(snap, "gan", "dcgan", {"z_dim": 3}, model.state_dict(), {"lr": 0.1}, step=5)
+    meta, sd = load_snapshot(tmp_path / "run")  # a run folder resolves to its newest snapshot
+    assert meta["kind"] == "gan" and meta["model_kwargs"] == {"z_dim": 3} and meta["step"] == 5
+    assert _same(sd, {k: v for k, v in model.state_dict().items()})
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match="not a genzoo snapshot"):
+        load_snapshot(plain)
+    with pytest.raises(UserError, match="no such"):
+        load_snapshot(tmp_path / "missing.safetensors")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Exploit.marker}",))
+
+
+def test_crafted_pickle_is_refused_and_executes_nothing(tmp_path):
+    _Exploit.marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pth"
+    evil.write_bytes(pickle.dumps({"state_dict": _Exploit()}))
+    with pytest.raises(UserError, match="not a genzoo snapshot"):
+        load_snapshot(evil)
+    state_dir = tmp_path / "states" / "state-00000001"
+    state_dir.mkdir(parents=True)
+    (state_dir / "COMPLETE").write_text("ok")
+    (state_dir / "meta.json").write_text(json.dumps({"format": "genzoo-state-v1", "tree": {}}))
+    (state_dir / "tensors.safetensors").write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(UserError, match="unreadable"):
+        load_training_state(state_dir)
+    assert not _Exploit.marker.exists()
+
+
+def test_unwrap_strips_compile_and_ddp():
+    model = nn.Linear(2, 2)
+    compiled = torch.compile(model)
+    assert unwrap(compiled) is model
+    assert weights_digest(model) == weights_digest(unwrap(compiled))
+
+
+# CLI -------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Cfg:
+    method: str = field(default="gan", metadata={"choices": ["gan", "hinge"]})
+    lr: float = 2e-4
+    ema: bool = True
+    kwargs: dict = field(default_factory=dict)
+    label: int | None = None
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("method: hinge\nlr: 0.001\nema: false\nkwargs: {base_dim: 8}\n")
+    cfg = parse(_Cfg, ["--config", str(yaml_file)])
+    assert (cfg.method, cfg.lr, cfg.ema, cfg.kwargs) == ("hinge", 0.001, False, {"base_dim": 8})
+    cfg = parse(_Cfg, ["--config", str(yaml_file), "--lr", "0.5", "--ema", "--label", "3"])
+    assert (cfg.method, cfg.lr, cfg.ema, cfg.label) == ("hinge", 0.5, True, 3)
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"method": "hinge", "kwargs": {"a": 1}}))
+    assert parse(_Cfg, ["--config", str(json_file)]).kwargs == {"a": 1}
+
+
+def test_config_file_errors(tmp_path):
+    bad_key = tmp_path / "k.yaml"
+    bad_key.write_text("metod: gan\n")
+    with pytest.raises(UserError, match="unknown option"):
+        parse(_Cfg, ["--config", str(bad_key)])
+    bad_choice = tmp_path / "c.yaml"
+    bad_choice.write_text("method: lsgan\n")
+    with pytest.raises(UserError, match="invalid choice"):
+        parse(_Cfg, ["--config", str(bad_choice)])
+    with pytest.raises(UserError, match="no such file"):
+        parse(_Cfg, ["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(UserError, match="JSON"):
+        parse(_Cfg, ["--kwargs", "{not json"])
+
+
+def test_dry_run_prints_resolved_config_and_exits():
+    code = ("import sys; sys.path.insert(0, '.'); from tests.test_utils import _Cfg; from utils.cli import parse; "
+            "parse(_Cfg, ['--lr', '0.25', '--no-ema', '--dry_run']); print('not reached')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"method": "gan", "lr": 0.25, "ema": False, "kwargs": {}, "label": None}
+
+
+# Grids -----------------------------------------------------------------------------------------------------------
+def test_to_uint8_and_grid(tmp_path):
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 2, 3)
+    assert to_uint8(x).flatten().tolist() == [0, 64, 128, 191, 255, 255]
+    save_grid(torch.rand(20, 1, 8, 8) * 2 - 1, tmp_path / "g.png", nrow=10)
+    from PIL import Image
+
+    img = Image.open(tmp_path / "g.png")
+    assert img.mode == "L" and img.size == (10 * 10 + 2, 2 * 10 + 2)
