@@ -27,14 +27,14 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
-from losses import get_gan_loss, ganzo_targets, gradient_penalty, soft_real_targets
+from losses import ganzo_targets, get_gan_loss, gradient_penalty, soft_real_targets
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
 from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
-    load_training_state,
     list_states,
+    load_training_state,
     resolve_state,
     save_snapshot,
     save_training_state,
@@ -53,8 +53,18 @@ torch.backends.cudnn.benchmark = True
 
 GRID_ROWS = 10  # sample grids are 10 x 10; conditional grids have one row per class
 # A resumed run must match these; anything else (lr, n_steps, intervals) may change, with a note.
-RESUME_KEYS = ("dataset", "img_size", "model", "gen_kwargs", "disc_kwargs", "z_dim", "conditional", "method",
-               "sn_gen", "sn_disc")
+RESUME_KEYS = (
+    "dataset",
+    "img_size",
+    "model",
+    "gen_kwargs",
+    "disc_kwargs",
+    "z_dim",
+    "conditional",
+    "method",
+    "sn_gen",
+    "sn_disc",
+)
 
 
 @dataclass
@@ -86,8 +96,9 @@ class Config:
     ema_halflife_kimg: float = 10.0
     ema_rampup: float = field(default=0.05, metadata={"help": "half-life <= ratio x images seen; 0 = off"})
     compile: bool = field(default=False, metadata={"help": "torch.compile G and D (the penalty stays eager)"})
-    mixed_precision: str | None = field(default=None, metadata={"choices": ["no", "fp16", "bf16"],
-                                                                 "help": "default: from accelerate launch"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
+    )
     log_dir: str = "logs"
     log_name: str = field(default="", metadata={"help": "default: <dataset>_<model>_<method>[_cond]"})
     loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
@@ -118,11 +129,21 @@ def check_config(cfg: Config) -> None:
 
 
 def build_models(cfg: Config, n_classes: int):
-    gen_kwargs = dict(img_size=cfg.img_size, img_channels=1, z_dim=cfg.z_dim, n_classes=n_classes,
-                      spectral_norm=cfg.sn_gen) | cfg.gen_kwargs
+    gen_kwargs = (
+        dict(img_size=cfg.img_size, img_channels=1, z_dim=cfg.z_dim, n_classes=n_classes, spectral_norm=cfg.sn_gen)
+        | cfg.gen_kwargs
+    )
     # The WGAN-GP critic has no BatchNorm by default: a per-sample gradient penalty is invalid with batch statistics.
-    disc_kwargs = dict(img_size=cfg.img_size, img_channels=1, n_classes=n_classes, spectral_norm=cfg.sn_disc,
-                       norm="none" if cfg.method == "wgan-gp" else "batch") | cfg.disc_kwargs
+    disc_kwargs = (
+        dict(
+            img_size=cfg.img_size,
+            img_channels=1,
+            n_classes=n_classes,
+            spectral_norm=cfg.sn_disc,
+            norm="none" if cfg.method == "wgan-gp" else "batch",
+        )
+        | cfg.disc_kwargs
+    )
     try:
         return build_generator(cfg.model, **gen_kwargs), gen_kwargs, build_discriminator(cfg.model, **disc_kwargs)
     except (KeyError, ValueError, TypeError) as e:
@@ -165,9 +186,13 @@ def main(cfg: Config) -> None:
     )
     device, is_main = accelerator.device, accelerator.is_main_process
     if accelerator.mixed_precision == "fp16" and device.type == "cpu":
-        accelerator.print("note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32 (bf16 works)")
+        accelerator.print(
+            "note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32 (bf16 works)"
+        )
     if state is not None:
-        accelerator.print(f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else ""))
+        accelerator.print(
+            f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else "")
+        )
     elif cfg.resume:
         accelerator.print(f"--resume {cfg.resume}: no training state in {run_dir / 'states'}; starting from scratch")
     start_step = state["step"] if state else 0
@@ -176,8 +201,9 @@ def main(cfg: Config) -> None:
     with accelerator.main_process_first():  # only one process downloads, the others then find the files
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
     n_classes = dataset.n_classes if cfg.conditional else 0
-    loader = iter(make_loader(dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
-                              cfg.seed, start_step))
+    loader = iter(
+        make_loader(dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step)
+    )
 
     # Models. Same init on every rank; the EMA and the evaluation copy are made before prepare() wraps anything.
     torch.manual_seed(cfg.seed)
@@ -217,10 +243,14 @@ def main(cfg: Config) -> None:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         trim_stats(run_dir / "stats.jsonl", start_step)
     if cfg.loggers != "none":
-        hparams = {k: json.dumps(v) if isinstance(v, dict) or v is None else v for k, v in dataclasses.asdict(cfg).items()}
+        hparams = {
+            k: json.dumps(v) if isinstance(v, dict) or v is None else v for k, v in dataclasses.asdict(cfg).items()
+        }
         accelerator.init_trackers("tb", config=hparams)
-    accelerator.print(f"{run_dir}: {accelerator.num_processes} process(es) on {device.type}, "
-                      f"mixed precision {accelerator.mixed_precision}, {len(dataset)} training images")
+    accelerator.print(
+        f"{run_dir}: {accelerator.num_processes} process(es) on {device.type}, "
+        f"mixed precision {accelerator.mixed_precision}, {len(dataset)} training images"
+    )
 
     def step_optimizer(optimizer, model) -> bool:
         """Apply the update unless the gradients are non-finite; return whether it was applied."""
@@ -251,27 +281,46 @@ def main(cfg: Config) -> None:
         digest = check_replicas_agree(accelerator, unwrap(gen), unwrap(disc))
         if is_main:
             train_state = {
-                "step": step, "config": dataclasses.asdict(cfg), "skipped": skipped_total,
-                "gen": unwrap(gen).state_dict(), "disc": unwrap(disc).state_dict(),
-                "optim_g": optim_g.state_dict(), "optim_d": optim_d.state_dict(),
+                "step": step,
+                "config": dataclasses.asdict(cfg),
+                "skipped": skipped_total,
+                "gen": unwrap(gen).state_dict(),
+                "disc": unwrap(disc).state_dict(),
+                "optim_g": optim_g.state_dict(),
+                "optim_d": optim_d.state_dict(),
                 "ema": ema.state_dict() if ema else None,
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
             }
             save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
             snapshot_gen = eval_generator(ema.module if ema else gen)
-            save_snapshot(run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors", kind="gan", model_name=cfg.model,
-                          model_kwargs=gen_kwargs, state_dict=snapshot_gen.state_dict(), config=dataclasses.asdict(cfg),
-                          step=step)
-            tqdm.write(f"step {step}: saved training state and snapshot; parameters identical on "
-                       f"{accelerator.num_processes} process(es) (digest {digest:016x})")
+            save_snapshot(
+                run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",
+                kind="gan",
+                model_name=cfg.model,
+                model_kwargs=gen_kwargs,
+                state_dict=snapshot_gen.state_dict(),
+                config=dataclasses.asdict(cfg),
+                step=step,
+            )
+            tqdm.write(
+                f"step {step}: saved training state and snapshot; parameters identical on "
+                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
+            )
         accelerator.wait_for_everyone()
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
     meters, skipped_in_a_row = RunningMeans(), 0
     tick_time, tick_step = time.perf_counter(), start_step
-    pbar = tqdm(range(start_step, cfg.n_steps), initial=start_step, total=cfg.n_steps, disable=not is_main,
-                dynamic_ncols=True, desc=log_name, mininterval=1 if sys.stderr.isatty() else 30)
+    pbar = tqdm(
+        range(start_step, cfg.n_steps),
+        initial=start_step,
+        total=cfg.n_steps,
+        disable=not is_main,
+        dynamic_ncols=True,
+        desc=log_name,
+        mininterval=1 if sys.stderr.isatty() else 30,
+    )
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         reals, labels = next(loader)
@@ -333,17 +382,25 @@ def main(cfg: Config) -> None:
             if skipped_in_a_row > cfg.max_skipped_steps:
                 states = list_states(run_dir / "states")
                 last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
-                raise UserError(f"stopping at step {step + 1}: {skipped_in_a_row} steps in a row had non-finite "
-                                f"gradients (lower --lr?); {last}")
+                raise UserError(
+                    f"stopping at step {step + 1}: {skipped_in_a_row} steps in a row had non-finite "
+                    f"gradients (lower --lr?); {last}"
+                )
 
         # Log.
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.n_steps:
             now = time.perf_counter()
             kimg_tick = (done - tick_step) * images_per_step / 1000
-            record = {"step": done, "n_steps": cfg.n_steps, "kimg": done * images_per_step / 1000,
-                      "sec_per_kimg": (now - tick_time) / kimg_tick, **meters.pop(accelerator),
-                      "skipped": skipped_total, "mem_gb": peak_memory_gb(device)}
+            record = {
+                "step": done,
+                "n_steps": cfg.n_steps,
+                "kimg": done * images_per_step / 1000,
+                "sec_per_kimg": (now - tick_time) / kimg_tick,
+                **meters.pop(accelerator),
+                "skipped": skipped_total,
+                "mem_gb": peak_memory_gb(device),
+            }
             if is_main:
                 append_jsonl(run_dir / "stats.jsonl", record)
                 tqdm.write(status_line(record))

@@ -102,7 +102,7 @@ def main(cfg: Config) -> None:
             labels = labels.to(device)
         images, nfe = sample_fn(model, batch, labels, device)
         images = to_uint8(images).cpu()
-        for s, image in zip(batch, images):
+        for s, image in zip(batch, images, strict=True):
             save_png(image, out_dir / f"{s:06d}.png")
     accelerator.wait_for_everyone()
 
@@ -113,10 +113,19 @@ def main(cfg: Config) -> None:
             tiles = torch.stack([t[None] if t.ndim == 2 else t.permute(2, 0, 1) for t in tiles])
             nrow = n_classes if n_classes and cfg.class_label is None else 10
             save_grid(tiles.float() / 127.5 - 1, out_dir / "grid.png", nrow=nrow)
-        info = {"snapshot": meta["path"], "step": meta["step"], "model": meta["model"], "n_images": len(seeds),
-                "seeds": [seeds[0], seeds[-1]], "class_label": cfg.class_label, "nfe": nfe}
+        info = {
+            "snapshot": meta["path"],
+            "step": meta["step"],
+            "model": meta["model"],
+            "n_images": len(seeds),
+            "seeds": [seeds[0], seeds[-1]],
+            "class_label": cfg.class_label,
+            "nfe": nfe,
+        }
         (out_dir / "sample_info.json").write_text(json.dumps(info, indent=2))
-        print(f"wrote {len(seeds)} images (seeds {seeds[0]}..{seeds[-1]}, {nfe} network evaluation(s) each) to {out_dir}")
+        print(
+            f"wrote {len(seeds)} images (seeds {seeds[0]}..{seeds[-1]}, {nfe} network evaluation(s) each) to {out_dir}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,10 +40,32 @@ torch.backends.cudnn.benchmark = True
 def script_sec_per_step(args: argparse.Namespace, data_dir: str, log_dir: str) -> float:
     """Run gan_mnist.py and return its mean seconds per step over the steps after `warmup`."""
     total = args.warmup + args.n_steps
-    cmd = [sys.executable, "gan_mnist.py", "--data_dir", data_dir, "--no-download", "--n_steps", str(total),
-           "--batch_size", str(args.batch_size), "--method", args.method, "--ema", "--log_interval", str(args.warmup),
-           "--sample_interval", str(10 * total), "--checkpoint_interval", str(10 * total), "--loggers", "tensorboard",
-           "--log_dir", log_dir, "--log_name", "bench"]
+    cmd = [
+        sys.executable,
+        "gan_mnist.py",
+        "--data_dir",
+        data_dir,
+        "--no-download",
+        "--n_steps",
+        str(total),
+        "--batch_size",
+        str(args.batch_size),
+        "--method",
+        args.method,
+        "--ema",
+        "--log_interval",
+        str(args.warmup),
+        "--sample_interval",
+        str(10 * total),
+        "--checkpoint_interval",
+        str(10 * total),
+        "--loggers",
+        "tensorboard",
+        "--log_dir",
+        log_dir,
+        "--log_name",
+        "bench",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -65,8 +87,14 @@ def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
     images = build_dataset("mnist", data_dir, 32, download=False).images.to(device)  # uint8 (N, 1, 32, 32)
     torch.manual_seed(0)
     gen = build_generator("dcgan", img_size=32, img_channels=1, z_dim=128, n_classes=0, spectral_norm=False)
-    disc = build_discriminator("dcgan", img_size=32, img_channels=1, n_classes=0, spectral_norm=False,
-                               norm="none" if args.method == "wgan-gp" else "batch")
+    disc = build_discriminator(
+        "dcgan",
+        img_size=32,
+        img_channels=1,
+        n_classes=0,
+        spectral_norm=False,
+        norm="none" if args.method == "wgan-gp" else "batch",
+    )
     gen, disc = gen.to(device), disc.to(device)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     ema_params, gen_params = list(ema.parameters()), list(gen.parameters())
@@ -122,8 +150,10 @@ def main() -> None:
     if min(args.batch_size, args.n_steps, args.warmup, args.threads) < 1:
         parser.error("--batch_size, --n_steps, --warmup and --threads must be >= 1")
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), method {args.method}, batch size {args.batch_size}, "
-          f"{args.warmup} warm-up + {args.n_steps} timed steps, EMA on")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), method {args.method}, batch size {args.batch_size}, "
+        f"{args.warmup} warm-up + {args.n_steps} timed steps, EMA on"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench_gan_") as tmp:
         data_dir = args.data_dir or str(make_mnist_dir(Path(tmp) / "data", n_train=2048))

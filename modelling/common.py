@@ -35,7 +35,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs) -> nn.Module:
     model.train()
     for args in inputs:
         model(*args)
-    for bn, momentum in zip(bns, momenta):
+    for bn, momentum in zip(bns, momenta, strict=True):
         bn.momentum = momentum
     return model.eval()
 

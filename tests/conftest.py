@@ -28,12 +28,16 @@ def run_script(script: str, *args: str, ok: bool = True, launcher: list[str] | N
     """Run a top-level script the way a user does; with ok=True, fail the test with its output on error."""
     result = run((launcher or [sys.executable]) + [str(REPO / script), *map(str, args)], **kw)
     if ok and result.returncode != 0:
-        pytest.fail(f"{script} exited {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}")
+        pytest.fail(
+            f"{script} exited {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
+        )
     return result
 
 
 def train(mnist_dir: Path, log_dir: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    return run_script("gan_mnist.py", "--data_dir", mnist_dir, "--no-download", "--log_dir", log_dir, *TINY, *args, **kw)
+    return run_script(
+        "gan_mnist.py", "--data_dir", mnist_dir, "--no-download", "--log_dir", log_dir, *TINY, *args, **kw
+    )
 
 
 def read_stats(run_dir: Path) -> list[dict]:

@@ -91,7 +91,7 @@ def test_sampler_ranks_split_the_global_batch():
     one = _take(InfiniteSampler(50, 8, rank=0, world_size=1, seed=1), 4)
     r0 = _take(InfiniteSampler(50, 4, rank=0, world_size=2, seed=1), 4)
     r1 = _take(InfiniteSampler(50, 4, rank=1, world_size=2, seed=1), 4)
-    assert [a + b for a, b in zip(r0, r1)] == one
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == one
 
 
 def test_step_seed_differs_by_rank_and_step():

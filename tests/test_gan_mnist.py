@@ -21,16 +21,32 @@ def _same_tree(a, b, path="") -> list[str]:
     if isinstance(a, dict):
         return sum((_same_tree(a[k], b[k], f"{path}.{k}") for k in a), []) if a.keys() == b.keys() else [path]
     if isinstance(a, (list, tuple)):
-        return sum((_same_tree(x, y, f"{path}.{i}") for i, (x, y) in enumerate(zip(a, b))), [])
+        return sum((_same_tree(x, y, f"{path}.{i}") for i, (x, y) in enumerate(zip(a, b, strict=True))), [])
     return [] if a == b else [path]
 
 
 def test_run_folder_holds_every_artefact(tmp_path, mnist_dir):
-    result = train(mnist_dir, tmp_path, "--log_name", "cond", "--conditional", "--ema", "--n_steps", "4",
-                   "--log_interval", "2", "--sample_interval", "2", "--checkpoint_interval", "2")
+    result = train(
+        mnist_dir,
+        tmp_path,
+        "--log_name",
+        "cond",
+        "--conditional",
+        "--ema",
+        "--n_steps",
+        "4",
+        "--log_interval",
+        "2",
+        "--sample_interval",
+        "2",
+        "--checkpoint_interval",
+        "2",
+    )
     run_dir = tmp_path / "cond"
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["conditional"] and config["ema"] and config["n_steps"] == 4 and config["gen_kwargs"] == {"base_dim": 8}
+    assert (
+        config["conditional"] and config["ema"] and config["n_steps"] == 4 and config["gen_kwargs"] == {"base_dim": 8}
+    )
 
     rows = read_stats(run_dir)
     assert [r["step"] for r in rows] == [2, 4]
@@ -95,8 +111,9 @@ def test_resume_refuses_another_setup_and_keeps_states(tmp_path, mnist_dir):
     train(mnist_dir, tmp_path, "--log_name", "r", "--n_steps", "2", "--checkpoint_interval", "1")
     states = tmp_path / "r" / "states"
     before = {p.name: (p / "tensors.safetensors").read_bytes() for p in states.iterdir()}
-    result = train(mnist_dir, tmp_path, "--log_name", "r", "--n_steps", "4", "--resume", "latest", "--method",
-                   "hinge", ok=False)
+    result = train(
+        mnist_dir, tmp_path, "--log_name", "r", "--n_steps", "4", "--resume", "latest", "--method", "hinge", ok=False
+    )
     assert_one_line_error(result, "cannot resume", "method: saved 'gan' vs now 'hinge'")
     result = train(mnist_dir, tmp_path, "--log_name", "r", "--n_steps", "4", ok=False)  # forgot --resume
     assert_one_line_error(result, "already holds training states", "--resume latest")
@@ -114,8 +131,23 @@ def test_two_processes_with_torchrun(tmp_path, mnist_dir):
     """DDP over gloo: both ranks train, only rank 0 writes, and the parameters are bit-identical on both ranks
     at every checkpoint (the script checks and would fail otherwise)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = train(mnist_dir, tmp_path, "--log_name", "ddp", "--n_steps", "4", "--checkpoint_interval", "2",
-                   "--log_interval", "2", "--method", "wgan-gp", "--ema", "--conditional", launcher=launcher)
+    result = train(
+        mnist_dir,
+        tmp_path,
+        "--log_name",
+        "ddp",
+        "--n_steps",
+        "4",
+        "--checkpoint_interval",
+        "2",
+        "--log_interval",
+        "2",
+        "--method",
+        "wgan-gp",
+        "--ema",
+        "--conditional",
+        launcher=launcher,
+    )
     out = result.stdout
     assert "2 process(es) on cpu" in out
     assert out.count("parameters identical on 2 process(es)") == 2  # printed by rank 0 only, once per checkpoint
@@ -128,8 +160,9 @@ def test_two_processes_with_torchrun(tmp_path, mnist_dir):
 
 
 def test_bf16_and_fp16_requests_on_cpu(tmp_path, mnist_dir):
-    result = train(mnist_dir, tmp_path, "--log_name", "bf16", "--n_steps", "3", "--method", "wgan-gp",
-                   "--mixed_precision", "bf16")
+    result = train(
+        mnist_dir, tmp_path, "--log_name", "bf16", "--n_steps", "3", "--method", "wgan-gp", "--mixed_precision", "bf16"
+    )
     assert "mixed precision bf16" in result.stdout
     rows = read_stats(tmp_path / "bf16")
     assert rows[-1]["skipped"] == 0 and all(abs(rows[-1][k]) < 1e3 for k in ("loss/d", "loss/g", "penalty/gp"))
@@ -138,8 +171,16 @@ def test_bf16_and_fp16_requests_on_cpu(tmp_path, mnist_dir):
 
 
 def test_accelerate_launch(tmp_path, mnist_dir):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
-                "--mixed_precision", "bf16"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--mixed_precision",
+        "bf16",
+    ]
     result = train(mnist_dir, tmp_path, "--log_name", "acc", "--n_steps", "2", launcher=launcher)
     assert "mixed precision bf16" in result.stdout
     assert (tmp_path / "acc" / "snapshots" / "snapshot-00000002.safetensors").is_file()
@@ -147,15 +188,42 @@ def test_accelerate_launch(tmp_path, mnist_dir):
 
 def test_compile_with_gradient_penalty(tmp_path, mnist_dir):
     """G and D are compiled; the second-order penalty runs on the eager module and training stays finite."""
-    result = train(mnist_dir, tmp_path, "--log_name", "compiled", "--n_steps", "3", "--method", "wgan-gp",
-                   "--compile", "--log_interval", "1", timeout=900)
+    result = train(
+        mnist_dir,
+        tmp_path,
+        "--log_name",
+        "compiled",
+        "--n_steps",
+        "3",
+        "--method",
+        "wgan-gp",
+        "--compile",
+        "--log_interval",
+        "1",
+        timeout=900,
+    )
     assert "step 3/3" in result.stdout
     assert all(r["skipped"] == 0 and r["penalty/gp"] < 10 for r in read_stats(tmp_path / "compiled"))
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, mnist_dir):
-    result = train(mnist_dir, tmp_path, "--log_name", "nan", "--n_steps", "20", "--lr", "1e30", "--log_interval",
-                   "1", "--checkpoint_interval", "1", "--max_skipped_steps", "2", ok=False)
+    result = train(
+        mnist_dir,
+        tmp_path,
+        "--log_name",
+        "nan",
+        "--n_steps",
+        "20",
+        "--lr",
+        "1e30",
+        "--log_interval",
+        "1",
+        "--checkpoint_interval",
+        "1",
+        "--max_skipped_steps",
+        "2",
+        ok=False,
+    )
     assert_one_line_error(result, "non-finite gradients", "newest training state is")
     rows = read_stats(tmp_path / "nan")
     assert rows[-1]["skipped"] >= 2
@@ -195,8 +263,18 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gives_one_clear_line(tmp_path, mnist_dir, case):
     args, fragments = BAD_INPUTS[case]
-    result = run_script("gan_mnist.py", "--data_dir", mnist_dir, "--no-download", "--log_dir", tmp_path, "--n_steps",
-                        "1", *args, ok=False)
+    result = run_script(
+        "gan_mnist.py",
+        "--data_dir",
+        mnist_dir,
+        "--no-download",
+        "--log_dir",
+        tmp_path,
+        "--n_steps",
+        "1",
+        *args,
+        ok=False,
+    )
     assert_one_line_error(result, *fragments)
 
 
@@ -205,8 +283,15 @@ def test_missing_and_corrupt_data(tmp_path, mnist_dir):
     empty.mkdir()
     result = run_script("gan_mnist.py", "--data_dir", empty, "--dataset", "mnist", "--log_dir", tmp_path, ok=False)
     assert_one_line_error(result, "mnist not found", "(1)", "(2)", "(3)", "download failed")
-    result = run_script("gan_mnist.py", "--data_dir", _corrupt_dir(tmp_path, mnist_dir), "--no-download",
-                        "--log_dir", tmp_path, ok=False)
+    result = run_script(
+        "gan_mnist.py",
+        "--data_dir",
+        _corrupt_dir(tmp_path, mnist_dir),
+        "--no-download",
+        "--log_dir",
+        tmp_path,
+        ok=False,
+    )
     assert_one_line_error(result, "train-images-idx3-ubyte.gz", "cannot read")
 
 
@@ -217,7 +302,21 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 def test_real_fashion_mnist_from_the_system_copy(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_script("gan_mnist.py", "--dataset", "fashion_mnist", "--data_dir", empty, "--no-download",
-                        "--log_dir", tmp_path, "--n_steps", "3", "--batch_size", "16", "--log_interval", "3")
+    result = run_script(
+        "gan_mnist.py",
+        "--dataset",
+        "fashion_mnist",
+        "--data_dir",
+        empty,
+        "--no-download",
+        "--log_dir",
+        tmp_path,
+        "--n_steps",
+        "3",
+        "--batch_size",
+        "16",
+        "--log_interval",
+        "3",
+    )
     assert "60000 training images" in result.stdout
     assert read_stats(tmp_path / "fashion_mnist_dcgan_gan")[-1]["step"] == 3

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from losses import GAN_LOSSES, get_gan_loss, ganzo_targets, gradient_penalty, soft_real_targets
+from losses import GAN_LOSSES, ganzo_targets, get_gan_loss, gradient_penalty, soft_real_targets
 
 
 def test_nonsaturating_and_hinge_at_d_zero():
@@ -23,7 +23,9 @@ def test_nonsaturating_matches_bce_with_soft_targets():
     ns = get_gan_loss("gan")
     torch.testing.assert_close(ns.g_loss(logits, targets), expected)
     both = ns.d_loss(logits, logits, targets, 1 - targets)
-    torch.testing.assert_close(both, expected + nn.functional.binary_cross_entropy_with_logits(logits, 1 - targets, reduction="none"))
+    torch.testing.assert_close(
+        both, expected + nn.functional.binary_cross_entropy_with_logits(logits, 1 - targets, reduction="none")
+    )
 
 
 def test_nonsaturating_is_stable_for_large_logits():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelling import DISCRIMINATORS, GENERATORS, build_discriminator, build_generator
+from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import apply_spectral_norm, latent_batches, recalibrate_batchnorm
 
 CASES = list(itertools.product(sorted(GENERATORS), [0, 10], [False, True], [16, 32, 64]))
@@ -13,10 +13,12 @@ CASES = list(itertools.product(sorted(GENERATORS), [0, 10], [False, True], [16, 
 @pytest.mark.parametrize("name,n_classes,sn,img_size", CASES)
 def test_registry_builds_forward_backward(name, n_classes, sn, img_size):
     torch.manual_seed(0)
-    gen = build_generator(name, img_size=img_size, img_channels=3, z_dim=16, base_dim=8, n_classes=n_classes,
-                          spectral_norm=sn)
-    disc = build_discriminator(name, img_size=img_size, img_channels=3, base_dim=8, n_classes=n_classes,
-                               spectral_norm=sn)
+    gen = build_generator(
+        name, img_size=img_size, img_channels=3, z_dim=16, base_dim=8, n_classes=n_classes, spectral_norm=sn
+    )
+    disc = build_discriminator(
+        name, img_size=img_size, img_channels=3, base_dim=8, n_classes=n_classes, spectral_norm=sn
+    )
     zs = torch.randn(4, 16)
     labels = torch.tensor([0, 3, 9, 1]) if n_classes else None
     fakes = gen(zs, labels)

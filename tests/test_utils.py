@@ -50,10 +50,16 @@ def test_ema_update_lerps_parameters_and_copies_buffers():
 
 # Checkpoints ---------------------------------------------------------------------------------------------------
 def _tree():
-    return {"step": 7, "model": {"w": torch.randn(3, 2), "n": torch.tensor(5)},
-            "optim": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3)}},
-                      "param_groups": [{"lr": 1e-4, "betas": (0.5, 0.999), "params": [0]}]},
-            "scaler": None, "config": {"method": "gan", "kw": {"a": 1}}}
+    return {
+        "step": 7,
+        "model": {"w": torch.randn(3, 2), "n": torch.tensor(5)},
+        "optim": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3)}},
+            "param_groups": [{"lr": 1e-4, "betas": (0.5, 0.999), "params": [0]}],
+        },
+        "scaler": None,
+        "config": {"method": "gan", "kw": {"a": 1}},
+    }
 
 
 def _same(a, b):
@@ -185,9 +191,13 @@ def test_config_file_errors(tmp_path):
 
 
 def test_dry_run_prints_resolved_config_and_exits():
-    code = ("import sys; sys.path.insert(0, '.'); from tests.test_utils import _Cfg; from utils.cli import parse; "
-            "parse(_Cfg, ['--lr', '0.25', '--no-ema', '--dry_run']); print('not reached')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    code = (
+        "import sys; sys.path.insert(0, '.'); from tests.test_utils import _Cfg; from utils.cli import parse; "
+        "parse(_Cfg, ['--lr', '0.25', '--no-ema', '--dry_run']); print('not reached')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__))
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"method": "gan", "lr": 0.25, "ema": False, "kwargs": {}, "label": None}
 

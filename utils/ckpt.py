@@ -164,7 +164,9 @@ def check_resume_compatible(saved_cfg: dict, cfg: dict, keys: tuple[str, ...]) -
     return sorted(changed - {"resume"})
 
 
-def save_snapshot(path: str | Path, kind: str, model_name: str, model_kwargs: dict, state_dict: dict, config: dict, step: int) -> None:
+def save_snapshot(
+    path: str | Path, kind: str, model_name: str, model_kwargs: dict, state_dict: dict, config: dict, step: int
+) -> None:
     """Write weights + metadata to one safetensors file, atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,8 @@ class ImageTensorDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(name: str, data_dir: str | None, img_size: int, train: bool = True, download: bool = True):
-    """MNIST-like data at `img_size`: 28 -> 32 by zero padding (2 pixels a side, as DCGAN-on-MNIST does), else resized."""
+    """MNIST-like data at `img_size`: 28 -> 32 by zero padding (2 pixels a side, as DCGAN on MNIST does), else
+    resized with antialiasing."""
     images, labels = load_mnist_like(name, data_dir, train, download)
     images = images[:, None]  # (N, 1, 28, 28)
     if img_size == 32:

@@ -28,7 +28,7 @@ class RunningMeans:
         means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
         means = accelerator.reduce(means, reduction="mean")
         self.sums, self.counts = {}, {}
-        return dict(zip(keys, means.tolist()))
+        return dict(zip(keys, means.tolist(), strict=True))
 
 
 def peak_memory_gb(device: torch.device) -> float:
