@@ -196,6 +196,8 @@ def main(cfg: Config) -> None:
     elif cfg.resume:
         accelerator.print(f"--resume {cfg.resume}: no training state in {run_dir / 'states'}; starting from scratch")
     start_step = state["step"] if state else 0
+    if start_step >= cfg.n_steps:
+        raise UserError(f"the training state is at step {start_step} already; pass --n_steps > {start_step} to go on")
 
     # Data.
     with accelerator.main_process_first():  # only one process downloads, the others then find the files

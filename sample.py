@@ -120,6 +120,7 @@ def main(cfg: Config) -> None:
             "n_images": len(seeds),
             "seeds": [seeds[0], seeds[-1]],
             "class_label": cfg.class_label,
+            "n_classes": n_classes,
             "nfe": nfe,
         }
         (out_dir / "sample_info.json").write_text(json.dumps(info, indent=2))

@@ -6,10 +6,11 @@ the training script's flags. One architecture family per file.
 
 from torch import nn
 
-from modelling import dcgan
+from modelling import classifier, dcgan
 
 GENERATORS = {"dcgan": dcgan.Generator}
 DISCRIMINATORS = {"dcgan": dcgan.Discriminator}
+CLASSIFIERS = {"cnn": classifier.Classifier}  # feature extractors for the offline metric (fid.py --detector fmnist)
 
 
 def _lookup(registry: dict, name: str, what: str):
@@ -24,3 +25,7 @@ def build_generator(name: str, **kwargs) -> nn.Module:
 
 def build_discriminator(name: str, **kwargs) -> nn.Module:
     return _lookup(DISCRIMINATORS, name, "discriminator")(**kwargs)
+
+
+def build_classifier(name: str, **kwargs) -> nn.Module:
+    return _lookup(CLASSIFIERS, name, "classifier")(**kwargs)

@@ -165,7 +165,14 @@ def check_resume_compatible(saved_cfg: dict, cfg: dict, keys: tuple[str, ...]) -
 
 
 def save_snapshot(
-    path: str | Path, kind: str, model_name: str, model_kwargs: dict, state_dict: dict, config: dict, step: int
+    path: str | Path,
+    kind: str,
+    model_name: str,
+    model_kwargs: dict,
+    state_dict: dict,
+    config: dict,
+    step: int,
+    extra: dict | None = None,
 ) -> None:
     """Write weights + metadata to one safetensors file, atomically (temp file, then rename)."""
     path = Path(path)
@@ -177,6 +184,7 @@ def save_snapshot(
         "model_kwargs": json.dumps(model_kwargs),
         "config": json.dumps(config),
         "step": str(step),
+        "extra": json.dumps(extra or {}),  # e.g. a classifier's test accuracy
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(f".tmp-{path.name}")
@@ -209,8 +217,8 @@ def load_snapshot(path: str | Path) -> tuple[dict, dict]:
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a genzoo snapshot (cannot read it as safetensors: {e})")
     meta = dict(metadata)
-    for key in ("model_kwargs", "config"):
-        meta[key] = json.loads(meta[key])
+    for key in ("model_kwargs", "config", "extra"):
+        meta[key] = json.loads(meta.get(key, "{}"))
     meta["step"] = int(meta["step"])
     meta["path"] = str(path)
     return meta, state_dict

@@ -1,0 +1,195 @@
+"""fid.py end to end: modes ref/gen/fid, sharding over processes, the offline detectors, bad input."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metrics.detectors import FMNIST_FILE, FMNIST_SHA256, load_classifier, sha256_of
+from tests.conftest import assert_one_line_error, run_script, train
+from utils.grid import save_png
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def _npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.parametrize("detector", ["pixels", "fmnist"])
+def test_ref_statistics_are_the_same_with_two_processes(tmp_path, mnist_dir, detector):
+    common = [
+        "--mode",
+        "ref",
+        "--data_name",
+        "mnist",
+        "--data_dir",
+        mnist_dir,
+        "--no-download",
+        "--detector",
+        detector,
+        "--batch_size",
+        "50",
+    ]
+    run_script("fid.py", *common, "--dest", tmp_path / "one")
+    result = run_script("fid.py", *common, "--dest", tmp_path / "two", launcher=TORCHRUN)
+    assert result.stdout.count("wrote") == 1  # only rank 0 writes
+    one, two = _npz(tmp_path / "one.npz"), _npz(tmp_path / "two.npz")
+    assert int(one["count"]) == int(two["count"]) == 256 and str(one["detector"]) == detector
+    np.testing.assert_allclose(two["mu"], one["mu"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(two["features"], one["features"])  # the same subset, in the same order
+    result = run_script(
+        "fid.py", "--mode", "fid", "--ref_path", tmp_path / "one.npz", "--stat_path", tmp_path / "two.npz"
+    )
+    score = float(result.stdout.split(":")[1].split()[0])
+    assert abs(score) < 1e-6 and "precision: 1.0000   recall: 1.0000" in result.stdout
+
+
+def test_generated_samples_end_to_end_with_class_accuracy(tmp_path, mnist_dir):
+    train(mnist_dir, tmp_path, "--log_name", "cond", "--n_steps", "2", "--conditional")
+    run_script("sample.py", "--checkpoint", tmp_path / "cond", "--n_samples", "40", "--out_dir", tmp_path / "imgs")
+    run_script(
+        "fid.py", "--mode", "gen", "--img_folder", tmp_path / "imgs", "--detector", "fmnist", "--dest", tmp_path / "gen"
+    )
+    run_script(
+        "fid.py",
+        "--mode",
+        "ref",
+        "--data_name",
+        "mnist",
+        "--data_dir",
+        mnist_dir,
+        "--no-download",
+        "--detector",
+        "fmnist",
+        "--dest",
+        tmp_path / "ref",
+    )
+    gen = _npz(tmp_path / "gen.npz")
+    assert int(gen["count"]) == 40  # grid.png is not counted
+    assert 0 <= float(gen["accuracy"]) <= 1
+    result = run_script(
+        "fid.py", "--mode", "fid", "--ref_path", tmp_path / "ref.npz", "--stat_path", tmp_path / "gen.npz"
+    )
+    assert "FD_cls (fmnist):" in result.stdout and "KID:" in result.stdout and "class accuracy" in result.stdout
+
+
+def test_npz_files_are_interchangeable_with_pytorch_fid(tmp_path, mnist_dir):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from metrics.stats import frechet_distance
+
+    for split in ("train", "test"):
+        run_script(
+            "fid.py",
+            "--mode",
+            "ref",
+            "--data_name",
+            "mnist",
+            "--data_dir",
+            mnist_dir,
+            "--no-download",
+            "--split",
+            split,
+            "--detector",
+            "fmnist",
+            "--dest",
+            tmp_path / split,
+        )
+    a, b = _npz(tmp_path / "train.npz"), _npz(tmp_path / "test.npz")
+    ours = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+    theirs = calculate_frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_shipped_detector_is_the_documented_file():
+    assert FMNIST_SHA256 and sha256_of(FMNIST_FILE) == FMNIST_SHA256
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert FMNIST_SHA256 in readme
+
+
+@pytest.mark.skipif(not FASHION.is_file(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_shipped_detector_reaches_90_percent_on_the_fashion_mnist_test_set():
+    from utils.data import build_dataset
+
+    detector = load_classifier()
+    test_set = build_dataset("fashion_mnist", None, 32, train=False, download=False)
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test_set), 1000):
+            imgs = test_set.images[start : start + 1000]  # uint8, as read from PNG files
+            correct += (detector.logits(imgs).argmax(1) == test_set.labels[start : start + 1000]).sum().item()
+    assert correct / len(test_set) >= 0.90
+
+
+def _folder(tmp_path: Path, name: str, sizes: list[tuple[int, int, int]]) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for i, shape in enumerate(sizes):
+        save_png(torch.randint(0, 256, shape, dtype=torch.uint8), folder / f"{i:06d}.png")
+    return folder
+
+
+def test_bad_inputs(tmp_path, mnist_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = _folder(tmp_path, "corrupt", [(1, 32, 32)] * 3)
+    (corrupt / "000001.png").write_bytes(b"\x89PNG not really")
+    mixed = _folder(tmp_path, "mixed", [(1, 32, 32), (1, 28, 28)])
+    colour = _folder(tmp_path, "colour", [(3, 32, 32)] * 2)
+    run_script("fid.py", "--mode", "gen", "--img_folder", colour, "--detector", "pixels", "--dest", tmp_path / "px")
+    np.savez(tmp_path / "other.npz", mu=np.zeros(3072), sigma=np.eye(3072), detector="inception")
+    np.savez(tmp_path / "broken.npz", sigma=np.eye(2))
+    hub = tmp_path / "torch_home"
+    cases = [
+        (
+            ["--mode", "gen", "--img_folder", empty, "--detector", "pixels", "--dest", tmp_path / "x"],
+            ["no image files"],
+        ),
+        (
+            ["--mode", "gen", "--img_folder", corrupt, "--detector", "pixels", "--dest", tmp_path / "x"],
+            ["000001.png", "cannot read"],
+        ),
+        (
+            ["--mode", "gen", "--img_folder", mixed, "--detector", "pixels", "--dest", tmp_path / "x"],
+            ["different sizes"],
+        ),
+        (["--mode", "gen", "--img_folder", colour, "--detector", "fmnist", "--dest", tmp_path / "x"], ["1-channel"]),
+        (
+            ["--mode", "fid", "--ref_path", tmp_path / "other.npz", "--stat_path", tmp_path / "px.npz"],
+            ["different detectors"],
+        ),
+        (["--mode", "fid", "--ref_path", tmp_path / "broken.npz", "--stat_path", tmp_path / "px.npz"], ["'mu'"]),
+        (
+            ["--mode", "fid", "--ref_path", tmp_path / "nope.npz", "--stat_path", tmp_path / "px.npz"],
+            ["not a readable"],
+        ),
+        (
+            ["--mode", "gen", "--img_folder", colour, "--detector", "inception", "--dest", tmp_path / "x"],
+            ["pt_inception-2015-12-05-6726825d.pth", "6726825d", str(hub)],
+        ),
+        (
+            [
+                "--mode",
+                "ref",
+                "--data_name",
+                "cifar10",
+                "--data_dir",
+                empty,
+                "--detector",
+                "pixels",
+                "--dest",
+                tmp_path / "x",
+            ],
+            ["cifar10 not found"],
+        ),
+    ]
+    for args, fragments in cases:
+        result = run_script("fid.py", *args, ok=False, env={"TORCH_HOME": str(hub)})
+        assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "x.npz").exists()
