@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from metrics.detectors import build_detector
 from metrics.stats import FeatureMoments, frechet_distance, kid, precision_recall
 from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, load_mnist_like
+from utils.tracking import progress
 
 # Statistics are sensitive to reduced precision: no TF32 in the detector pass (EDM and StyleGAN2-ADA do the same).
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -171,7 +171,7 @@ def compute_statistics(cfg: Config, accelerator: Accelerator, detector, dataset,
         collate_fn=list,
     )
     moments, kept, correct, shape, position = None, [], 0, None, 0
-    for batch in tqdm(loader, desc=f"{detector.name} features", disable=not accelerator.is_main_process):
+    for batch in progress(loader, accelerator.is_main_process, desc=f"{detector.name} features"):
         for item in batch:
             if isinstance(item, str):
                 raise UserError(item)

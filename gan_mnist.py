@@ -17,7 +17,6 @@ config.json, stats.jsonl, tb/ (TensorBoard), grids/{raw,ema}-<step>.png, snapsho
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
 from utils.ema import EMA
 from utils.grid import save_grid
-from utils.tracking import RunningMeans, append_jsonl, peak_memory_gb, status_line
+from utils.tracking import RunningMeans, append_jsonl, peak_memory_gb, progress, status_line
 
 # Fast paths on GPUs, set once in plain sight. TF32 matmuls are fine for GAN training (not for FID statistics).
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -314,15 +313,7 @@ def main(cfg: Config) -> None:
     images_per_step = cfg.batch_size * accelerator.num_processes
     meters, skipped_in_a_row = RunningMeans(), 0
     tick_time, tick_step = time.perf_counter(), start_step
-    pbar = tqdm(
-        range(start_step, cfg.n_steps),
-        initial=start_step,
-        total=cfg.n_steps,
-        disable=not is_main,
-        dynamic_ncols=True,
-        desc=log_name,
-        mininterval=1 if sys.stderr.isatty() else 30,
-    )
+    pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=log_name)
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         reals, labels = next(loader)

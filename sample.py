@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from tqdm import tqdm
 
 from modelling import build_generator
 from utils.ckpt import load_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.grid import save_grid, save_png, to_uint8
+from utils.tracking import progress
 
 GRID_MAX = 100  # the grid shows the first 100 seeds
 
@@ -95,7 +95,7 @@ def main(cfg: Config) -> None:
     my_seeds = seeds[accelerator.process_index :: accelerator.num_processes]
     nfe = 0
     batches = [my_seeds[i : i + cfg.batch_size] for i in range(0, len(my_seeds), cfg.batch_size)]
-    for batch in tqdm(batches, desc="sampling", disable=not accelerator.is_main_process):
+    for batch in progress(batches, accelerator.is_main_process, desc="sampling"):
         labels = None
         if n_classes:
             labels = torch.tensor([cfg.class_label if cfg.class_label is not None else s % n_classes for s in batch])

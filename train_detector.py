@@ -21,6 +21,7 @@ from modelling import build_classifier
 from utils.ckpt import save_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
+from utils.tracking import progress
 
 
 @dataclass
@@ -72,7 +73,7 @@ def main(cfg: Config) -> None:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # Loop.
-    pbar = tqdm(range(cfg.n_steps), disable=not accelerator.is_main_process, desc="detector")
+    pbar = progress(range(cfg.n_steps), accelerator.is_main_process, desc="detector")
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         imgs, labels = next(loader)

@@ -25,7 +25,7 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 FMNIST_FILE = Path(__file__).resolve().parents[1] / "detectors" / "fmnist_cnn.safetensors"
-FMNIST_SHA256 = None  # set to the shipped file's hash
+FMNIST_SHA256 = "a51f61176de56d4a0b227bcc976b8fb016f741c87c4a8d7384bf6d0c5b6257d0"  # the shipped file
 
 
 def sha256_of(path: str | Path) -> str:

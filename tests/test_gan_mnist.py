@@ -159,6 +159,18 @@ def test_two_processes_with_torchrun(tmp_path, mnist_dir):
     assert len(writers) == 1  # event files (scalars + hparams) all come from one process id
 
 
+def test_two_process_resume_is_bit_exact(tmp_path, mnist_dir):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["--ema", "--conditional", "--checkpoint_interval", "3", "--sample_interval", "100"]
+    train(mnist_dir, tmp_path, "--log_name", "straight", "--n_steps", "6", *args, launcher=launcher)
+    train(mnist_dir, tmp_path, "--log_name", "split", "--n_steps", "3", *args, launcher=launcher)
+    train(mnist_dir, tmp_path, "--log_name", "split", "--n_steps", "6", "--resume", "latest", *args, launcher=launcher)
+    straight = load_training_state(tmp_path / "straight" / "states" / "state-00000006")
+    split = load_training_state(tmp_path / "split" / "states" / "state-00000006")
+    for key in ("gen", "disc", "optim_g", "optim_d", "ema"):
+        assert _same_tree(straight[key], split[key], key) == []
+
+
 def test_bf16_and_fp16_requests_on_cpu(tmp_path, mnist_dir):
     result = train(
         mnist_dir, tmp_path, "--log_name", "bf16", "--n_steps", "3", "--method", "wgan-gp", "--mixed_precision", "bf16"

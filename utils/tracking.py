@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 class RunningMeans:
@@ -49,3 +50,10 @@ def status_line(record: dict) -> str:
     parts = [f"step {record['step']}/{record['n_steps']}", f"kimg {record['kimg']:.1f}"]
     parts += [f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "n_steps", "kimg", "time")]
     return " ".join(parts)
+
+
+def progress(iterable, enabled: bool = True, **kwargs) -> tqdm:
+    """tqdm bar; in a log file (not a terminal) it refreshes every 30 s instead of filling the file."""
+    return tqdm(
+        iterable, disable=not enabled, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, **kwargs
+    )
