@@ -15,6 +15,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
+def ref_stats(mnist_dir: Path, dest: Path, detector: str, *args, **kw):
+    """`fid.py --mode ref` on the tiny MNIST-format data set."""
+    return run_script("fid.py", "--mode", "ref", "--data_name", "mnist", "--data_dir", mnist_dir, "--no-download",
+                      "--detector", detector, "--dest", dest, *args, **kw)  # fmt: skip
+
+
 def _npz(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
@@ -22,21 +28,8 @@ def _npz(path: Path) -> dict:
 
 @pytest.mark.parametrize("detector", ["pixels", "fmnist"])
 def test_ref_statistics_are_the_same_with_two_processes(tmp_path, mnist_dir, detector):
-    common = [
-        "--mode",
-        "ref",
-        "--data_name",
-        "mnist",
-        "--data_dir",
-        mnist_dir,
-        "--no-download",
-        "--detector",
-        detector,
-        "--batch_size",
-        "50",
-    ]
-    run_script("fid.py", *common, "--dest", tmp_path / "one")
-    result = run_script("fid.py", *common, "--dest", tmp_path / "two", launcher=TORCHRUN)
+    ref_stats(mnist_dir, tmp_path / "one", detector, "--batch_size", "50")
+    result = ref_stats(mnist_dir, tmp_path / "two", detector, "--batch_size", "50", launcher=TORCHRUN)
     assert result.stdout.count("wrote") == 1  # only rank 0 writes
     one, two = _npz(tmp_path / "one.npz"), _npz(tmp_path / "two.npz")
     assert int(one["count"]) == int(two["count"]) == 256 and str(one["detector"]) == detector
@@ -56,20 +49,7 @@ def test_generated_samples_end_to_end_with_class_accuracy(tmp_path, mnist_dir):
     run_script(
         "fid.py", "--mode", "gen", "--img_folder", tmp_path / "imgs", "--detector", "fmnist", "--dest", tmp_path / "gen"
     )
-    run_script(
-        "fid.py",
-        "--mode",
-        "ref",
-        "--data_name",
-        "mnist",
-        "--data_dir",
-        mnist_dir,
-        "--no-download",
-        "--detector",
-        "fmnist",
-        "--dest",
-        tmp_path / "ref",
-    )
+    ref_stats(mnist_dir, tmp_path / "ref", "fmnist")
     gen = _npz(tmp_path / "gen.npz")
     assert int(gen["count"]) == 40  # grid.png is not counted
     assert 0 <= float(gen["accuracy"]) <= 1
@@ -85,22 +65,7 @@ def test_npz_files_are_interchangeable_with_pytorch_fid(tmp_path, mnist_dir):
     from metrics.stats import frechet_distance
 
     for split in ("train", "test"):
-        run_script(
-            "fid.py",
-            "--mode",
-            "ref",
-            "--data_name",
-            "mnist",
-            "--data_dir",
-            mnist_dir,
-            "--no-download",
-            "--split",
-            split,
-            "--detector",
-            "fmnist",
-            "--dest",
-            tmp_path / split,
-        )
+        ref_stats(mnist_dir, tmp_path / split, "fmnist", "--split", split)
     a, b = _npz(tmp_path / "train.npz"), _npz(tmp_path / "test.npz")
     ours = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
     theirs = calculate_frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
