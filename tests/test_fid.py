@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from metrics.detectors import FMNIST_FILE, FMNIST_SHA256, load_classifier, sha256_of
+from metrics.detectors import FMNIST_FILE, FMNIST_WEIGHTS_SHA256, load_classifier
 from tests.conftest import assert_one_line_error, run_script, train
+from utils.ckpt import load_snapshot, save_snapshot, tensors_sha256
+from utils.cli import UserError
 from utils.grid import save_png
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -72,10 +74,18 @@ def test_npz_files_are_interchangeable_with_pytorch_fid(tmp_path, mnist_dir):
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
-def test_shipped_detector_is_the_documented_file():
-    assert FMNIST_SHA256 and sha256_of(FMNIST_FILE) == FMNIST_SHA256
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert FMNIST_SHA256 in readme
+def test_shipped_detector_is_the_documented_one(tmp_path, monkeypatch):
+    meta, state = load_snapshot(FMNIST_FILE)
+    assert tensors_sha256(sorted(state.items())) == FMNIST_WEIGHTS_SHA256
+    assert FMNIST_WEIGHTS_SHA256 in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    # Modified weights in the default place are refused; named explicitly they are used.
+    state["head.1.bias"] = state["head.1.bias"] + 1
+    other = tmp_path / "other.safetensors"
+    save_snapshot(other, "classifier", meta["model"], meta["model_kwargs"], state, {}, step=1)
+    assert load_classifier(str(other)).dim == 128
+    monkeypatch.setattr("metrics.detectors.FMNIST_FILE", other)
+    with pytest.raises(UserError, match="not the shipped detector"):
+        load_classifier()
 
 
 @pytest.mark.skipif(not FASHION.is_file(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

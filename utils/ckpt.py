@@ -9,6 +9,7 @@ folder, fsynced, marked `COMPLETE` last and renamed into place; only marked fold
 (keep >= 2) runs only after a save has completed (torchtitan's rule: the newest may be the one being written).
 """
 
+import hashlib
 import json
 import os
 import re
@@ -224,16 +225,24 @@ def load_snapshot(path: str | Path) -> tuple[dict, dict]:
     return meta, state_dict
 
 
+def tensors_sha256(named_tensors) -> str:
+    """SHA-256 of (name, dtype, shape, bytes) of each tensor, in the order given: the identity of a set of weights.
+    Unlike a file hash it does not change with the file format's header order."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def weights_digest(*modules: torch.nn.Module, buffers: bool = True) -> int:
     """A 63-bit hash of every parameter (and buffer), bit-exact: equal digests mean identical weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for module in modules:
-        for name, t in list(module.named_parameters()) + (list(module.named_buffers()) if buffers else []):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little") >> 1
+    named = [
+        (f"{i}.{name}", t)
+        for i, module in enumerate(modules)
+        for name, t in list(module.named_parameters()) + (list(module.named_buffers()) if buffers else [])
+    ]
+    return int(tensors_sha256(named)[:16], 16) >> 1
 
 
 def check_replicas_agree(accelerator, *modules: torch.nn.Module) -> int:
