@@ -107,8 +107,10 @@ def image_source(cfg: Config, detector) -> tuple[torch.utils.data.Dataset, list[
             raise UserError("--mode gen needs --img_folder")
         folder = Path(cfg.img_folder)
         files = list_images(folder)
-        if (folder / "sample_info.json").is_file():  # a sample.py folder: its per-seed files, not grid.png
-            files = [p for p in files if p.stem.isdigit()]
+        info_path = folder / "sample_info.json"
+        if info_path.is_file():  # a sample.py folder: the files of its seed range only (not grid.png, not leftovers)
+            first, last = json.loads(info_path.read_text())["seeds"]
+            files = [p for p in files if p.stem.isdigit() and first <= int(p.stem) <= last]
         return ImageFiles(files, mode, None), [p.stem for p in files]
     if cfg.data_name in MNIST_LIKE:
         images, _ = load_mnist_like(cfg.data_name, cfg.data_dir, train=cfg.split == "train", download=cfg.download)
@@ -201,13 +203,15 @@ def compute_statistics(cfg: Config, accelerator: Accelerator, detector, dataset,
     moments.all_reduce(accelerator)
     kept = sorted(gather_object(kept), key=lambda pair: pair[0])
     correct = int(accelerator.reduce(torch.tensor(correct, device=accelerator.device), reduction="sum").item())
+    if moments.n < 2:
+        raise UserError(f"{moments.n} image(s): a covariance needs at least 2")
     mu, sigma = moments.mean_cov()
     stats = {
         "mu": mu,
         "sigma": sigma,
         "count": np.int64(moments.n),
         "detector": np.str_(detector.name),
-        "features": np.stack([row for _, row in kept]).astype(np.float32),
+        "features": np.array([row for _, row in kept], dtype=np.float32).reshape(len(kept), moments.dim),
     }
     if labels is not None:
         stats["accuracy"] = np.float64(correct / moments.n)
@@ -220,7 +224,7 @@ def load_stats(path: str, what: str) -> dict:
     try:
         with np.load(path, allow_pickle=False) as f:  # .npz of plain arrays: nothing is unpickled
             stats = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError, AttributeError, EOFError) as e:  # missing, not an .npz, truncated
         raise UserError(f"--{what} {path}: not a readable .npz statistics file ({e})")
     if "mu" not in stats or "sigma" not in stats:
         raise UserError(f"--{what} {path}: no 'mu'/'sigma' arrays in it")
@@ -244,22 +248,26 @@ def report(cfg: Config) -> None:
         f"   [{counts}]"
     )
     if cfg.kid_pr and "features" in ref and "features" in gen:
-        kid_mean, kid_std = kid(ref["features"], gen["features"])
-        precision, recall = precision_recall(ref["features"], gen["features"], k=cfg.pr_k)
-        sizes = f"{len(ref['features'])} ref vs {len(gen['features'])} gen features"
-        print(f"KID: {kid_mean:.6f} ± {kid_std:.6f}   precision: {precision:.4f}   recall: {recall:.4f}   [{sizes}]")
+        fewest = min(len(ref["features"]), len(gen["features"]))
+        if fewest <= cfg.pr_k:
+            print(f"KID and precision/recall skipped: {fewest} stored features, need more than --pr_k {cfg.pr_k}")
+        else:
+            kid_mean, kid_std = kid(ref["features"], gen["features"])
+            precision, recall = precision_recall(ref["features"], gen["features"], k=cfg.pr_k)
+            sizes = f"[{len(ref['features'])} ref vs {len(gen['features'])} gen features]"
+            print(f"KID: {kid_mean:.6f} ± {kid_std:.6f}   precision: {precision:.4f}   recall: {recall:.4f}   {sizes}")
     if "accuracy" in gen:
         print(f"class accuracy of the intended labels: {float(gen['accuracy']):.4f}")
 
 
 def main(cfg: Config) -> None:
+    if cfg.batch_size < 1 or cfg.max_features < 0 or cfg.pr_k < 1:
+        raise UserError("--batch_size and --pr_k must be >= 1, --max_features >= 0")
     if cfg.mode == "fid":
         report(cfg)
         return
     if not cfg.dest:
         raise UserError(f"--mode {cfg.mode} needs --dest (where to write the .npz statistics)")
-    if cfg.batch_size < 1 or cfg.max_features < 0:
-        raise UserError("--batch_size must be >= 1 and --max_features >= 0")
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # CPU-only torchrun: shard over gloo
     detector_weights = cfg.inception_weights if cfg.detector == "inception" else cfg.detector_weights
     detector = build_detector(cfg.detector, detector_weights or None).to(accelerator.device)

@@ -17,6 +17,7 @@ config.json, stats.jsonl, tb/ (TensorBoard), grids/{raw,ema}-<step>.png, snapsho
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ RESUME_KEYS = (
     "method",
     "sn_gen",
     "sn_disc",
+    "optimizer",
 )
 
 
@@ -158,8 +160,16 @@ def make_optimizer(cfg: Config, params):
 def trim_stats(path: Path, last_step: int) -> None:
     """Keep only rows up to the step a run (re)starts from: a resumed run recomputes the rest exactly."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(row + "\n" for row in rows))
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a line cut by a crash
+                continue
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(row + "\n" for row in rows))
+        os.replace(tmp, path)
 
 
 def main(cfg: Config) -> None:
@@ -171,6 +181,13 @@ def main(cfg: Config) -> None:
     state = None
     if cfg.resume:
         state_path = resolve_state(cfg.resume, run_dir)
+        own_states = list_states(run_dir / "states")
+        if state_path is not None and own_states and state_path.parent.resolve() != (run_dir / "states").resolve():
+            # Pruning and stats trimming would then act on this folder's own, unrelated states.
+            raise UserError(
+                f"--resume {cfg.resume} is from another run, but {run_dir} holds training states of its "
+                "own; choose another --log_name"
+            )
         if state_path is not None:
             state = load_training_state(state_path)
             changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
@@ -229,6 +246,10 @@ def main(cfg: Config) -> None:
         unwrap(disc).load_state_dict(state["disc"])
         optim_g.load_state_dict(state["optim_g"])
         optim_d.load_state_dict(state["optim_d"])
+        for group in optim_g.param_groups + optim_d.param_groups:  # the saved groups carry the old lr and betas
+            group["lr"] = cfg.lr
+            if "betas" in group:
+                group["betas"] = (cfg.beta1, cfg.beta2)
         if ema is not None:
             if state["ema"] is None:
                 raise UserError("cannot resume with --ema: the training state was made without an EMA")
@@ -255,7 +276,10 @@ def main(cfg: Config) -> None:
 
     def step_optimizer(optimizer, model) -> bool:
         """Apply the update unless the gradients are non-finite; return whether it was applied."""
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), float("inf"))  # unscales fp16 grads first
+        # Unscale this optimizer's gradients only: unscaling both would count the other network's stale overflow
+        # against this step and halve the fp16 loss scale again.
+        accelerator.unscale_gradients(optimizer=optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         if accelerator.scaler is not None:
             optimizer.step()  # the GradScaler skips inf/NaN steps itself and lowers its scale
             return not optimizer.step_was_skipped
@@ -364,7 +388,8 @@ def main(cfg: Config) -> None:
 
             # Update EMA, only after an update that really happened.
             if ema is not None and g_applied:
-                ema.update(unwrap(gen), images_per_step, (step + 1) * images_per_step)
+                # One EMA update per G step, which comes every train_g_interval steps of images_per_step images.
+                ema.update(unwrap(gen), cfg.train_g_interval * images_per_step, (step + 1) * images_per_step)
         meters.add(**stats)
 
         # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
@@ -372,7 +397,7 @@ def main(cfg: Config) -> None:
             skipped_in_a_row = 0
         else:
             skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
-            if skipped_in_a_row > cfg.max_skipped_steps:
+            if skipped_in_a_row >= cfg.max_skipped_steps:
                 states = list_states(run_dir / "states")
                 last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
                 raise UserError(

@@ -50,8 +50,8 @@ def accuracy(model, dataset, device, batch_size: int = 1000) -> float:
 
 
 def main(cfg: Config) -> None:
-    if cfg.n_steps < 1 or cfg.batch_size < 1:
-        raise UserError("--n_steps and --batch_size must be >= 1")
+    if min(cfg.n_steps, cfg.batch_size, cfg.log_interval) < 1:
+        raise UserError("--n_steps, --batch_size and --log_interval must be >= 1")
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     device = accelerator.device
 
@@ -69,7 +69,8 @@ def main(cfg: Config) -> None:
     model = build_classifier("cnn", **model_kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.n_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays out of prepare(): prepared, it would step once per process per call.
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     # Loop.
     pbar = progress(range(cfg.n_steps), accelerator.is_main_process, desc="detector")

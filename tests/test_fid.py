@@ -54,6 +54,12 @@ def test_generated_samples_end_to_end_with_class_accuracy(tmp_path, mnist_dir):
     ref_stats(mnist_dir, tmp_path / "ref", "fmnist")
     gen = _npz(tmp_path / "gen.npz")
     assert int(gen["count"]) == 40  # grid.png is not counted
+    # Re-sampling fewer seeds into the same folder: the leftovers of the first run are not scored.
+    run_script("sample.py", "--checkpoint", tmp_path / "cond", "--n_samples", "30", "--out_dir", tmp_path / "imgs")
+    run_script("fid.py", "--mode", "gen", "--img_folder", tmp_path / "imgs", "--detector", "fmnist", "--dest",
+               tmp_path / "gen30", "--max_features", "0")  # fmt: skip
+    gen30 = _npz(tmp_path / "gen30.npz")
+    assert int(gen30["count"]) == 30 and gen30["features"].shape == (0, 128)
     assert 0 <= float(gen["accuracy"]) <= 1
     result = run_script(
         "fid.py", "--mode", "fid", "--ref_path", tmp_path / "ref.npz", "--stat_path", tmp_path / "gen.npz"

@@ -121,6 +121,19 @@ def test_resume_refuses_another_setup_and_keeps_states(tmp_path, mnist_dir):
     assert before == after
 
 
+def test_resume_applies_a_new_lr_and_refuses_another_runs_folder(tmp_path, mnist_dir):
+    train(mnist_dir, tmp_path, "--log_name", "a", "--n_steps", "2", "--checkpoint_interval", "2")
+    new = ["--lr", "1e-3", "--beta1", "0.1"]
+    train(mnist_dir, tmp_path, "--log_name", "a", "--n_steps", "4", "--resume", "latest", *new)
+    state = load_training_state(tmp_path / "a" / "states" / "state-00000004")
+    for group in state["optim_g"]["param_groups"] + state["optim_d"]["param_groups"]:
+        assert group["lr"] == 1e-3 and tuple(group["betas"]) == (0.1, 0.999)
+    train(mnist_dir, tmp_path, "--log_name", "b", "--n_steps", "2")
+    result = train(mnist_dir, tmp_path, "--log_name", "b", "--n_steps", "6", "--resume", tmp_path / "a", ok=False)
+    assert_one_line_error(result, "from another run", "choose another --log_name")
+    assert [s for s, _ in list_states(tmp_path / "b" / "states")] == [2]
+
+
 def test_resume_latest_without_states_starts_fresh(tmp_path, mnist_dir):
     result = train(mnist_dir, tmp_path, "--log_name", "fresh", "--n_steps", "1", "--resume", "latest")
     assert "starting from scratch" in result.stdout
@@ -238,7 +251,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, mnist_di
     )
     assert_one_line_error(result, "non-finite gradients", "newest training state is")
     rows = read_stats(tmp_path / "nan")
-    assert rows[-1]["skipped"] >= 2
+    assert rows[-1]["skipped"] >= 1  # logged before the stop
+    assert "2 steps in a row" in result.stderr  # --max_skipped_steps 2 stops at the second one
     assert list_states(tmp_path / "nan" / "states")  # what was saved before the divergence is still there
 
 

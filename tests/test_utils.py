@@ -173,6 +173,10 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     json_file = tmp_path / "c.json"
     json_file.write_text(json.dumps({"method": "hinge", "kwargs": {"a": 1}}))
     assert parse(_Cfg, ["--config", str(json_file)]).kwargs == {"a": 1}
+    # A saved config (as config.json holds it, nulls included) reproduces itself.
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"method": "hinge", "lr": 0.5, "ema": False, "kwargs": {}, "label": None}))
+    assert parse(_Cfg, ["--config", str(saved)]) == _Cfg(method="hinge", lr=0.5, ema=False, label=None)
 
 
 def test_config_file_errors(tmp_path):

@@ -101,13 +101,15 @@ def parse(config_cls, argv: list[str] | None = None, description: str | None = N
         if unknown:
             raise UserError(f"--config {config_path}: unknown option(s) {unknown}; valid: {sorted(valid)}")
         # Values from the file go through the same type conversion and choices as the flags.
-        file_argv = []
+        file_argv, none_values = [], {}
         for key, value in file_values.items():
-            if isinstance(value, bool):
+            if value is None:  # e.g. mixed_precision: null in a saved config.json
+                none_values[key] = None
+            elif isinstance(value, bool):
                 file_argv.append(f"--{key}" if value else f"--no-{key}")
             else:
                 file_argv += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-        parser.set_defaults(**vars(parser.parse_args(file_argv)))
+        parser.set_defaults(**vars(parser.parse_args(file_argv)) | none_values)
     args = parser.parse_args(argv)
     dry_run = args.dry_run
     values = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run")}
