@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image, UnidentifiedImageError
@@ -29,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from metrics.detectors import build_detector
 from metrics.stats import FeatureMoments, frechet_distance, kid, precision_recall
 from utils.cli import UserError, parse, user_errors
-from utils.data import MNIST_LIKE, load_mnist_like
+from utils.data import MNIST_LIKE, build_dataset
 from utils.tracking import progress
 
 # Statistics are sensitive to reduced precision: no TF32 in the detector pass (EDM and StyleGAN2-ADA do the same).
@@ -113,13 +112,11 @@ def image_source(cfg: Config, detector) -> tuple[torch.utils.data.Dataset, list[
             files = [p for p in files if p.stem.isdigit() and first <= int(p.stem) <= last]
         return ImageFiles(files, mode, None), [p.stem for p in files]
     if cfg.data_name in MNIST_LIKE:
-        images, _ = load_mnist_like(cfg.data_name, cfg.data_dir, train=cfg.split == "train", download=cfg.download)
-        images = images[:, None]
-        if cfg.img_size == 32:
-            images = F.pad(images, (2, 2, 2, 2))  # as the training scripts see the data
-        elif cfg.img_size != 28:
+        if cfg.img_size not in (28, 32):
             raise UserError(f"--img_size for {cfg.data_name}: 28 (native) or 32 (zero-padded), got {cfg.img_size}")
-        return _TensorImages(images), []
+        # The training scripts' own loader, so the reference sees exactly their pixels (28 -> 32 by zero padding).
+        data = build_dataset(cfg.data_name, cfg.data_dir, cfg.img_size, cfg.split == "train", cfg.download)
+        return _TensorImages(data.images), []
     if cfg.data_name == "cifar10":
         import torchvision
 
