@@ -17,7 +17,6 @@ config.json, stats.jsonl, tb/ (TensorBoard), grids/{raw,ema}-<step>.png, snapsho
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,7 @@ from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
     list_states,
-    load_training_state,
-    resolve_state,
+    open_resume_state,
     save_snapshot,
     save_training_state,
     unwrap,
@@ -44,7 +42,16 @@ from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
 from utils.ema import EMA
 from utils.grid import save_grid
-from utils.tracking import RunningMeans, append_jsonl, peak_memory_gb, progress, status_line
+from utils.tracking import (
+    RunningMeans,
+    append_jsonl,
+    peak_memory_gb,
+    progress,
+    status_line,
+    step_optimizer,
+    tracker_config,
+    trim_stats,
+)
 
 # Fast paths on GPUs, set once in plain sight. TF32 matmuls are fine for GAN training (not for FID statistics).
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,40 +164,13 @@ def make_optimizer(cfg: Config, params):
     return getattr(torch.optim, cfg.optimizer)(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def trim_stats(path: Path, last_step: int) -> None:
-    """Keep only rows up to the step a run (re)starts from: a resumed run recomputes the rest exactly."""
-    if path.exists():
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    rows.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a line cut by a crash
-                continue
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text("".join(row + "\n" for row in rows))
-        os.replace(tmp, path)
-
-
 def main(cfg: Config) -> None:
     check_config(cfg)
     log_name = cfg.log_name or f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}"
     run_dir = Path(cfg.log_dir) / log_name
-    if not cfg.resume and list_states(run_dir / "states"):
-        raise UserError(f"{run_dir} already holds training states; pass --resume latest or choose another --log_name")
-    state = None
-    if cfg.resume:
-        state_path = resolve_state(cfg.resume, run_dir)
-        own_states = list_states(run_dir / "states")
-        if state_path is not None and own_states and state_path.parent.resolve() != (run_dir / "states").resolve():
-            # Pruning and stats trimming would then act on this folder's own, unrelated states.
-            raise UserError(
-                f"--resume {cfg.resume} is from another run, but {run_dir} holds training states of its "
-                "own; choose another --log_name"
-            )
-        if state_path is not None:
-            state = load_training_state(state_path)
-            changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
+    state, state_path = open_resume_state(cfg.resume, run_dir)
+    if state is not None:
+        changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
     accelerator = Accelerator(
@@ -265,28 +245,11 @@ def main(cfg: Config) -> None:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         trim_stats(run_dir / "stats.jsonl", start_step)
     if cfg.loggers != "none":
-        hparams = {
-            k: json.dumps(v) if isinstance(v, dict) or v is None else v for k, v in dataclasses.asdict(cfg).items()
-        }
-        accelerator.init_trackers("tb", config=hparams)
+        accelerator.init_trackers("tb", config=tracker_config(dataclasses.asdict(cfg)))
     accelerator.print(
         f"{run_dir}: {accelerator.num_processes} process(es) on {device.type}, "
         f"mixed precision {accelerator.mixed_precision}, {len(dataset)} training images"
     )
-
-    def step_optimizer(optimizer, model) -> bool:
-        """Apply the update unless the gradients are non-finite; return whether it was applied."""
-        # Unscale this optimizer's gradients only: unscaling both would count the other network's stale overflow
-        # against this step and halve the fp16 loss scale again.
-        accelerator.unscale_gradients(optimizer=optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        if accelerator.scaler is not None:
-            optimizer.step()  # the GradScaler skips inf/NaN steps itself and lowers its scale
-            return not optimizer.step_was_skipped
-        if torch.isfinite(grad_norm):
-            optimizer.step()
-            return True
-        return False
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights with standing BatchNorm statistics: batch-independent outputs."""
@@ -364,7 +327,7 @@ def main(cfg: Config) -> None:
             stats["penalty/gp"] = gp
         optim_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
-        d_applied = step_optimizer(optim_d, disc)
+        d_applied, _ = step_optimizer(accelerator, optim_d, disc)
         if cfg.method == "wgan":
             # Clip after the update (WGAN Algorithm 1), every critic parameter.
             with torch.no_grad():
@@ -383,7 +346,7 @@ def main(cfg: Config) -> None:
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             disc.requires_grad_(True)
-            g_applied = step_optimizer(optim_g, gen)
+            g_applied, _ = step_optimizer(accelerator, optim_g, gen)
             stats["loss/g"] = loss_g
 
             # Update EMA, only after an update that really happened.

@@ -1,4 +1,6 @@
-"""Architectures, selected by name: `build_generator(name, **kwargs)` / `build_discriminator(name, **kwargs)`.
+"""Architectures, selected by name: `build_generator(name, **kwargs)`, `build_discriminator`, `build_network`
+(denoiser backbones) and `build_denoiser(method, net, net_kwargs, **kwargs)` (a backbone inside EDM or Föllmer
+preconditioning).
 
 The kwargs go straight to the constructor and are stored in snapshots, so `sample.py` rebuilds a model without
 the training script's flags. One architecture family per file.
@@ -6,11 +8,15 @@ the training script's flags. One architecture family per file.
 
 from torch import nn
 
-from modelling import classifier, dcgan
+from modelling import classifier, dcgan, mlp, precond, unet
 
 GENERATORS = {"dcgan": dcgan.Generator}
 DISCRIMINATORS = {"dcgan": dcgan.Discriminator}
 CLASSIFIERS = {"cnn": classifier.Classifier}  # feature extractors for the offline metric (fid.py --detector fmnist)
+NETWORKS = {"ddpmpp": unet.SongUNet, "mlp": mlp.ToyMLP}
+DENOISERS = {"edm": precond.EDMDenoiser, "follmer": precond.FollmerDenoiser}
+# `--model` names of diffusion_train.py: (network, preset kwargs); user kwargs override the preset.
+NETWORK_PRESETS = {f"ddpmpp-{k}": ("ddpmpp", v) for k, v in unet.PRESETS.items()} | {"mlp": ("mlp", {})}
 
 
 def _lookup(registry: dict, name: str, what: str):
@@ -29,3 +35,11 @@ def build_discriminator(name: str, **kwargs) -> nn.Module:
 
 def build_classifier(name: str, **kwargs) -> nn.Module:
     return _lookup(CLASSIFIERS, name, "classifier")(**kwargs)
+
+
+def build_network(name: str, **kwargs) -> nn.Module:
+    return _lookup(NETWORKS, name, "network")(**kwargs)
+
+
+def build_denoiser(name: str, net: str, net_kwargs: dict, **kwargs) -> precond.Denoiser:
+    return _lookup(DENOISERS, name, "denoiser")(build_network(net, **net_kwargs), **kwargs)

@@ -47,3 +47,21 @@ def latent_batches(z_dim: int, n_classes: int, n_batches: int = 8, batch_size: i
         zs = torch.randn(batch_size, z_dim, generator=rng).to(device)
         labels = torch.randint(n_classes, (batch_size,), generator=rng).to(device) if n_classes else None
         yield zs, labels
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding of a scalar per sample (DDPM++'s noise embedding, endpoint=True):
+    frequencies (1/max_positions)^(k/(C/2 - 1)), k = 0..C/2-1, features [cos, sin]. (B,) -> (B, C)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000):
+        super().__init__()
+        if num_channels % 2 or num_channels < 4:
+            raise ValueError(f"num_channels must be even and >= 4, got {num_channels}")
+        half = num_channels // 2
+        self.register_buffer(
+            "freqs", (1 / max_positions) ** (torch.arange(half, dtype=torch.float32) / (half - 1)), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = x.float()[:, None] * self.freqs[None]
+        return torch.cat([angles.cos(), angles.sin()], dim=1)

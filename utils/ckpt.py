@@ -165,6 +165,28 @@ def check_resume_compatible(saved_cfg: dict, cfg: dict, keys: tuple[str, ...]) -
     return sorted(changed - {"resume"})
 
 
+def open_resume_state(resume: str, run_dir: Path) -> tuple[dict | None, Path | None]:
+    """The training state a run starts from, after the refusals every training script applies: a folder that holds
+    states needs --resume, and a state from another run may not be resumed into a folder with states of its own
+    (pruning and stats trimming would then act on those unrelated states)."""
+    own_states = list_states(run_dir / "states")
+    if not resume:
+        if own_states:
+            raise UserError(
+                f"{run_dir} already holds training states; pass --resume latest or choose another --log_name"
+            )
+        return None, None
+    state_path = resolve_state(resume, run_dir)
+    if state_path is None:
+        return None, None
+    if own_states and state_path.parent.resolve() != (run_dir / "states").resolve():
+        raise UserError(
+            f"--resume {resume} is from another run, but {run_dir} holds training states of its own; "
+            "choose another --log_name"
+        )
+    return load_training_state(state_path), state_path
+
+
 def save_snapshot(
     path: str | Path,
     kind: str,

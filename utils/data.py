@@ -8,14 +8,22 @@ Batches come from `InfiniteSampler`, a pure function of (seed, global position):
 `randperm(n, seed + e)`, and the global batch of step s is positions [s·B·W, (s+1)·B·W) with rank r taking its
 contiguous slice. A run resumed at step s therefore sees exactly the batches an uninterrupted run would
 (the mid-epoch resume bugs of accelerate #2574/#3158 cannot happen: there is no loader state to restore).
+
+Other datasets served by `build_dataset` (`DATASETS` lists every name):
+- `cifar10`: the official *binary* files (`cifar-10-batches-bin/`), never the pickled python version; no download.
+- `folder`: every image under `--data_dir`, labelled by first-level subfolder (torchvision ImageFolder convention).
+- `gaussians`, `rings`: fixed 2-D point sets whose exact population moments `toy_moments` gives, for exact checks.
 """
 
 import gzip
+import math
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from utils.cli import UserError
 
@@ -115,8 +123,10 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     milliseconds. Images are returned in [-1, 1] as float32.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, n_classes: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, n_classes: int, classes: list[str] | None = None):
         self.images, self.labels, self.n_classes = images, labels, n_classes
+        self.classes = classes  # class names where the data has them (folder datasets), else None
+        self.sample_shape = tuple(images.shape[1:])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -126,16 +136,227 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return imgs, self.labels[indices]
 
 
-def build_dataset(name: str, data_dir: str | None, img_size: int, train: bool = True, download: bool = True):
-    """MNIST-like data at `img_size`: 28 -> 32 by zero padding (2 pixels a side, as DCGAN on MNIST does), else
-    resized with antialiasing."""
+def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bilinear with antialiasing (so shrinking does not alias).
+
+    Chunked: the float copy of all 50k CIFAR images at 64x64 alone would take 2.4 GB."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    parts = []
+    for part in images.split(chunk):
+        resized = F.interpolate(part.float(), size=(size, size), mode="bilinear", antialias=True)
+        parts.append(resized.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------- CIFAR-10
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # label byte, then R, G, B planes of 32x32, row-major
+
+
+def read_cifar10_bin(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one CIFAR-10 binary batch file: (images uint8 (N, 3, 32, 32), labels int64 (N,))."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e})")
+    if not data or len(data) % _CIFAR_RECORD:
+        raise UserError(
+            f"{path}: {len(data)} bytes is not a positive multiple of {_CIFAR_RECORD} (1 label byte + 3x32x32 "
+            f"pixels per record): not a CIFAR-10 binary batch, or truncated"
+        )
+    records = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(-1, _CIFAR_RECORD)
+    labels = records[:, 0].long()
+    if int(labels.max()) >= 10:
+        raise UserError(f"{path}: label {int(labels.max())} out of range for cifar10 (is this CIFAR-100?)")
+    return records[:, 1:].reshape(-1, 3, 32, 32).clone(), labels
+
+
+def _cifar10_files(folder: Path, train: bool) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    if not train:
+        return [folder / "test_batch.bin"] if (folder / "test_batch.bin").is_file() else []
+    # (length, name) sorts data_batch_2 before data_batch_10
+    return sorted((p for p in folder.glob("data_batch_*.bin") if p.is_file()), key=lambda p: (len(p.name), p.name))
+
+
+def _cifar10_dirs(data_dir: str | None) -> list[Path]:
+    dirs = []
+    if data_dir:
+        dirs += [Path(data_dir), Path(data_dir) / "cifar-10-batches-bin"]
+    for s in SYSTEM_DIRS:
+        dirs += [Path(s) / "cifar10", Path(s) / "cifar10" / "cifar-10-batches-bin", Path(s) / "cifar-10-batches-bin"]
+    return dirs
+
+
+def load_cifar10(data_dir: str | None, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (images uint8 (N, 3, 32, 32), labels int64 (N,)) from the first folder of `_cifar10_dirs` holding
+    the split. There is no download: torchvision only fetches the pickled version, and unpickling can run code."""
+    dirs = _cifar10_dirs(data_dir)
+    files = next((f for f in (_cifar10_files(d, train) for d in dirs) if f), None)
+    if files is None:
+        pickled = [str(d) for d in dirs if (d / "cifar-10-batches-py").is_dir() or (d / "data_batch_1").is_file()]
+        hint = f"; the pickled python version found in {pickled[0]} is not read" if pickled else ""
+        raise UserError(
+            f"cifar10 ({'train' if train else 'test'} split) not found: put the binary files (data_batch_1.bin ... "
+            f"data_batch_5.bin, test_batch.bin) in --data_dir (now {data_dir!r}) or its cifar-10-batches-bin/, or in "
+            f"{SYSTEM_DIRS[0]}/cifar10; they come from extracting {CIFAR10_URL}{hint}"
+        )
+    parts = [read_cifar10_bin(f) for f in files]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# ------------------------------------------------------------------------------------------- folder of images
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_GRAY_MODES = {"L", "1", "I;16", "I;16L", "I;16B", "I"}
+_WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I"}
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Image files under `root`, sorted by path parts. Hidden files and folders are skipped: macOS copies leave
+    `._name.jpg` resource forks that are not images."""
+    files = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).parts
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in rel) and p.is_file():
+            files.append(p)
+    return sorted(files, key=lambda p: p.relative_to(root).parts)
+
+
+def _load_image(path: Path, size: int) -> torch.Tensor:
+    """uint8 (C, size, size), C = 1 for grayscale modes, else 3: the centre square, resized with `_resize`
+    (torch bilinear with antialiasing, the same filter as the MNIST and CIFAR paths)."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and is reported by name
+            if img.mode in _WIDE_GRAY_MODES:
+                # 16-bit range (what a 16-bit grayscale PNG holds) onto 0..255; PIL's convert("L") would clip
+                wide = np.asarray(img).astype(np.float64) / 257.0
+                pixels = wide.round().clip(0, 255).astype(np.uint8)[None]
+            elif img.mode in _GRAY_MODES:
+                pixels = np.asarray(img.convert("L"))[None]
+            else:
+                pixels = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+    # UnidentifiedImageError (not an image) and truncated data are OSErrors; PIL raises the others on odd headers
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path}: cannot read this image ({type(e).__name__}: {detail}); remove or replace it")
+    h, w = pixels.shape[1:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = torch.from_numpy(pixels[:, top : top + side, left : left + side].copy())
+    return _resize(square[None], size)[0]
+
+
+def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset:
+    """Every image under `data_dir` (recursively), centre-cropped to a square and resized to `img_size`, in memory.
+
+    Labels follow torchvision's ImageFolder: if every image lies inside a first-level subfolder, the classes are
+    the sorted names of those subfolders (ones without images are not classes); otherwise `n_classes` is 0 and
+    every label is 0. One channel if every image is grayscale, else all are converted to RGB."""
+    if not data_dir:
+        raise UserError("dataset 'folder' needs --data_dir, the folder of images")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--data_dir {data_dir}: no such folder")
+    files = _image_files(root)
+    if not files:
+        raise UserError(f"--data_dir {data_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
+    images = [_load_image(f, img_size) for f in files]
+    if any(im.shape[0] == 3 for im in images):
+        images = [im.expand(3, -1, -1) for im in images]  # gray -> RGB repeats the channel, as PIL's convert does
+    rel = [f.relative_to(root).parts for f in files]
+    if all(len(parts) > 1 for parts in rel):
+        classes = sorted({parts[0] for parts in rel})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[parts[0]] for parts in rel], dtype=torch.int64)
+    else:
+        classes, labels = [], torch.zeros(len(files), dtype=torch.int64)
+    return ImageTensorDataset(torch.stack(images).contiguous(), labels, len(classes), classes or None)
+
+
+# ------------------------------------------------------------------------------------------------ 2-D toy data
+TOY_DATASETS = {"gaussians": 5, "rings": 3}  # name -> number of classes (modes / rings)
+GAUSSIANS_RADIUS, GAUSSIANS_STD = 3.0, 0.5
+RING_RADII, RING_NOISE = (1.0, 2.0, 3.0), 0.05
+# Fixed seeds, independent of any run's --seed, so every run trains and evaluates on the same points.
+_TOY_SPLITS = {True: (100_000, 1_000_003), False: (10_000, 2_000_003)}  # train -> (n, seed)
+
+
+def _gaussian_centres() -> torch.Tensor:
+    angles = -2 * math.pi * torch.arange(TOY_DATASETS["gaussians"], dtype=torch.float64) / TOY_DATASETS["gaussians"]
+    return GAUSSIANS_RADIUS * torch.stack([angles.cos(), angles.sin()], dim=1)
+
+
+def toy_points(name: str, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed point set of a toy dataset: (points float32 (N, 2), labels int64 (N,))."""
+    if name not in TOY_DATASETS:
+        raise UserError(f"unknown toy dataset {name!r}; valid: {sorted(TOY_DATASETS)}")
+    n, seed = _TOY_SPLITS[train]
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(TOY_DATASETS[name], (n,), generator=g)
+    if name == "gaussians":
+        points = _gaussian_centres()[labels] + GAUSSIANS_STD * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    else:
+        theta = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+        radius = torch.tensor(RING_RADII, dtype=torch.float64)[labels]
+        radius = radius + RING_NOISE * torch.randn(n, generator=g, dtype=torch.float64)
+        points = radius[:, None] * torch.stack([theta.cos(), theta.sin()], dim=1)
+    return points.float(), labels
+
+
+def toy_moments(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact population (mean (2,), covariance (2, 2)) of a toy distribution, float64, in closed form."""
+    eye = torch.eye(2, dtype=torch.float64)
+    if name == "gaussians":
+        # Equal-weight mixture: mean = average centre = 0 (K >= 2 equally spaced points on a circle sum to 0);
+        # cov = component cov + average c c^T = std^2 I + R^2/2 I (for K >= 3 equally spaced angles).
+        return torch.zeros(2, dtype=torch.float64), (GAUSSIANS_STD**2 + GAUSSIANS_RADIUS**2 / 2) * eye
+    if name == "rings":
+        # Uniform angle: mean 0, cov = E[r^2]/2 I, with E[r^2] = R^2 + noise^2 per ring, averaged over rings.
+        second = sum(r**2 + RING_NOISE**2 for r in RING_RADII) / len(RING_RADII)
+        return torch.zeros(2, dtype=torch.float64), second / 2 * eye
+    raise UserError(f"unknown toy dataset {name!r}; valid: {sorted(TOY_DATASETS)}")
+
+
+class PointDataset(torch.utils.data.Dataset):
+    """2-D points held in memory; indexing with a list returns a whole batch (points, labels), unscaled."""
+
+    def __init__(self, points: torch.Tensor, labels: torch.Tensor, n_classes: int):
+        self.points, self.labels, self.n_classes = points, labels, n_classes
+        self.sample_shape = tuple(points.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, indices):
+        return self.points[indices], self.labels[indices]
+
+
+DATASETS = sorted([*MNIST_LIKE, "cifar10", "folder", *TOY_DATASETS])
+
+
+def build_dataset(
+    name: str, data_dir: str | None, img_size: int, train: bool = True, download: bool = True
+) -> ImageTensorDataset | PointDataset:
+    """Dataset `name` (one of `DATASETS`) at `img_size`.
+
+    MNIST-like: 28 -> 32 by zero padding (2 pixels a side, as DCGAN on MNIST does), else resized with antialiasing.
+    cifar10: 32 as is, else resized. folder: centre square resized; `train` is ignored (a folder has no splits).
+    Toy point sets ignore `data_dir`, `img_size` and `download`. Only MNIST-like data is ever downloaded."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; valid: {DATASETS}")
+    if name in TOY_DATASETS:
+        return PointDataset(*toy_points(name, train), TOY_DATASETS[name])
+    if name == "cifar10":
+        images, labels = load_cifar10(data_dir, train)
+        return ImageTensorDataset(_resize(images, img_size).contiguous(), labels, 10)
+    if name == "folder":
+        return load_image_folder(data_dir, img_size)
     images, labels = load_mnist_like(name, data_dir, train, download)
     images = images[:, None]  # (N, 1, 28, 28)
-    if img_size == 32:
-        images = F.pad(images, (2, 2, 2, 2))
-    elif img_size != images.shape[-1]:
-        resized = F.interpolate(images.float(), size=(img_size, img_size), mode="bilinear", antialias=True)
-        images = resized.round().clamp(0, 255).to(torch.uint8)
+    images = F.pad(images, (2, 2, 2, 2)) if img_size == 32 else _resize(images, img_size)
     return ImageTensorDataset(images.contiguous(), labels, MNIST_LIKE[name][2])
 
 

@@ -23,3 +23,14 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
     """Save a grid of (N, C, H, W) images in [-1, 1] with `nrow` images per row."""
     grid = make_grid(to_uint8(images).cpu(), nrow=nrow, padding=2, pad_value=0)
     save_png(grid[:1] if images.shape[1] == 1 else grid, path)  # make_grid repeats 1-channel input to RGB
+
+
+def save_scatter(points: torch.Tensor, path: str | Path, extent: float = 5.0, size: int = 256) -> None:
+    """Save 2-D points (N, 2) as a size x size greyscale density image over [-extent, extent]², y up."""
+    xy = points.detach().float().cpu()
+    ij = ((xy + extent) / (2 * extent) * size).floor().long()
+    inside = ((ij >= 0) & (ij < size)).all(dim=1)
+    counts = torch.zeros(size, size)
+    counts.index_put_((size - 1 - ij[inside, 1], ij[inside, 0]), torch.ones(int(inside.sum())), accumulate=True)
+    image = 255 * (1 - (counts / counts.max().clamp(min=1)).sqrt())  # white background, dark where dense
+    save_png(image.round().to(torch.uint8)[None], path)

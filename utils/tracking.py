@@ -1,6 +1,7 @@
 """Progress bookkeeping: loss means without a host sync per step, the status line, stats.jsonl, peak memory."""
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -57,3 +58,38 @@ def progress(iterable, enabled: bool = True, **kwargs) -> tqdm:
     return tqdm(
         iterable, disable=not enabled, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, **kwargs
     )
+
+
+def trim_stats(path: Path, last_step: int) -> None:
+    """Keep only rows up to the step a run (re)starts from: a resumed run recomputes the rest exactly."""
+    if path.exists():
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a line cut by a crash
+                continue
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(row + "\n" for row in rows))
+        os.replace(tmp, path)
+
+
+def tracker_config(cfg: dict) -> dict:
+    """A config dict TensorBoard's hparams accept: dicts and None become JSON strings."""
+    return {k: json.dumps(v) if isinstance(v, dict) or v is None else v for k, v in cfg.items()}
+
+
+def step_optimizer(accelerator, optimizer, model, max_norm: float = float("inf")) -> tuple[bool, torch.Tensor]:
+    """Clip and apply the update unless the gradients are non-finite; return (applied, gradient norm)."""
+    # Unscale this optimizer's gradients only: unscaling several optimizers at once would count another network's
+    # stale overflow against this step and halve the fp16 loss scale again.
+    accelerator.unscale_gradients(optimizer=optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if accelerator.scaler is not None:
+        optimizer.step()  # the GradScaler skips inf/NaN steps itself and lowers its scale
+        return not optimizer.step_was_skipped, grad_norm
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+        return True, grad_norm
+    return False, grad_norm

@@ -1,0 +1,366 @@
+"""Train a diffusion denoiser: EDM (Karras et al. 2022) or the Föllmer stochastic interpolant (seed 004's
+"denoiser matching"), on images with a DDPM++ U-Net or on 2-D toy data with a small MLP.
+
+    python diffusion_train.py --method edm --dataset fashion_mnist --model ddpmpp-small --n_steps 20000 [--conditional]
+    python diffusion_train.py --method follmer --dataset mnist --img_size 28 --model ddpmpp-mnist --optimizer RAdam \
+        --lr 1e-3 --workdir logs/mnist-denoiser
+    python diffusion_train.py --method edm --dataset cifar10 --model ddpmpp-cifar --batch_size 128 --lr 1e-3
+    python diffusion_train.py --method edm --dataset gaussians --model mlp --batch_size 256 --n_steps 4000
+    accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] diffusion_train.py ...
+    torchrun --nproc_per_node 2 diffusion_train.py ...       # also on CPU (gloo)
+    python diffusion_train.py ... --resume latest            # continue bit-exactly
+
+Sample a snapshot with sample.py (every ODE/SDE solver); score it with fid.py. `--batch_size` is per process;
+`--model` names a preset (`ddpmpp-small|mnist|cifar`, `mlp`) and `--net_kwargs` overrides its fields. The run
+folder (logs/<log_name>, or --workdir) is laid out as gan_mnist.py's: config.json, stats.jsonl, tb/,
+grids/{raw,ema}-<step>.png, snapshots/, states/. Each step draws its noise from a seed of (seed, rank, step), so a
+resumed run equals an uninterrupted one.
+"""
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm import tqdm
+
+from losses import get_diffusion_loss
+from modelling import DENOISERS, NETWORK_PRESETS, build_denoiser
+from sampling.diffusion import StackedNoise, sample
+from utils.ckpt import (
+    check_replicas_agree,
+    check_resume_compatible,
+    list_states,
+    open_resume_state,
+    save_snapshot,
+    save_training_state,
+    unwrap,
+)
+from utils.cli import UserError, parse, user_errors
+from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
+from utils.ema import EMA
+from utils.grid import save_grid, save_scatter
+from utils.tracking import (
+    RunningMeans,
+    append_jsonl,
+    peak_memory_gb,
+    progress,
+    status_line,
+    step_optimizer,
+    tracker_config,
+    trim_stats,
+)
+
+# Fast paths on GPUs, set once in plain sight. EDM trains without TF32; its effect on these small models is well
+# below run-to-run noise, so it stays on for speed.
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+torch.backends.cudnn.benchmark = True
+
+GRID_ROWS = 10  # image grids are 10 x 10; conditional grids have one row per class
+GRID_STEPS = 18  # in-loop grids use each method's default solver with 18 grid points (EDM Heun: NFE 35)
+SCATTER_POINTS = 4000  # toy data: points per scatter plot
+# A resumed run must match these; anything else (lr, n_steps, intervals, loss_kwargs) may change, with a note.
+RESUME_KEYS = ("dataset", "img_size", "method", "model", "net_kwargs", "conditional", "sigma_data", "optimizer")
+
+
+@dataclass
+class Config:
+    dataset: str = field(default="fashion_mnist", metadata={"choices": DATASETS})
+    data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
+    download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
+    img_size: int = 32
+    method: str = field(default="edm", metadata={"choices": sorted(DENOISERS)})
+    model: str = field(default="ddpmpp-small", metadata={"choices": sorted(NETWORK_PRESETS)})
+    net_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, overrides the --model preset"})
+    conditional: bool = False
+    sigma_data: float | None = field(default=None, metadata={"help": "data std; default EDM 0.5, Föllmer 1"})
+    loss_kwargs: dict = field(
+        default_factory=dict, metadata={"help": 'JSON: EDM {"P_mean": -1.2, "P_std": 1.2}, Föllmer {"eps0": 1e-5}'}
+    )
+    batch_size: int = field(default=64, metadata={"help": "per process"})
+    n_steps: int = 20000
+    optimizer: str = field(default="Adam", metadata={"choices": ["Adam", "AdamW", "RAdam"]})
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    lr_rampup_kimg: float = field(default=10.0, metadata={"help": "linear learning-rate warm-up, in kimg"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 = no clipping"})
+    ema: bool = field(default=True, metadata={"help": "keep an EMA denoiser; samples and snapshots use it"})
+    ema_halflife_kimg: float = 500.0
+    ema_rampup: float = field(default=0.05, metadata={"help": "half-life <= ratio x images seen; 0 = off"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
+    )
+    log_dir: str = "logs"
+    log_name: str = field(default="", metadata={"help": "default: <dataset>_<method>_<model>[_cond]"})
+    workdir: str = field(default="", metadata={"help": "run folder (seed 004's flag); overrides log_dir/log_name"})
+    loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
+    log_interval: int = 100
+    sample_interval: int = 2000
+    checkpoint_interval: int = 5000
+    keep_states: int = field(default=2, metadata={"help": "training states kept (>= 2)"})
+    resume: str = field(default="", metadata={"help": "'latest' or a path to a run folder or state folder"})
+    seed: int = 0
+    max_skipped_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse flag combinations that cannot work, before anything is written."""
+    toy_data, toy_net = cfg.dataset in TOY_DATASETS, NETWORK_PRESETS[cfg.model][0] == "mlp"
+    if toy_data != toy_net:
+        raise UserError(
+            f"--model {cfg.model} does not fit --dataset {cfg.dataset}: 2-D toy data ({', '.join(TOY_DATASETS)}) "
+            "trains --model mlp, images train a ddpmpp-* U-Net"
+        )
+    for name in ("batch_size", "n_steps", "log_interval", "sample_interval", "checkpoint_interval"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.keep_states < 2:
+        raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
+    if cfg.lr <= 0 or cfg.grad_clip < 0 or cfg.lr_rampup_kimg < 0:
+        raise UserError("--lr must be > 0, --grad_clip and --lr_rampup_kimg >= 0")
+    if cfg.sigma_data is not None and cfg.sigma_data <= 0:
+        raise UserError(f"--sigma_data must be > 0, got {cfg.sigma_data}")
+
+
+def build_model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int):
+    """The denoiser and the kwargs that rebuild it (what the snapshot stores)."""
+    net_name, preset = NETWORK_PRESETS[cfg.model]
+    shape_kwargs = dict(dim=sample_shape[0]) if net_name == "mlp" else dict(img_size=cfg.img_size)
+    if net_name != "mlp":
+        shape_kwargs["img_channels"] = sample_shape[0]
+    net_kwargs = preset | shape_kwargs | dict(n_classes=n_classes) | cfg.net_kwargs
+    model_kwargs = dict(net=net_name, net_kwargs=net_kwargs)
+    if cfg.sigma_data is not None:
+        model_kwargs["sigma_data"] = cfg.sigma_data
+    try:
+        return build_denoiser(cfg.method, **model_kwargs), model_kwargs
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"cannot build --model {cfg.model} with {cfg.net_kwargs}: {e.args[0] if e.args else e}")
+
+
+@torch.no_grad()
+def class_means(dataset, n_classes: int, chunk: int = 4096) -> torch.Tensor:
+    """Per-class mean of the training data (row 0 = overall mean when unconditional), float64 accumulation."""
+    sums = torch.zeros(max(n_classes, 1), *dataset.sample_shape, dtype=torch.float64)
+    counts = torch.zeros(max(n_classes, 1), dtype=torch.float64)
+    for start in range(0, len(dataset), chunk):
+        reals, labels = dataset[list(range(start, min(start + chunk, len(dataset))))]
+        rows = labels if n_classes else torch.zeros_like(labels)
+        sums.index_add_(0, rows, reals.double())
+        counts.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+    return (sums / counts.clamp(min=1).reshape(-1, *[1] * len(dataset.sample_shape))).float()
+
+
+def main(cfg: Config) -> None:
+    check_config(cfg)
+    log_name = cfg.log_name or f"{cfg.dataset}_{cfg.method}_{cfg.model}{'_cond' if cfg.conditional else ''}"
+    run_dir = Path(cfg.workdir) if cfg.workdir else Path(cfg.log_dir) / log_name
+    state, state_path = open_resume_state(cfg.resume, run_dir)
+    if state is not None:
+        changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
+
+    # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # lets torchrun on a CPU-only machine run DDP over gloo
+        mixed_precision=cfg.mixed_precision,
+        dynamo_backend="inductor" if cfg.compile else None,
+        log_with=None if cfg.loggers == "none" else cfg.loggers,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+    )
+    device, is_main = accelerator.device, accelerator.is_main_process
+    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
+        accelerator.print("note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32")
+    if state is not None:
+        accelerator.print(
+            f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else "")
+        )
+    elif cfg.resume:
+        accelerator.print(f"--resume {cfg.resume}: no training state in {run_dir / 'states'}; starting from scratch")
+    start_step = state["step"] if state else 0
+    if start_step >= cfg.n_steps:
+        raise UserError(f"the training state is at step {start_step} already; pass --n_steps > {start_step} to go on")
+
+    # Data.
+    with accelerator.main_process_first():  # only one process downloads, the others then find the files
+        dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
+    if cfg.conditional and not dataset.n_classes:
+        raise UserError(f"--conditional needs class labels, and {cfg.dataset} at {cfg.data_dir} has none")
+    n_classes = dataset.n_classes if cfg.conditional else 0
+    loader = iter(
+        make_loader(dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step)
+    )
+
+    # Models. Same init on every rank; the EMA is made before prepare() wraps anything.
+    torch.manual_seed(cfg.seed)
+    denoiser, model_kwargs = build_model(cfg, tuple(dataset.sample_shape), n_classes)
+    if hasattr(denoiser, "data_mean"):  # Föllmer's exact first sampling step needs E[x0 | class]
+        denoiser.data_mean.copy_(class_means(dataset, n_classes))
+    ema = EMA(denoiser, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
+    if ema is not None:
+        ema.module.to(device)
+    loss_fn = get_diffusion_loss(cfg.method, **cfg.loss_kwargs)
+    accelerator.print(
+        f"{cfg.method} denoiser, {cfg.model} network: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M "
+        f"parameters, kwargs {json.dumps(model_kwargs['net_kwargs'])}"
+    )
+
+    # Optimizer.
+    optimizer = getattr(torch.optim, cfg.optimizer)(denoiser.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+    # Prepare.
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+
+    # Resume.
+    skipped_total = 0
+    if state is not None:
+        unwrap(denoiser).load_state_dict(state["denoiser"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups carry the old betas; lr is set every step
+            group["betas"] = (cfg.beta1, cfg.beta2)
+        if ema is not None:
+            if state["ema"] is None:
+                raise UserError("cannot resume with --ema: the training state was made without an EMA")
+            ema.load_state_dict(state["ema"])
+        if accelerator.scaler is not None and state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        skipped_total = state["skipped"]
+        del state
+
+    if is_main:
+        for sub in ("grids", "snapshots", "states"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        trim_stats(run_dir / "stats.jsonl", start_step)
+    if cfg.loggers != "none":
+        accelerator.init_trackers("tb", config=tracker_config(dataclasses.asdict(cfg)))
+    accelerator.print(
+        f"{run_dir}: {accelerator.num_processes} process(es) on {device.type}, "
+        f"mixed precision {accelerator.mixed_precision}, {len(dataset)} training samples"
+    )
+
+    @torch.no_grad()
+    def save_grids(step: int) -> None:
+        """Sample fixed seeds 0.. with the raw and the EMA denoiser (eval mode: no dropout)."""
+        toy = cfg.dataset in TOY_DATASETS
+        n = SCATTER_POINTS if toy else GRID_ROWS**2
+        labels = None
+        if n_classes:
+            labels = torch.arange(n_classes).repeat_interleave(-(-n // n_classes))[:n].to(device)
+        for tag, source in [("raw", unwrap(denoiser))] + ([("ema", ema.module)] if ema else []):
+            was_training = source.training
+            samples, _ = sample(source.eval(), StackedNoise(range(n)), labels, num_steps=GRID_STEPS, device=device)
+            source.train(was_training)
+            path = run_dir / "grids" / f"{tag}-{step:08d}.png"
+            save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
+
+    def save_checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        digest = check_replicas_agree(accelerator, unwrap(denoiser))
+        if is_main:
+            train_state = {
+                "step": step,
+                "config": dataclasses.asdict(cfg),
+                "skipped": skipped_total,
+                "denoiser": unwrap(denoiser).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema else None,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+            }
+            save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
+            save_snapshot(
+                run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",
+                kind="diffusion",
+                model_name=cfg.method,
+                model_kwargs=model_kwargs,
+                state_dict=(ema.module if ema else unwrap(denoiser)).state_dict(),
+                config=dataclasses.asdict(cfg),
+                step=step,
+            )
+            tqdm.write(
+                f"step {step}: saved training state and snapshot; parameters identical on "
+                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
+            )
+        accelerator.wait_for_everyone()
+
+    # Loop.
+    images_per_step = cfg.batch_size * accelerator.num_processes
+    meters, skipped_in_a_row = RunningMeans(), 0
+    tick_time, tick_step = time.perf_counter(), start_step
+    pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=run_dir.name)
+    for step in pbar:
+        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
+        reals, labels = next(loader)
+        reals = reals.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if n_classes else None
+
+        # Learning-rate warm-up, linear in images seen (EDM's lr_rampup_kimg); a pure function of the step.
+        nimg = step * images_per_step
+        lr = cfg.lr * min(nimg / (cfg.lr_rampup_kimg * 1000), 1.0) if cfg.lr_rampup_kimg > 0 else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Denoiser step: the loss draws its own noise levels and noise; per-sample losses are averaged here.
+        loss = loss_fn(denoiser, reals, labels).mean()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        applied, grad_norm = step_optimizer(accelerator, optimizer, denoiser, cfg.grad_clip or float("inf"))
+
+        # Update EMA, only after an update that really happened.
+        if ema is not None and applied:
+            ema.update(unwrap(denoiser), images_per_step, (step + 1) * images_per_step)
+        meters.add(**{"loss/denoise": loss, "grad_norm": grad_norm})
+
+        # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
+        if applied:
+            skipped_in_a_row = 0
+        else:
+            skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
+            if skipped_in_a_row >= cfg.max_skipped_steps:
+                states = list_states(run_dir / "states")
+                last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
+                raise UserError(
+                    f"stopping at step {step + 1}: {skipped_in_a_row} steps in a row had non-finite "
+                    f"gradients (lower --lr?); {last}"
+                )
+
+        # Log.
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+            now = time.perf_counter()
+            kimg_tick = (done - tick_step) * images_per_step / 1000
+            record = {
+                "step": done,
+                "n_steps": cfg.n_steps,
+                "kimg": done * images_per_step / 1000,
+                "sec_per_kimg": (now - tick_time) / kimg_tick,
+                **meters.pop(accelerator),
+                "lr": lr,
+                "skipped": skipped_total,
+                "mem_gb": peak_memory_gb(device),
+            }
+            if is_main:
+                append_jsonl(run_dir / "stats.jsonl", record)
+                tqdm.write(status_line(record))
+            accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=done)
+            tick_time, tick_step = time.perf_counter(), done
+
+        # Save sample grids and checkpoints.
+        if is_main and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+            save_grids(done)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps:
+            save_checkpoint(done)
+
+    # Final save happened at the last step; close the trackers.
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse(Config, description=__doc__.split("\n")[0]))

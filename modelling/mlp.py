@@ -1,0 +1,48 @@
+# Small MLP denoiser network for 2-D toy data, where samplers and losses can be checked against closed forms.
+# After GPM's Gaussians config (Franceschi et al. 2023, arXiv 2305.16150; White-Link/gpm config/score_gan):
+# 4 hidden layers of width 512 on [x, embedding(c_noise)]. Deviations: SiLU instead of leaky ReLU, a positional
+# (not random-Fourier) embedding, so no random buffers need saving; labels add a learned embedding.
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelling.common import PositionalEmbedding
+
+
+class ToyMLP(nn.Module):
+    def __init__(
+        self,
+        dim: int = 2,  # data dimension
+        n_classes: int = 0,  # 0 = unconditional
+        width: int = 256,
+        depth: int = 4,  # hidden layers
+        emb_channels: int = 64,  # width of the noise embedding concatenated to the input
+    ):
+        super().__init__()
+        self.dim, self.n_classes, self.sample_shape = dim, n_classes, (dim,)
+        self.map_noise = PositionalEmbedding(emb_channels)
+        self.map_label = nn.Embedding(n_classes, emb_channels) if n_classes else None
+        widths = [dim + emb_channels] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        self.out = nn.Linear(width, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.map_noise(c_noise)
+        if self.map_label is not None:
+            if labels is None:
+                raise ValueError("this network is class-conditional: pass labels")
+            emb = emb + self.map_label(labels)
+        h = torch.cat([x, emb.to(x.dtype)], dim=1)
+        for layer in self.hidden:
+            h = F.silu(layer(h))
+        return self.out(h)

@@ -1,0 +1,1 @@
+"""Samplers shared by sample.py and the training scripts' in-loop grids."""

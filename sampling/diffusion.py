@@ -1,0 +1,120 @@
+"""ODE and SDE samplers for any denoiser of modelling/precond.py, i.e. any schedule x_t = alpha(t)·x0 + beta(t)·z.
+
+With D the denoiser (posterior mean of x0), z_hat = (x - alpha·D)/beta, and the probability-flow ODE velocity
+    v(x, t) = alpha'(t)·D + beta'(t)·z_hat
+which is (x - D)/sigma for EDM (EDM Eq. 4 with sigma(t) = t) and (alpha·x - D)/beta² for Föllmer (seed 004).
+Time grid (EDM Eq. 5, also seed 004's "Karras grid" in t): t_i = (t_max^(1/rho) + i/(N-1)·(t_min^(1/rho) -
+t_max^(1/rho)))^rho, i = 0..N-1; N - 1 solver steps from t_max to t_min, then a final denoising step
+x <- D(x; t_min). For EDM that final step is exactly EDM Algorithm 2's last Euler step to sigma = 0; for Föllmer it
+is exactly the DEIS step to t = 0 (beta_0 = 0). Solvers:
+  euler      x + v·dt                                                     NFE N
+  heun       EDM Algorithm 2 (2nd order; the correction is skipped only on the final step)   NFE 2N - 1
+  deis       first-order exponential integrator = DDIM: x' = r·x + (alpha' - r·alpha)·D, r = beta'/beta   NFE N
+  ancestral  the reverse SDE's first-order exponential integrator: draw x' from q(x_t' | x_t, x0 = D), DDPM's
+             ancestral step (stochastic; stable near t = 1, where Euler-Maruyama on the Föllmer SDE is not)  NFE N
+Churn (EDM Algorithm 2's S_churn, seed 004's noise mollification): for t_i in [s_min, s_max], first move forward to
+t_hat = t_i·(1 + gamma) with the exact forward transition x <- (alpha_hat/alpha)·x + sqrt(beta_hat² -
+(alpha_hat/alpha)²·beta²)·s_noise·eps (EDM: x + sqrt(sigma_hat² - sigma²)·S_noise·eps), then step from t_hat.
+State and grid are float64 (the denoiser computes in fp32); every image draws its noise from its own generator, so
+outputs do not depend on the batch size or the number of processes.
+"""
+
+import math
+
+import torch
+
+SOLVERS = ("euler", "heun", "deis", "ancestral")
+
+
+def time_grid(t_max: float, t_min: float, num_steps: int, rho: float) -> list[float]:
+    """N decreasing times from t_max to t_min (float64 math, returned as Python floats)."""
+    if num_steps == 1:
+        return [t_max]
+    i = torch.arange(num_steps, dtype=torch.float64) / (num_steps - 1)
+    grid = (t_max ** (1 / rho) + i * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+    return grid.tolist()
+
+
+class StackedNoise:
+    """One torch.Generator per image, seeded by that image's seed (EDM's StackedRandomGenerator contract)."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def randn(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(device, torch.float64)
+
+
+@torch.no_grad()
+def sample(
+    denoiser,
+    noise: StackedNoise,
+    labels: torch.Tensor | None = None,
+    solver: str | None = None,
+    num_steps: int = 18,
+    rho: float | None = None,
+    t_min: float | None = None,
+    t_max: float | None = None,
+    churn: bool = False,
+    gamma: float = 0.1,
+    s_min: float | None = None,
+    s_max: float | None = None,
+    s_noise: float = 1.0,
+    device=None,
+) -> tuple[torch.Tensor, int]:
+    """Run one solver from the prior to data; returns (float64 samples, number of network evaluations)."""
+    solver = solver or denoiser.solver
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; valid: {list(SOLVERS)}")
+    rho = denoiser.rho if rho is None else rho
+    t_min = denoiser.t_min if t_min is None else t_min
+    t_max = denoiser.t_max if t_max is None else t_max
+    s_min = denoiser.churn_range[0] if s_min is None else s_min
+    s_max = denoiser.churn_range[1] if s_max is None else s_max
+    if not 0 < t_min < t_max:
+        raise ValueError(f"need 0 < t_min < t_max, got t_min {t_min}, t_max {t_max}")
+    device = device or next(denoiser.parameters()).device
+    sched = denoiser
+    nfe = 0
+
+    def denoise(x, t):
+        nonlocal nfe
+        nfe += 1
+        return denoiser(x, t, labels).double()
+
+    def velocity(x, t):
+        d = denoise(x, t)
+        a, b = float(sched.alpha(t)), float(sched.beta(t))
+        return float(sched.dalpha(t)) * d + float(sched.dbeta(t)) * (x - a * d) / b
+
+    x = denoiser.prior(noise.randn(denoiser.sample_shape, device), labels, t_max)
+    grid = time_grid(t_max, t_min, num_steps, rho)
+    for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
+        if churn and gamma > 0 and s_min <= t_cur <= s_max:
+            t_hat = min(t_cur * (1 + gamma), t_max)  # Föllmer's time must stay below 1
+            ratio = float(sched.alpha(t_hat)) / float(sched.alpha(t_cur))
+            var = float(sched.beta(t_hat)) ** 2 - ratio**2 * float(sched.beta(t_cur)) ** 2
+            x = ratio * x + math.sqrt(max(var, 0.0)) * s_noise * noise.randn(denoiser.sample_shape, device)
+            t_cur = t_hat
+        dt = t_next - t_cur
+        if solver == "euler":
+            x = x + velocity(x, t_cur) * dt
+        elif solver == "heun":
+            v_cur = velocity(x, t_cur)
+            x_next = x + v_cur * dt
+            x = x + (v_cur + velocity(x_next, t_next)) * (dt / 2)
+        else:
+            a_cur, b_cur = float(sched.alpha(t_cur)), float(sched.beta(t_cur))
+            a_next, b_next = float(sched.alpha(t_next)), float(sched.beta(t_next))
+            d = denoise(x, t_cur)
+            if solver == "deis":
+                ratio = b_next / b_cur
+                x = ratio * x + (a_next - ratio * a_cur) * d
+            else:  # ancestral: the Gaussian posterior q(x_next | x_cur, x0 = d)
+                a_step = a_cur / a_next  # alpha of the forward transition t_next -> t_cur
+                var_step = b_cur**2 - a_step**2 * b_next**2
+                mean = (a_step * b_next**2 / b_cur**2) * x + (a_next * var_step / b_cur**2) * d
+                std = math.sqrt(max(var_step, 0.0)) * b_next / b_cur
+                x = mean + std * s_noise * noise.randn(denoiser.sample_shape, device)
+    # Final step to t = 0: the denoiser's output at t_min (EDM's last Euler step; Föllmer's DEIS step).
+    return denoise(x, grid[-1]), nfe
