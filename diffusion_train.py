@@ -89,7 +89,9 @@ class Config:
     beta1: float = 0.9
     beta2: float = 0.999
     lr_rampup_kimg: float = field(default=10.0, metadata={"help": "linear learning-rate warm-up, in kimg"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 = no clipping"})
+    grad_clip: float | None = field(
+        default=None, metadata={"help": "max gradient norm, 0 = none; default EDM none, Föllmer 1 (seed 004)"}
+    )
     ema: bool = field(default=True, metadata={"help": "keep an EMA denoiser; samples and snapshots use it"})
     ema_halflife_kimg: float = 500.0
     ema_rampup: float = field(default=0.05, metadata={"help": "half-life <= ratio x images seen; 0 = off"})
@@ -102,7 +104,7 @@ class Config:
     workdir: str = field(default="", metadata={"help": "run folder (seed 004's flag); overrides log_dir/log_name"})
     loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
     log_interval: int = 100
-    sample_interval: int = 2000
+    sample_interval: int = field(default=2000, metadata={"help": "steps between sample grids; 0 = no grids"})
     checkpoint_interval: int = 5000
     keep_states: int = field(default=2, metadata={"help": "training states kept (>= 2)"})
     resume: str = field(default="", metadata={"help": "'latest' or a path to a run folder or state folder"})
@@ -118,12 +120,14 @@ def check_config(cfg: Config) -> None:
             f"--model {cfg.model} does not fit --dataset {cfg.dataset}: 2-D toy data ({', '.join(TOY_DATASETS)}) "
             "trains --model mlp, images train a ddpmpp-* U-Net"
         )
-    for name in ("batch_size", "n_steps", "log_interval", "sample_interval", "checkpoint_interval"):
+    for name in ("batch_size", "n_steps", "log_interval", "checkpoint_interval"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.sample_interval < 0:
+        raise UserError(f"--sample_interval must be >= 0, got {cfg.sample_interval}")
     if cfg.keep_states < 2:
         raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
-    if cfg.lr <= 0 or cfg.grad_clip < 0 or cfg.lr_rampup_kimg < 0:
+    if cfg.lr <= 0 or (cfg.grad_clip or 0) < 0 or cfg.lr_rampup_kimg < 0:
         raise UserError("--lr must be > 0, --grad_clip and --lr_rampup_kimg >= 0")
     if cfg.sigma_data is not None and cfg.sigma_data <= 0:
         raise UserError(f"--sigma_data must be > 0, got {cfg.sigma_data}")
@@ -289,7 +293,9 @@ def main(cfg: Config) -> None:
             )
         accelerator.wait_for_everyone()
 
-    # Loop.
+    # Loop. EDM's loss is a per-image sum over pixels, so its gradient norms are ~d times Föllmer's per-pixel mean:
+    # a norm threshold tuned for one is meaningless for the other, and EDM trains unclipped.
+    grad_clip = cfg.grad_clip if cfg.grad_clip is not None else (0.0 if cfg.method == "edm" else 1.0)
     images_per_step = cfg.batch_size * accelerator.num_processes
     meters, skipped_in_a_row = RunningMeans(), 0
     tick_time, tick_step = time.perf_counter(), start_step
@@ -310,7 +316,7 @@ def main(cfg: Config) -> None:
         loss = loss_fn(denoiser, reals, labels).mean()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        applied, grad_norm = step_optimizer(accelerator, optimizer, denoiser, cfg.grad_clip or float("inf"))
+        applied, grad_norm = step_optimizer(accelerator, optimizer, denoiser, grad_clip or float("inf"))
 
         # Update EMA, only after an update that really happened.
         if ema is not None and applied:
@@ -352,7 +358,7 @@ def main(cfg: Config) -> None:
             tick_time, tick_step = time.perf_counter(), done
 
         # Save sample grids and checkpoints.
-        if is_main and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
             save_grids(done)
         if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps:
             save_checkpoint(done)

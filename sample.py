@@ -5,11 +5,19 @@
     accelerate launch --num_processes 4 sample.py --checkpoint logs/mnist_dcgan --start_seed 0 --end_seed 49999 \
         --out_dir samples/mnist_dcgan_50k
     torchrun --nproc_per_node 2 sample.py ...
+    # diffusion snapshots (diffusion_train.py): seed 004's solver flags
+    python sample.py --checkpoint logs/fmnist_edm --ode_solver heun --num_steps 18 --out_dir samples/edm_heun35
+    python sample.py --checkpoint logs/mnist-denoiser --ode_solver deis --num_steps 10 --rho 1 --eval_eps0 1e-3 \
+        --churn --s_min 0.05 --s_max 0.6 --gamma 0.1 --start_seed 0 --end_seed 49999 --out_dir samples/follmer
 
 Image k is drawn from its own RNG seeded with its seed (`--seed + k`, or each seed of `--start_seed..--end_seed`,
 inclusive), so the files do not depend on the batch size or the number of processes; seeds are dealt to processes
 round-robin. Conditional models use `--class_label`, else class = seed mod n_classes (balanced classes).
-The snapshot says which model to build; nothing from the training script's flags is needed.
+The snapshot says which model to build; nothing from the training script's flags is needed. Diffusion solvers
+(sampling/diffusion.py): euler, heun (EDM Algorithm 2), deis (DDIM), ancestral (stochastic); --churn adds EDM's
+noise injection. Defaults per method: EDM heun, rho 7, sigma in [0.002, 80]; Föllmer deis, rho 1, t in
+[eval_eps0, 1 - eval_eps1] = [1e-3, 0.999]. The number of network evaluations per image (NFE) is printed and stored in
+sample_info.json. 2-D toy snapshots write points.npy (seed order) and scatter.png instead of PNGs.
 """
 
 import json
@@ -21,10 +29,12 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from modelling import build_generator
+from modelling import build_denoiser, build_generator
+from modelling.precond import EDMDenoiser
+from sampling.diffusion import SOLVERS, StackedNoise, sample
 from utils.ckpt import load_snapshot
 from utils.cli import UserError, parse, user_errors
-from utils.grid import save_grid, save_png, to_uint8
+from utils.grid import save_grid, save_png, save_scatter, to_uint8
 from utils.tracking import progress
 
 GRID_MAX = 100  # the grid shows the first 100 seeds
@@ -41,6 +51,19 @@ class Config:
     batch_size: int = 64
     class_label: int | None = field(default=None, metadata={"help": "conditional models: one class for every image"})
     grid: bool = field(default=True, metadata={"help": "also write grid.png of the first 100 seeds"})
+    # Diffusion snapshots only (seed 004's names; None = the method's default).
+    ode_solver: str | None = field(default=None, metadata={"choices": list(SOLVERS), "help": "EDM heun, Föllmer deis"})
+    num_steps: int = field(default=18, metadata={"help": "time-grid points N (Heun: NFE 2N - 1, others N)"})
+    rho: float | None = field(default=None, metadata={"help": "grid exponent: EDM 7, Föllmer 1 (uniform)"})
+    sigma_min: float | None = field(default=None, metadata={"help": "EDM: last noise level (0.002)"})
+    sigma_max: float | None = field(default=None, metadata={"help": "EDM: first noise level (80)"})
+    eval_eps0: float | None = field(default=None, metadata={"help": "Föllmer: t_min (1e-3)"})
+    eval_eps1: float | None = field(default=None, metadata={"help": "Föllmer: t_max = 1 - eval_eps1 (1e-3)"})
+    churn: bool = field(default=False, metadata={"help": "inject noise (EDM S_churn / seed 004 mollification)"})
+    gamma: float = field(default=0.1, metadata={"help": "churn: t_hat = t·(1 + gamma) (EDM: min(S_churn/N, 0.414))"})
+    s_min: float | None = field(default=None, metadata={"help": "churn only for t >= s_min (EDM 0, Föllmer 0.05)"})
+    s_max: float | None = field(default=None, metadata={"help": "churn only for t <= s_max (EDM inf, Föllmer 0.6)"})
+    s_noise: float = field(default=1.0, metadata={"help": "noise inflation of churn and ancestral steps"})
 
 
 def seed_list(cfg: Config) -> list[int]:
@@ -56,14 +79,49 @@ def seed_list(cfg: Config) -> list[int]:
 
 
 @torch.no_grad()
-def gan_images(generator, seeds: list[int], labels: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
+def gan_images(generator, seeds: list[int], labels: torch.Tensor | None, device, cfg: Config):
     """One latent per seed from that seed's own RNG; one network evaluation (NFE = 1)."""
     zs = torch.stack([torch.randn(generator.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
     return generator(zs.to(device), labels), 1
 
 
-# Snapshot kind -> (builder, sampler). Diffusion and distilled models add their entries here.
-SAMPLERS = {"gan": (build_generator, gan_images)}
+def solver_settings(denoiser, cfg: Config) -> dict:
+    """The sampler keyword arguments for this denoiser; flags of the other method are refused."""
+    edm = isinstance(denoiser, EDMDenoiser)
+    wrong = ("eval_eps0", "eval_eps1") if edm else ("sigma_min", "sigma_max")
+    for name in wrong:
+        if getattr(cfg, name) is not None:
+            raise UserError(f"--{name} does not apply to a {'EDM' if edm else 'Föllmer'} snapshot")
+    if cfg.num_steps < 1:
+        raise UserError(f"--num_steps must be >= 1, got {cfg.num_steps}")
+    if edm:
+        t_min, t_max = cfg.sigma_min, cfg.sigma_max
+    else:
+        t_min = cfg.eval_eps0
+        t_max = None if cfg.eval_eps1 is None else 1 - cfg.eval_eps1
+    settings = dict(solver=cfg.ode_solver, num_steps=cfg.num_steps, rho=cfg.rho, t_min=t_min, t_max=t_max)
+    settings |= dict(churn=cfg.churn, gamma=cfg.gamma, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise)
+    # Resolve the method defaults, so sample_info.json records what actually ran.
+    for key, default in (("solver", "solver"), ("rho", "rho"), ("t_min", "t_min"), ("t_max", "t_max")):
+        settings[key] = getattr(denoiser, default) if settings[key] is None else settings[key]
+    for i, key in enumerate(("s_min", "s_max")):
+        settings[key] = denoiser.churn_range[i] if settings[key] is None else settings[key]
+    if not 0 < settings["t_min"] < settings["t_max"] or (not edm and settings["t_max"] >= 1):
+        raise UserError(f"need 0 < t_min < t_max{'' if edm else ' < 1'}: got {settings['t_min']}, {settings['t_max']}")
+    if settings["rho"] <= 0 or cfg.gamma < 0 or cfg.s_noise < 0:
+        raise UserError("--rho must be > 0, --gamma and --s_noise >= 0")
+    return settings
+
+
+@torch.no_grad()
+def diffusion_images(denoiser, seeds: list[int], labels: torch.Tensor | None, device, cfg: Config):
+    """Latents and every later noise draw come from each seed's own generator (EDM's StackedRandomGenerator)."""
+    images, nfe = sample(denoiser, StackedNoise(seeds), labels, device=device, **solver_settings(denoiser, cfg))
+    return images.float(), nfe
+
+
+# Snapshot kind -> (builder, sampler). Distilled models add their entries here.
+SAMPLERS = {"gan": (build_generator, gan_images), "diffusion": (build_denoiser, diffusion_images)}
 
 
 def main(cfg: Config) -> None:
@@ -89,26 +147,42 @@ def main(cfg: Config) -> None:
     if cfg.class_label is not None and not 0 <= cfg.class_label < n_classes:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"
         raise UserError(f"--class_label {cfg.class_label}: {detail}")
+    settings = solver_settings(model, cfg) if meta["kind"] == "diffusion" else {}  # refuse bad flags before writing
+    points = len(getattr(model, "sample_shape", (1, 1, 1))) == 1  # 2-D toy data: no images
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     my_seeds = seeds[accelerator.process_index :: accelerator.num_processes]
-    nfe = 0
+    nfe, my_points = 0, []
     batches = [my_seeds[i : i + cfg.batch_size] for i in range(0, len(my_seeds), cfg.batch_size)]
     for batch in progress(batches, accelerator.is_main_process, desc="sampling"):
         labels = None
         if n_classes:
             labels = torch.tensor([cfg.class_label if cfg.class_label is not None else s % n_classes for s in batch])
             labels = labels.to(device)
-        images, nfe = sample_fn(model, batch, labels, device)
+        images, nfe = sample_fn(model, batch, labels, device, cfg)
+        if points:
+            my_points.append(images.cpu().numpy())
+            continue
         images = to_uint8(images).cpu()
         for s, image in zip(batch, images, strict=True):
             save_png(image, out_dir / f"{s:06d}.png")
+    if points:  # each process writes its share; the main process merges them in seed order
+        shard = np.concatenate(my_points) if my_points else np.zeros((0, *model.sample_shape), np.float32)
+        np.save(out_dir / f".points-{accelerator.process_index}.npy", shard)
     accelerator.wait_for_everyone()
 
     # The grid is assembled from the written files, so it shows exactly what was saved, whoever wrote it.
     if accelerator.is_main_process:
-        if cfg.grid:
+        if points:
+            shards = [out_dir / f".points-{r}.npy" for r in range(accelerator.num_processes)]
+            merged = np.zeros((len(seeds), *model.sample_shape), np.float32)
+            for r, path in enumerate(shards):
+                merged[r :: accelerator.num_processes] = np.load(path)
+                path.unlink()
+            np.save(out_dir / "points.npy", merged)
+            save_scatter(torch.from_numpy(merged), out_dir / "scatter.png")
+        elif cfg.grid:
             tiles = [torch.from_numpy(np.array(Image.open(out_dir / f"{s:06d}.png"))) for s in seeds[:GRID_MAX]]
             tiles = torch.stack([t[None] if t.ndim == 2 else t.permute(2, 0, 1) for t in tiles])
             nrow = n_classes if n_classes and cfg.class_label is None else 10
@@ -122,11 +196,11 @@ def main(cfg: Config) -> None:
             "class_label": cfg.class_label,
             "n_classes": n_classes,
             "nfe": nfe,
+            "sampler": {k: "inf" if v == float("inf") else v for k, v in settings.items()},  # strict JSON
         }
         (out_dir / "sample_info.json").write_text(json.dumps(info, indent=2))
-        print(
-            f"wrote {len(seeds)} images (seeds {seeds[0]}..{seeds[-1]}, {nfe} network evaluation(s) each) to {out_dir}"
-        )
+        what = "points" if points else "images"
+        print(f"wrote {len(seeds)} {what} (seeds {seeds[0]}..{seeds[-1]}, {nfe} NFE each) to {out_dir}")
 
 
 if __name__ == "__main__":

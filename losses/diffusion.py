@@ -4,14 +4,17 @@ only decides how t is drawn and how pixels are reduced, each as its paper does."
 
 import torch
 
+from utils.ckpt import unwrap
+
 
 def _weighted_error(denoiser, images: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
     """lambda(t)·(D(alpha·x0 + beta·z; t) - x0)², elementwise, for per-sample times t (N,)."""
     shape = (-1, *[1] * (images.ndim - 1))
-    alpha, beta = denoiser.alpha(t).reshape(shape), denoiser.beta(t).reshape(shape)
+    schedule = unwrap(denoiser)  # the schedule lives on the plain module; the forward goes through DDP/compile
+    alpha, beta = schedule.alpha(t).reshape(shape), schedule.beta(t).reshape(shape)
     noisy = alpha * images + beta * torch.randn_like(images)
     denoised = denoiser(noisy, t, labels)
-    return denoiser.loss_weight(t).reshape(shape) * (denoised - images) ** 2
+    return schedule.loss_weight(t).reshape(shape) * (denoised - images) ** 2
 
 
 # Karras et al. 2022, arXiv 2206.00364, Sec. 5 and Table 1. Ref: NVlabs/edm training/loss.py (EDMLoss).

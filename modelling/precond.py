@@ -14,6 +14,11 @@ import torch
 from torch import nn
 
 
+def _time(t) -> torch.Tensor:
+    """Tensors keep their dtype (fp32 in training); Python numbers (the samplers' float64 grid) stay float64."""
+    return t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+
+
 class Denoiser(nn.Module):
     # Sampling defaults, overridden per family: time range, grid exponent and solver.
     t_min, t_max, rho, solver = 0.0, 1.0, 1.0, "heun"
@@ -70,16 +75,16 @@ class EDMDenoiser(Denoiser):
         super().__init__(net, sigma_data)
 
     def alpha(self, t):
-        return torch.ones_like(torch.as_tensor(t))
+        return torch.ones_like(_time(t))
 
     def beta(self, t):
-        return torch.as_tensor(t)
+        return _time(t)
 
     def dalpha(self, t):
-        return torch.zeros_like(torch.as_tensor(t))
+        return torch.zeros_like(_time(t))
 
     def dbeta(self, t):
-        return torch.ones_like(torch.as_tensor(t))
+        return torch.ones_like(_time(t))
 
     def c_noise(self, t):
         return t.log() / 4
@@ -102,17 +107,17 @@ class FollmerDenoiser(Denoiser):
         self.register_buffer("data_mean", torch.zeros(max(self.n_classes, 1), *self.sample_shape))
 
     def alpha(self, t):
-        return 1 - torch.as_tensor(t)
+        return 1 - _time(t)
 
     def beta(self, t):
-        t = torch.as_tensor(t)
+        t = _time(t)
         return (t * (2 - t)).sqrt()
 
     def dalpha(self, t):
-        return -torch.ones_like(torch.as_tensor(t))
+        return -torch.ones_like(_time(t))
 
     def dbeta(self, t):
-        return (1 - torch.as_tensor(t)) / self.beta(t)
+        return (1 - _time(t)) / self.beta(t)
 
     def c_noise(self, t):
         return self.noise_scale * t

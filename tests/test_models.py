@@ -4,7 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from modelling import GENERATORS, build_discriminator, build_generator
+from modelling import (
+    DENOISERS,
+    GENERATORS,
+    NETWORK_PRESETS,
+    build_denoiser,
+    build_discriminator,
+    build_generator,
+    build_network,
+)
 from modelling.common import apply_spectral_norm, latent_batches, recalibrate_batchnorm
 
 CASES = list(itertools.product(sorted(GENERATORS), [0, 10], [False, True], [16, 32, 64]))
@@ -123,3 +131,56 @@ def test_recalibrated_generator_is_batch_independent():
         full = gen(zs, labels)
         singles = torch.cat([gen(zs[i : i + 1], labels[i : i + 1]) for i in range(16)])
     torch.testing.assert_close(full, singles, rtol=1e-5, atol=1e-6)
+
+
+DENOISER_CASES = [
+    (
+        "ddpmpp",
+        dict(img_size=8, img_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
+    ),
+    ("ddpmpp", dict(img_size=28, img_channels=1, model_channels=8, channel_mult=[1, 2, 2], num_blocks=1)),
+    ("mlp", dict(dim=2, width=32, depth=2)),
+]
+
+
+@pytest.mark.parametrize("method", sorted(DENOISERS))
+@pytest.mark.parametrize("net,kwargs", DENOISER_CASES)
+@pytest.mark.parametrize("n_classes", [0, 5])
+def test_denoiser_registry_builds_forward_backward(method, net, kwargs, n_classes):
+    torch.manual_seed(0)
+    den = build_denoiser(method, net=net, net_kwargs=kwargs | dict(n_classes=n_classes))
+    x = torch.randn(4, *den.sample_shape)
+    labels = torch.tensor([0, 1, 4, 2]) if n_classes else None
+    out = den(x, torch.tensor([0.1, 0.5, 0.9, 0.3]), labels)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    out.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in den.parameters())
+    if n_classes:  # the label is wired in (compare the network: the U-Net's output layer starts at 1e-5 scale)
+        c_noise, zeros = torch.zeros(4), torch.zeros(4, dtype=torch.long)
+        assert not torch.equal(den.eval().net(x, c_noise, zeros), den.net(x, c_noise, zeros + 1))
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(KeyError, match="valid: \\['ddpmpp', 'mlp'\\]"):
+        build_denoiser("edm", net="resnet", net_kwargs={})
+    with pytest.raises(KeyError, match="valid: \\['edm', 'follmer'\\]"):
+        build_denoiser("vp", net="mlp", net_kwargs={})
+
+
+@pytest.mark.parametrize("preset", ["ddpmpp-small", "ddpmpp-mnist"])
+def test_unet_presets_and_reduced_precision(preset):
+    """Presets build at 28 and 32 pixels; under reduced-precision autocast GroupNorm and attention run in fp32 and
+    the preconditioned output is fp32 (EDM's policy: only the U-Net's convolutions drop precision)."""
+    name, kwargs = NETWORK_PRESETS[preset]
+    for size in (28, 32):
+        den = build_denoiser("edm", net=name, net_kwargs=kwargs | dict(img_size=size, img_channels=1))
+        x = torch.randn(2, 1, size, size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = den(x, torch.tensor([0.01, 50.0]))
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert (den.eval()(x, 0.5) - den(x, 0.5)).abs().max() == 0  # deterministic in eval mode
+
+
+def test_unet_rejects_sizes_that_do_not_halve():
+    with pytest.raises(ValueError, match="does not halve"):
+        build_network("ddpmpp", img_size=30, channel_mult=[1, 2, 2])

@@ -1,0 +1,185 @@
+"""Diffusion maths against closed forms: preconditioning, loss floors, and every solver on Gaussian data, where the
+sampler is an affine map x = A·z + B of the latent and A, B are known exactly (reference §7 T1-T4, T8)."""
+
+import math
+
+import pytest
+import torch
+
+from losses import EDMLoss, FollmerLoss
+from modelling import build_denoiser
+from sampling.diffusion import SOLVERS, StackedNoise, sample, time_grid
+from tests.gaussians import EDMMixture, FollmerMixture
+
+TINY_UNET = dict(img_size=8, img_channels=1, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+
+
+def affine_map(denoiser, solver: str, num_steps: int, n: int = 64, **kw) -> tuple[float, float, int]:
+    """(A, B, NFE) of the 1-D sampler map x = A·z + B, by least squares over n latents (exact for an affine map)."""
+    x, nfe = sample(denoiser, StackedNoise(range(n)), solver=solver, num_steps=num_steps, device="cpu", **kw)
+    z = StackedNoise(range(n)).randn(denoiser.sample_shape, "cpu")
+    zc = z - z.mean()
+    a = float((zc * (x - x.mean())).sum() / (zc**2).sum())
+    return a, float(x.mean() - a * z.mean()), nfe
+
+
+@pytest.mark.parametrize("method", ["edm", "follmer"])
+def test_preconditioning_matches_the_formulas(method):
+    torch.manual_seed(0)
+    den = build_denoiser(method, net="ddpmpp", net_kwargs=TINY_UNET)
+    s = den.sigma_data
+    for t in (0.01, 0.5, 0.9 if method == "follmer" else 10.0):
+        t_ = torch.tensor(t)
+        c_skip, c_out, c_in = (float(c) for c in den.coefficients(t_))
+        if method == "edm":  # EDM Table 1
+            expected = (s**2 / (t**2 + s**2), t * s / math.sqrt(t**2 + s**2), 1 / math.sqrt(t**2 + s**2))
+            assert float(den.c_noise(t_)) == pytest.approx(math.log(t) / 4)
+            assert float(den.loss_weight(t_)) == pytest.approx((t**2 + s**2) / (t * s) ** 2)
+        else:  # seed 004 with sigma_data = 1: D = alpha·x + beta·F
+            a, b = 1 - t, math.sqrt(t * (2 - t))
+            expected = (a, b, 1.0)
+            assert float(den.c_noise(t_)) == pytest.approx(999 * t)
+            assert float(den.loss_weight(t_)) == pytest.approx(1 / b**2)
+        assert (c_skip, c_out, c_in) == pytest.approx(expected, rel=1e-5)
+    # At t -> 0 the denoiser returns its input, whatever the (random) network says.
+    x = torch.randn(3, 1, 8, 8)
+    for t, tol in ((1e-3, 5e-3), (1e-6, 5e-6)):
+        assert (den(x, t) - x).abs().max() < tol * max(1, float(x.abs().max())) * 10
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        EDMLoss(P_mean=math.log(0.01), P_std=0.0),
+        EDMLoss(P_mean=math.log(0.5), P_std=0.0),
+        EDMLoss(P_mean=math.log(10.0), P_std=0.0),
+        FollmerLoss(),
+    ],
+)
+def test_ideal_denoiser_loss_is_one_per_element(loss_fn):
+    """T2: for data N(0, sigma_data²) the exact posterior mean has lambda(t)·MMSE = 1 per element at every t, so the
+    EDM loss (per-image sum over d = 64 elements) is 64 and the Föllmer loss (per-element mean) is 1."""
+    torch.manual_seed(0)
+    d, n = 64, 4000
+    if isinstance(loss_fn, EDMLoss):
+        den, per_sample_scale = EDMMixture([[0.0] * d], [0.5]), d
+    else:
+        den, per_sample_scale = FollmerMixture([[0.0] * d], [1.0]), 1
+    images = den.sigma_data * torch.randn(n, d, dtype=torch.float64)
+    loss = loss_fn(den, images).mean() / per_sample_scale
+    # Each per-sample term is a mean of d chi-square(1) variables: the batch mean has std sqrt(2 / (n d)) = 0.0028.
+    assert float(loss) == pytest.approx(1.0, abs=0.015)
+
+
+def test_time_grid_endpoints_and_rho():
+    grid = time_grid(80.0, 0.002, 18, 7.0)
+    assert grid[0] == pytest.approx(80) and grid[-1] == pytest.approx(0.002) and len(grid) == 18
+    assert all(a > b for a, b in zip(grid[:-1], grid[1:], strict=True))
+    assert time_grid(0.999, 0.001, 5, 1.0) == pytest.approx([0.999, 0.7495, 0.5, 0.2505, 0.001])
+
+
+def test_edm_heun_reproduces_the_published_algorithm():
+    """T3 (EDM Algorithm 2, sigma in [0.002, 80], rho 7, exact D for N(1, 0.5²)): A and B at N = 5, 18, 35, 64
+    match the reference implementation to 5 digits, with NFE = 2N - 1."""
+    den = EDMMixture([[1.0]], [0.5])
+    table = {5: (1.25789, 0.98428), 18: (0.52763, 0.99341), 35: (0.50647, 0.99367), 64: (0.50182, 0.99373)}
+    for n_steps, (a_ref, b_ref) in table.items():
+        a, b, nfe = affine_map(den, "heun", n_steps)
+        assert (a, b) == pytest.approx((a_ref, b_ref), abs=2e-5)
+        assert nfe == 2 * n_steps - 1
+
+
+def test_follmer_solvers_match_the_reference_tables():
+    """T4 (grid linspace(0.999, 0.001, N), bridge +mean, final denoise; mu = 0.5)."""
+    exact = FollmerMixture([[0.5]], [1.0])  # s = 1: v = -mu is constant, Euler and Heun are exact at any N
+    for solver in ("euler", "heun"):
+        for n_steps in (2, 5, 20):
+            assert affine_map(exact, solver, n_steps)[:2] == pytest.approx((0.999, 0.5), abs=1e-6)
+    for n_steps, a_ref in {2: 0.0457, 5: 0.6879, 20: 0.9149}.items():
+        assert affine_map(exact, "deis", n_steps)[0] == pytest.approx(a_ref, abs=1e-4)
+    sharp = FollmerMixture([[0.5]], [0.2])
+    table = {
+        "euler": {2: 0.9524, 5: 0.4587, 20: 0.2610},
+        "heun": {2: -9.92, 5: -0.585, 20: 0.1517},
+        "deis": {2: 0.0427, 5: 0.0829, 20: 0.1307},
+    }
+    for solver, row in table.items():
+        for n_steps, a_ref in row.items():
+            a, b, nfe = affine_map(sharp, solver, n_steps)
+            assert a == pytest.approx(a_ref, rel=2e-3)
+            assert b == pytest.approx(0.5, abs=1e-6)
+            assert nfe == (2 * n_steps - 1 if solver == "heun" else n_steps)
+    # DEIS is exact for a point mass at any N: every step lands on mu.
+    point = FollmerMixture([[0.5]], [0.0])
+    for n_steps in (1, 2, 7):
+        x, _ = sample(point, StackedNoise(range(16)), solver="deis", num_steps=n_steps, device="cpu")
+        assert torch.allclose(x, torch.full_like(x, 0.5), atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["edm", "follmer"])
+def test_solvers_converge_at_their_order(method):
+    """Error of A against the converged map (exact flow to t_min, then the final denoise) as N doubles: Euler
+    halves it (order 1), Heun quarters it (order 2). Measured log2 ratios: Euler 0.98-1.03, Heun 2.05-2.2."""
+    s = 0.5 if method == "edm" else 0.2
+    den = EDMMixture([[1.0]], [s]) if method == "edm" else FollmerMixture([[0.5]], [s])
+    t_min, t_max = den.t_min, den.t_max
+
+    def spread(t):  # std of x_t for N(mu, s²) data
+        return math.sqrt(float(den.alpha(t)) ** 2 * s**2 + float(den.beta(t)) ** 2)
+
+    prior_std = t_max if method == "edm" else 1.0  # the sampler starts from N(., prior_std²)
+    a_exact = prior_std * spread(t_min) / spread(t_max) * float(den.alpha(t_min)) * s**2 / spread(t_min) ** 2
+    for solver, order in (("euler", 1), ("heun", 2)):
+        errors = [abs(affine_map(den, solver, n)[0] - a_exact) for n in (32, 64, 128)]
+        rates = [math.log2(e0 / e1) for e0, e1 in zip(errors[:-1], errors[1:], strict=True)]
+        assert all(order - 0.15 < r < order + 0.25 for r in rates), (solver, errors, rates)
+
+
+GMM_MEANS = [[3 * math.cos(-2 * math.pi * k / 5), 3 * math.sin(-2 * math.pi * k / 5)] for k in range(5)]
+
+
+@pytest.mark.parametrize("method", ["edm", "follmer"])
+@pytest.mark.parametrize("solver,n_steps", [("euler", 100), ("heun", 18), ("deis", 50), ("ancestral", 100)])
+def test_every_solver_reproduces_mixture_moments(method, solver, n_steps):
+    """GPM's 5-Gaussian mixture (std 0.5, radius 3) with the exact mixture denoiser: the sample mean and covariance
+    match the mixture's. Tolerance: 5 standard errors of the 2000-sample estimate (mean SE = sqrt(4.75/2000) =
+    0.049; variance SE ~ 4.75·sqrt(2/2000) = 0.15 before the mixture's excess kurtosis) plus the discretisation
+    and final-denoise bias, which these step counts keep below 0.1."""
+    cls = EDMMixture if method == "edm" else FollmerMixture
+    den = cls(GMM_MEANS, [0.5])
+    x, _ = sample(den, StackedNoise(range(2000)), solver=solver, num_steps=n_steps, device="cpu")
+    mean, cov = den.moments()
+    assert (x.mean(0) - mean).abs().max() < 0.25
+    assert (torch.cov(x.T) - cov).abs().max() < 0.8
+    # Mode balance: each mode holds 20 % of the samples (binomial SE 0.009; 5 SE).
+    nearest = torch.cdist(x, torch.tensor(GMM_MEANS, dtype=torch.float64)).argmin(1)
+    assert (torch.bincount(nearest, minlength=5) / len(x) - 0.2).abs().max() < 0.045
+
+
+def test_edm_churn_matches_the_reference_spread():
+    """T3 with EDM's CIFAR-10 VP churn (S_churn 30 -> gamma = min(30/18, sqrt 2 - 1), S_min 0.01, S_max 1,
+    S_noise 1.007) at N = 18: output std 0.544 (reference), against 0.528 without churn; 4000 samples, SE 0.006."""
+    den = EDMMixture([[1.0]], [0.5])
+    x, _ = sample(
+        den,
+        StackedNoise(range(4000)),
+        solver="heun",
+        num_steps=18,
+        device="cpu",
+        churn=True,
+        gamma=min(30 / 18, math.sqrt(2) - 1),
+        s_min=0.01,
+        s_max=1.0,
+        s_noise=1.007,
+    )
+    assert float(x.std()) == pytest.approx(0.544, abs=0.02)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_samples_do_not_depend_on_the_batch(solver):
+    """T8: per-image generators; churn and ancestral noise included. Seeds 0-15 as one batch == as four."""
+    den = FollmerMixture(GMM_MEANS, [0.5])
+    kw = dict(solver=solver, num_steps=6, device="cpu", churn=True, gamma=0.2)
+    whole, _ = sample(den, StackedNoise(range(16)), **kw)
+    parts = torch.cat([sample(den, StackedNoise(range(i, i + 4)), **kw)[0] for i in range(0, 16, 4)])
+    assert torch.equal(whole, parts)
