@@ -123,7 +123,7 @@ def test_two_processes_with_torchrun(tmp_path, mnist_dir):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = train(
         mnist_dir, tmp_path, "--log_name", "ddp", "--n_steps", "2", "--checkpoint_interval", "2",
-        "--log_interval", "1", "--sample_interval", "0", launcher=launcher,
+        "--log_interval", "1", "--sample_interval", "0", "--mixed_precision", "bf16", launcher=launcher,
     )  # fmt: skip
     assert "2 process(es) on cpu" in result.stdout
     assert result.stdout.count("parameters identical on 2 process(es)") == 1
