@@ -5,7 +5,7 @@
     python diffusion_train.py --method follmer --dataset mnist --img_size 28 --model ddpmpp-mnist --optimizer RAdam \
         --lr 1e-3 --workdir logs/mnist-denoiser
     python diffusion_train.py --method edm --dataset cifar10 --model ddpmpp-cifar --batch_size 128 --lr 1e-3
-    python diffusion_train.py --method edm --dataset gaussians --model mlp --batch_size 256 --n_steps 4000
+    python diffusion_train.py --method edm --dataset gaussians --model mlp --sigma_data 2.2 --batch_size 256
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] diffusion_train.py ...
     torchrun --nproc_per_node 2 diffusion_train.py ...       # also on CPU (gloo)
     python diffusion_train.py ... --resume latest            # continue bit-exactly
@@ -61,7 +61,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 torch.backends.cudnn.benchmark = True
 
-GRID_ROWS = 10  # image grids are 10 x 10; conditional grids have one row per class
+GRID_ROWS = 10  # image grids are 10 x 10; conditional ones hold the classes in turn (one per row for 10 classes)
 GRID_STEPS = 18  # in-loop grids use each method's default solver with 18 grid points (EDM Heun: NFE 35)
 SCATTER_POINTS = 4000  # toy data: points per scatter plot
 # A resumed run must match these; anything else (lr, n_steps, intervals, loss_kwargs) may change, with a note.
@@ -129,6 +129,11 @@ def check_config(cfg: Config) -> None:
         raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
     if cfg.lr <= 0 or (cfg.grad_clip or 0) < 0 or cfg.lr_rampup_kimg < 0:
         raise UserError("--lr must be > 0, --grad_clip and --lr_rampup_kimg >= 0")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1) or cfg.img_size < 1:
+        raise UserError("--beta1 and --beta2 must be in [0, 1), --img_size >= 1")
+    fixed = sorted({"img_size", "img_channels", "dim", "n_classes"} & set(cfg.net_kwargs))
+    if fixed:
+        raise UserError(f"--net_kwargs may not set {fixed}: they come from the data and --img_size/--conditional")
     if cfg.sigma_data is not None and cfg.sigma_data <= 0:
         raise UserError(f"--sigma_data must be > 0, got {cfg.sigma_data}")
 
@@ -209,7 +214,10 @@ def main(cfg: Config) -> None:
     ema = EMA(denoiser, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
     if ema is not None:
         ema.module.to(device)
-    loss_fn = get_diffusion_loss(cfg.method, **cfg.loss_kwargs)
+    try:
+        loss_fn = get_diffusion_loss(cfg.method, **cfg.loss_kwargs)
+    except TypeError as e:
+        raise UserError(f"--loss_kwargs {json.dumps(cfg.loss_kwargs)} do not fit --method {cfg.method}: {e}")
     accelerator.print(
         f"{cfg.method} denoiser, {cfg.model} network: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M "
         f"parameters, kwargs {json.dumps(model_kwargs['net_kwargs'])}"
@@ -321,7 +329,9 @@ def main(cfg: Config) -> None:
         # Update EMA, only after an update that really happened.
         if ema is not None and applied:
             ema.update(unwrap(denoiser), images_per_step, (step + 1) * images_per_step)
-        meters.add(**{"loss/denoise": loss, "grad_norm": grad_norm})
+        meters.add(**{"loss/denoise": loss})
+        if applied:  # a skipped step's norm is inf/NaN (routine under fp16 loss scaling) and would poison the mean
+            meters.add(grad_norm=grad_norm)
 
         # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
         if applied:

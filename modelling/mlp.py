@@ -1,7 +1,8 @@
 # Small MLP denoiser network for 2-D toy data, where samplers and losses can be checked against closed forms.
 # After GPM's Gaussians config (Franceschi et al. 2023, arXiv 2305.16150; White-Link/gpm config/score_gan):
-# 4 hidden layers of width 512 on [x, embedding(c_noise)]. Deviations: SiLU instead of leaky ReLU, a positional
-# (not random-Fourier) embedding, so no random buffers need saving; labels add a learned embedding.
+# hidden layers on [x, embedding(c_noise)]. Deviations: width 256 by default (GPM: 512; `width` sets it), SiLU
+# instead of leaky ReLU, a positional (not random-Fourier) embedding, so no random buffers need saving; labels add
+# a learned embedding.
 
 import torch
 import torch.nn.functional as F

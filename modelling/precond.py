@@ -23,6 +23,7 @@ class Denoiser(nn.Module):
     # Sampling defaults, overridden per family: time range, grid exponent and solver.
     t_min, t_max, rho, solver = 0.0, 1.0, 1.0, "heun"
     churn_range = (0.0, math.inf)  # default [s_min, s_max] of the stochastic "churn"
+    t_limit = math.inf  # times must stay below this (Föllmer: 1, where the SDE and c_in degenerate)
 
     def __init__(self, net: nn.Module, sigma_data: float):
         super().__init__()
@@ -99,7 +100,7 @@ class FollmerDenoiser(Denoiser):
     needed for the exact first step from t = 1, where the ODE velocity is -E[x0 | class] whatever x is."""
 
     t_min, t_max, rho, solver = 1e-3, 1 - 1e-3, 1.0, "deis"
-    churn_range = (0.05, 0.6)
+    churn_range, t_limit = (0.05, 0.6), 1.0
 
     def __init__(self, net: nn.Module, sigma_data: float = 1.0, noise_scale: float = 999.0):
         super().__init__(net, sigma_data)

@@ -6,10 +6,10 @@
 # GroupNorm-SiLU-3x3 output head. Noise level enters as a positional embedding of c_noise, mapped by a 2-layer MLP
 # and added (not FiLM-scaled) inside every block; class labels add a learned embedding to it.
 # Deviations: the [1, 1] resampling filter is written as 2x2 average pooling / nearest upsampling (the same
-# operator); labels use nn.Embedding instead of a linear map of one-hot vectors (the same function); no
-# augmentation labels, no Fourier embedding, no NCSN++ residual encoder. Odd sizes work when every level halves
-# exactly (28 -> 14 -> 7). Precision: GroupNorm and the attention logits/softmax always run in fp32, so the network
-# is safe under fp16 autocast.
+# operator); labels use nn.Embedding (N(0, 1) init) instead of a linear map of one-hot vectors; qkv has plain
+# xavier init (EDM scales it by sqrt(0.2)); no augmentation labels, no Fourier embedding, no NCSN++ encoder.
+# Odd sizes work when every level halves exactly (28 -> 14 -> 7). Precision: GroupNorm and the attention
+# logits/softmax always run in fp32, so the network is safe under fp16 autocast.
 
 import math
 

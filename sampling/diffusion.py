@@ -12,7 +12,8 @@ is exactly the DEIS step to t = 0 (beta_0 = 0). Solvers:
   deis       first-order exponential integrator = DDIM: x' = r·x + (alpha' - r·alpha)·D, r = beta'/beta   NFE N
   ancestral  the reverse SDE's first-order exponential integrator: draw x' from q(x_t' | x_t, x0 = D), DDPM's
              ancestral step (stochastic; stable near t = 1, where Euler-Maruyama on the Föllmer SDE is not)  NFE N
-Churn (EDM Algorithm 2's S_churn, seed 004's noise mollification): for t_i in [s_min, s_max], first move forward to
+Churn (EDM Algorithm 2's S_churn, seed 004's noise mollification; gamma is per step and not capped, EDM's
+gamma_i = min(S_churn/N, sqrt(2) - 1) is one choice): for t_i in [s_min, s_max], final step included, first move to
 t_hat = t_i·(1 + gamma) with the exact forward transition x <- (alpha_hat/alpha)·x + sqrt(beta_hat² -
 (alpha_hat/alpha)²·beta²)·s_noise·eps (EDM: x + sqrt(sigma_hat² - sigma²)·S_noise·eps), then step from t_hat.
 State and grid are float64 (the denoiser computes in fp32); every image draws its noise from its own generator, so
@@ -71,8 +72,8 @@ def sample(
     t_max = denoiser.t_max if t_max is None else t_max
     s_min = denoiser.churn_range[0] if s_min is None else s_min
     s_max = denoiser.churn_range[1] if s_max is None else s_max
-    if not 0 < t_min < t_max:
-        raise ValueError(f"need 0 < t_min < t_max, got t_min {t_min}, t_max {t_max}")
+    if not 0 < t_min < t_max < denoiser.t_limit:
+        raise ValueError(f"need 0 < t_min < t_max < {denoiser.t_limit}, got t_min {t_min}, t_max {t_max}")
     device = device or next(denoiser.parameters()).device
     sched = denoiser
     nfe = 0
@@ -87,15 +88,20 @@ def sample(
         a, b = float(sched.alpha(t)), float(sched.beta(t))
         return float(sched.dalpha(t)) * d + float(sched.dbeta(t)) * (x - a * d) / b
 
+    def churn_at(x, t):
+        """EDM Algorithm 2 lines 5-6: move forward to t_hat = t·(1 + gamma) with the exact forward transition."""
+        if not (churn and gamma > 0 and s_min <= t <= s_max):
+            return x, t
+        # EDM's sigma is unbounded; Föllmer's t must stay below 1, so it stops at t_max.
+        t_hat = t * (1 + gamma) if denoiser.t_limit == math.inf else min(t * (1 + gamma), t_max)
+        ratio = float(sched.alpha(t_hat)) / float(sched.alpha(t))
+        var = float(sched.beta(t_hat)) ** 2 - ratio**2 * float(sched.beta(t)) ** 2
+        return ratio * x + math.sqrt(max(var, 0.0)) * s_noise * noise.randn(denoiser.sample_shape, device), t_hat
+
     x = denoiser.prior(noise.randn(denoiser.sample_shape, device), labels, t_max)
     grid = time_grid(t_max, t_min, num_steps, rho)
     for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
-        if churn and gamma > 0 and s_min <= t_cur <= s_max:
-            t_hat = min(t_cur * (1 + gamma), t_max)  # Föllmer's time must stay below 1
-            ratio = float(sched.alpha(t_hat)) / float(sched.alpha(t_cur))
-            var = float(sched.beta(t_hat)) ** 2 - ratio**2 * float(sched.beta(t_cur)) ** 2
-            x = ratio * x + math.sqrt(max(var, 0.0)) * s_noise * noise.randn(denoiser.sample_shape, device)
-            t_cur = t_hat
+        x, t_cur = churn_at(x, t_cur)
         dt = t_next - t_cur
         if solver == "euler":
             x = x + velocity(x, t_cur) * dt
@@ -116,5 +122,7 @@ def sample(
                 mean = (a_step * b_next**2 / b_cur**2) * x + (a_next * var_step / b_cur**2) * d
                 std = math.sqrt(max(var_step, 0.0)) * b_next / b_cur
                 x = mean + std * s_noise * noise.randn(denoiser.sample_shape, device)
-    # Final step to t = 0: the denoiser's output at t_min (EDM's last Euler step; Föllmer's DEIS step).
-    return denoise(x, grid[-1]), nfe
+    # Final step to t = 0: the denoiser's output at t_min (EDM's last Euler step, churned like every step;
+    # Föllmer's DEIS step).
+    x, t_last = churn_at(x, grid[-1])
+    return denoise(x, t_last), nfe

@@ -138,6 +138,9 @@ def test_bad_input_gives_one_clear_line(tmp_path, mnist_dir):
         (["--sigma_data", "-1"], "--sigma_data must be > 0"),
         (["--net_kwargs", '{"channels": 3}'], "cannot build --model ddpmpp-small"),
         (["--dataset", "gaussians"], "--model ddpmpp-small does not fit --dataset gaussians"),
+        (["--net_kwargs", '{"n_classes": 3}'], "--net_kwargs may not set \\['n_classes'\\]"),
+        (["--method", "follmer", "--loss_kwargs", '{"P_mean": -1}'], "do not fit --method follmer"),
+        (["--beta2", "1.5"], "--beta1 and --beta2 must be in"),
     ]:
         argv = ["--dataset", "mnist", "--data_dir", str(mnist_dir), "--no-download", "--log_dir", str(tmp_path)]
         with pytest.raises(UserError, match=message):
