@@ -141,9 +141,10 @@ def check_config(cfg: Config) -> None:
 def build_model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int):
     """The denoiser and the kwargs that rebuild it (what the snapshot stores)."""
     net_name, preset = NETWORK_PRESETS[cfg.model]
-    shape_kwargs = dict(dim=sample_shape[0]) if net_name == "mlp" else dict(img_size=cfg.img_size)
-    if net_name != "mlp":
-        shape_kwargs["img_channels"] = sample_shape[0]
+    if net_name == "mlp":
+        shape_kwargs = dict(dim=sample_shape[0])
+    else:
+        shape_kwargs = dict(img_size=cfg.img_size, img_channels=sample_shape[0])
     net_kwargs = preset | shape_kwargs | dict(n_classes=n_classes) | cfg.net_kwargs
     model_kwargs = dict(net=net_name, net_kwargs=net_kwargs)
     if cfg.sigma_data is not None:

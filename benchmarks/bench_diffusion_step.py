@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import timed_seconds  # noqa: E402
 from losses import get_diffusion_loss  # noqa: E402
 from modelling import NETWORK_PRESETS, build_denoiser  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
@@ -51,15 +52,10 @@ def script_run(args: argparse.Namespace, data_dir: str, log_dir: str) -> tuple[f
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"diffusion_train.py failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (Path(log_dir) / "bench" / "stats.jsonl").read_text().splitlines() if line]
-    prev, seconds = args.warmup, 0.0
-    for row in rows:
-        if row["step"] > args.warmup:  # each row times the steps since the previous row
-            seconds += row["sec_per_kimg"] * (row["step"] - prev) * args.batch_size / 1000
-            prev = row["step"]
-    if prev != total:
-        sys.exit(f"stats.jsonl has no row at the last step {total}: {[row['step'] for row in rows]}")
-    return seconds / (args.n_steps * args.batch_size / 1000), rows[-1]["mem_gb"]
+    stats_path = Path(log_dir) / "bench" / "stats.jsonl"
+    seconds = timed_seconds(stats_path, args.warmup, total, args.batch_size)
+    mem_gb = json.loads(stats_path.read_text().splitlines()[-1])["mem_gb"]
+    return seconds / (args.n_steps * args.batch_size / 1000), mem_gb
 
 
 def bare_sec_per_kimg(args: argparse.Namespace, data_dir: str) -> float:

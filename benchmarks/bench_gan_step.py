@@ -13,7 +13,6 @@ The last line printed is the ratio of the two.
 
 import argparse
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import timed_seconds  # noqa: E402
 from losses import get_gan_loss, gradient_penalty  # noqa: E402
 from modelling import build_discriminator, build_generator  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
@@ -70,14 +70,7 @@ def script_sec_per_step(args: argparse.Namespace, data_dir: str, log_dir: str) -
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"gan_mnist.py failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (Path(log_dir) / "bench" / "stats.jsonl").read_text().splitlines() if line]
-    prev, seconds = args.warmup, 0.0
-    for row in rows:
-        if row["step"] > args.warmup:  # each row times the steps since the previous row
-            seconds += row["sec_per_kimg"] * (row["step"] - prev) * args.batch_size / 1000
-            prev = row["step"]
-    if prev != total:
-        sys.exit(f"stats.jsonl has no row at the last step {total}: {[row['step'] for row in rows]}")
+    seconds = timed_seconds(Path(log_dir) / "bench" / "stats.jsonl", args.warmup, total, args.batch_size)
     return seconds / args.n_steps
 
 

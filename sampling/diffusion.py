@@ -75,7 +75,6 @@ def sample(
     if not 0 < t_min < t_max < denoiser.t_limit:
         raise ValueError(f"need 0 < t_min < t_max < {denoiser.t_limit}, got t_min {t_min}, t_max {t_max}")
     device = device or next(denoiser.parameters()).device
-    sched = denoiser
     nfe = 0
 
     def denoise(x, t):
@@ -85,8 +84,8 @@ def sample(
 
     def velocity(x, t):
         d = denoise(x, t)
-        a, b = float(sched.alpha(t)), float(sched.beta(t))
-        return float(sched.dalpha(t)) * d + float(sched.dbeta(t)) * (x - a * d) / b
+        a, b = float(denoiser.alpha(t)), float(denoiser.beta(t))
+        return float(denoiser.dalpha(t)) * d + float(denoiser.dbeta(t)) * (x - a * d) / b
 
     def churn_at(x, t):
         """EDM Algorithm 2 lines 5-6: move forward to t_hat = t·(1 + gamma) with the exact forward transition."""
@@ -94,8 +93,8 @@ def sample(
             return x, t
         # EDM's sigma is unbounded; Föllmer's t must stay below 1, so it stops at t_max.
         t_hat = t * (1 + gamma) if denoiser.t_limit == math.inf else min(t * (1 + gamma), t_max)
-        ratio = float(sched.alpha(t_hat)) / float(sched.alpha(t))
-        var = float(sched.beta(t_hat)) ** 2 - ratio**2 * float(sched.beta(t)) ** 2
+        ratio = float(denoiser.alpha(t_hat)) / float(denoiser.alpha(t))
+        var = float(denoiser.beta(t_hat)) ** 2 - ratio**2 * float(denoiser.beta(t)) ** 2
         return ratio * x + math.sqrt(max(var, 0.0)) * s_noise * noise.randn(denoiser.sample_shape, device), t_hat
 
     x = denoiser.prior(noise.randn(denoiser.sample_shape, device), labels, t_max)
@@ -110,8 +109,8 @@ def sample(
             x_next = x + v_cur * dt
             x = x + (v_cur + velocity(x_next, t_next)) * (dt / 2)
         else:
-            a_cur, b_cur = float(sched.alpha(t_cur)), float(sched.beta(t_cur))
-            a_next, b_next = float(sched.alpha(t_next)), float(sched.beta(t_next))
+            a_cur, b_cur = float(denoiser.alpha(t_cur)), float(denoiser.beta(t_cur))
+            a_next, b_next = float(denoiser.alpha(t_next)), float(denoiser.beta(t_next))
             d = denoise(x, t_cur)
             if solver == "deis":
                 ratio = b_next / b_cur
