@@ -19,11 +19,14 @@ class ToyMLP(nn.Module):
         width: int = 256,
         depth: int = 4,  # hidden layers
         emb_channels: int = 64,  # width of the noise embedding concatenated to the input
+        two_time: bool = False,  # characteristic generator: a second time input s, embedded and added
     ):
         super().__init__()
         self.dim, self.n_classes, self.sample_shape = dim, n_classes, (dim,)
         self.map_noise = PositionalEmbedding(emb_channels)
         self.map_label = nn.Embedding(n_classes, emb_channels) if n_classes else None
+        self.two_time = two_time
+        self.map_s = nn.Linear(emb_channels, emb_channels) if two_time else None
         widths = [dim + emb_channels] + [width] * depth
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.out = nn.Linear(width, dim)
@@ -36,9 +39,20 @@ class ToyMLP(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight)
+        if self.map_s is not None:  # a two-time net initialised from a one-time one starts as the same function
+            nn.init.zeros_(self.map_s.weight)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """The output layer's weight: characteristic distillation balances its loss terms by their gradients here."""
+        return self.out.weight
+
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None, c_noise_s=None
+    ) -> torch.Tensor:
         emb = self.map_noise(c_noise)
+        if self.map_s is not None:
+            emb = emb + self.map_s(self.map_noise(c_noise_s))
         if self.map_label is not None:
             if labels is None:
                 raise ValueError("this network is class-conditional: pass labels")

@@ -7,6 +7,10 @@
 # which for EDM (a = 1, b = sigma) is exactly EDM's table. The wrapper computes in fp32 whatever autocast says;
 # only the network F may run in reduced precision. The schedule methods (alpha, beta and their t-derivatives)
 # are what the samplers in sampling/diffusion.py integrate, so one sampler serves both.
+# Characteristic generators (seed 004, Sec. 2.5 of ../shared/reference): the same denoiser around a two-time network,
+# D(x, t, s) = c_skip(t)·x + c_out(t)·F(c_in(t)·x, c_noise(t), c_noise(s)), and the flow map from t to s <= t
+#   G(x, t, s) = (beta_s/beta_t)·x + (alpha_s - alpha_t·beta_s/beta_t)·D(x, t, s)      (`flow_map`)
+# a DDIM step whose denoiser knows where the step lands. G(x, t, t) = x and G(x, t, 0) = D(x, t, 0) exactly.
 
 import math
 
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 
-def _time(t) -> torch.Tensor:
+def as_time(t) -> torch.Tensor:
     """Tensors keep their dtype (fp32 in training); Python numbers (the samplers' float64 grid) stay float64."""
     return t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
 
@@ -29,6 +33,9 @@ class Denoiser(nn.Module):
         super().__init__()
         self.net, self.sigma_data = net, sigma_data
         self.n_classes, self.sample_shape = net.n_classes, tuple(net.sample_shape)
+        self.two_time = getattr(net, "two_time", False)
+        if self.two_time:
+            self.solver = "characteristic"  # a chain of flow-map jumps (sampling/diffusion.py)
 
     def alpha(self, t):
         raise NotImplementedError
@@ -45,6 +52,10 @@ class Denoiser(nn.Module):
     def c_noise(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def c_noise_s(self, s: torch.Tensor) -> torch.Tensor:
+        """The target time's network input; s may be 0 (the data end)."""
+        return self.c_noise(s)
+
     def prior(self, latents: torch.Tensor, labels: torch.Tensor | None, t_max: float) -> torch.Tensor:
         """x at t_max from standard-normal latents."""
         raise NotImplementedError
@@ -59,12 +70,29 @@ class Denoiser(nn.Module):
         a, b, s = self.alpha(t), self.beta(t), self.sigma_data
         return (a**2 * s**2 + b**2) / (b * s) ** 2
 
-    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None, s=None) -> torch.Tensor:
+        """D(x; t), or D(x, t, s) for a two-time network (s defaults to t: the plain denoiser, seed 004's DSM term)."""
         x = x.float()
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
         c_skip, c_out, c_in = (c.reshape(-1, *[1] * (x.ndim - 1)) for c in self.coefficients(t))
-        out = self.net(c_in * x, self.c_noise(t), labels)
+        if self.two_time:
+            s = t if s is None else torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(x.shape[0])
+            out = self.net(c_in * x, self.c_noise(t), labels, self.c_noise_s(s))
+        elif s is not None:
+            raise ValueError("this denoiser has one time input; a target time s needs a two-time network")
+        else:
+            out = self.net(c_in * x, self.c_noise(t), labels)
         return c_skip * x + c_out * out.float()
+
+
+def flow_map(schedule: Denoiser, x: torch.Tensor, t, s, denoised: torch.Tensor) -> torch.Tensor:
+    """G(x, t, s) = (beta_s/beta_t)·x + (alpha_s - alpha_t·beta_s/beta_t)·D, for scalar or per-sample (B,) times:
+    the DDIM/DEIS step from t to s with the denoiser output `denoised` (seed 004's characteristic parametrisation)."""
+    shape = (-1, *[1] * (x.ndim - 1))
+    t, s = as_time(t).to(x.device), as_time(s).to(x.device)
+    ratio = (schedule.beta(s) / schedule.beta(t)).reshape(shape).to(x.dtype)
+    alpha_t, alpha_s = schedule.alpha(t).reshape(shape).to(x.dtype), schedule.alpha(s).reshape(shape).to(x.dtype)
+    return ratio * x + (alpha_s - ratio * alpha_t) * denoised.to(x.dtype)
 
 
 class EDMDenoiser(Denoiser):
@@ -76,19 +104,23 @@ class EDMDenoiser(Denoiser):
         super().__init__(net, sigma_data)
 
     def alpha(self, t):
-        return torch.ones_like(_time(t))
+        return torch.ones_like(as_time(t))
 
     def beta(self, t):
-        return _time(t)
+        return as_time(t)
 
     def dalpha(self, t):
-        return torch.zeros_like(_time(t))
+        return torch.zeros_like(as_time(t))
 
     def dbeta(self, t):
-        return torch.ones_like(_time(t))
+        return torch.ones_like(as_time(t))
 
     def c_noise(self, t):
         return t.log() / 4
+
+    def c_noise_s(self, s):
+        # ln(0) is -inf: the data end s = 0 is embedded as sigma = 1e-4, below any sigma the samplers visit.
+        return s.clamp(min=1e-4).log() / 4
 
     def prior(self, latents, labels, t_max):
         return latents * t_max  # N(0, sigma_max² I): the data is negligible next to sigma_max = 80
@@ -108,17 +140,17 @@ class FollmerDenoiser(Denoiser):
         self.register_buffer("data_mean", torch.zeros(max(self.n_classes, 1), *self.sample_shape))
 
     def alpha(self, t):
-        return 1 - _time(t)
+        return 1 - as_time(t)
 
     def beta(self, t):
-        t = _time(t)
+        t = as_time(t)
         return (t * (2 - t)).sqrt()
 
     def dalpha(self, t):
-        return -torch.ones_like(_time(t))
+        return -torch.ones_like(as_time(t))
 
     def dbeta(self, t):
-        return (1 - _time(t)) / self.beta(t)
+        return (1 - as_time(t)) / self.beta(t)
 
     def c_noise(self, t):
         return self.noise_scale * t

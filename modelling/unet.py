@@ -49,12 +49,14 @@ class UNetBlock(nn.Module):
         down: bool = False,
         attention: bool = False,
         dropout: float = 0.0,
+        two_time: bool = False,
     ):
         super().__init__()
         self.up, self.down = up, down
         self.norm0 = GroupNorm32(in_channels)
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.affine = nn.Linear(emb_channels, out_channels)
+        self.affine_s = nn.Linear(emb_channels, out_channels) if two_time else None  # characteristic: target time
         self.norm1 = GroupNorm32(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -73,10 +75,11 @@ class UNetBlock(nn.Module):
             return F.avg_pool2d(x, 2)
         return x
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, emb_s: torch.Tensor | None = None) -> torch.Tensor:
         orig = x
         x = self.conv0(self.resample(F.silu(self.norm0(x))))
-        x = x + self.affine(emb)[:, :, None, None].to(x.dtype)
+        shift = self.affine(emb) if self.affine_s is None else self.affine(emb) + self.affine_s(emb_s)
+        x = x + shift[:, :, None, None].to(x.dtype)
         x = self.conv1(self.dropout(F.silu(self.norm1(x))))
         skip = self.resample(orig)
         x = (x + (self.skip(skip) if self.skip is not None else skip)) * math.sqrt(0.5)  # keeps unit variance
@@ -104,6 +107,7 @@ class SongUNet(nn.Module):
         num_blocks: int = 4,  # residual blocks per resolution
         attn_resolutions: tuple[int, ...] = (16,),  # resolutions that get self-attention
         dropout: float = 0.1,
+        two_time: bool = False,  # characteristic generator: a second time input s (seed 004's traj_mode)
     ):
         super().__init__()
         levels = len(channel_mult)
@@ -119,6 +123,16 @@ class SongUNet(nn.Module):
         self.map_layer0 = nn.Linear(model_channels, emb_channels)
         self.map_layer1 = nn.Linear(emb_channels, emb_channels)
 
+        # Two-time networks embed the target time s like t: two more mapping layers, and a second affine per block
+        # whose output is added to the t-affine's.
+        self.two_time = two_time
+        if two_time:
+            self.map_layer0_s = nn.Linear(model_channels, emb_channels)
+            self.map_layer1_s = nn.Linear(emb_channels, emb_channels)
+
+        def block(cin: int, cout: int, **kwargs) -> UNetBlock:
+            return UNetBlock(cin, cout, emb_channels, dropout=dropout, two_time=two_time, **kwargs)
+
         # Encoder: remember every output's width, the decoder concatenates them back in reverse order.
         self.enc = nn.ModuleList()
         skip_channels, cout = [], model_channels
@@ -127,11 +141,11 @@ class SongUNet(nn.Module):
             if level == 0:
                 self.enc.append(nn.Conv2d(img_channels, cout, 3, padding=1))
             else:
-                self.enc.append(UNetBlock(cout, cout, emb_channels, down=True, dropout=dropout))
+                self.enc.append(block(cout, cout, down=True))
             skip_channels.append(cout)
             for _ in range(num_blocks):
                 cin, cout = cout, model_channels * mult
-                self.enc.append(UNetBlock(cin, cout, emb_channels, attention=res in attn_resolutions, dropout=dropout))
+                self.enc.append(block(cin, cout, attention=res in attn_resolutions))
                 skip_channels.append(cout)
 
         # Decoder: two blocks at the bottom (the first with attention), then num_blocks + 1 per level.
@@ -139,14 +153,14 @@ class SongUNet(nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_size >> level
             if level == levels - 1:
-                self.dec.append(UNetBlock(cout, cout, emb_channels, attention=True, dropout=dropout))
-                self.dec.append(UNetBlock(cout, cout, emb_channels, dropout=dropout))
+                self.dec.append(block(cout, cout, attention=True))
+                self.dec.append(block(cout, cout))
             else:
-                self.dec.append(UNetBlock(cout, cout, emb_channels, up=True, dropout=dropout))
+                self.dec.append(block(cout, cout, up=True))
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skip_channels.pop(), model_channels * mult
                 attention = idx == num_blocks and res in attn_resolutions
-                self.dec.append(UNetBlock(cin, cout, emb_channels, attention=attention, dropout=dropout))
+                self.dec.append(block(cin, cout, attention=attention))
         self.out_norm = GroupNorm32(cout)
         self.out_conv = nn.Conv2d(cout, img_channels, 3, padding=1)
         self.reset_parameters()
@@ -167,21 +181,40 @@ class SongUNet(nn.Module):
                     if m.attention:
                         m.proj.weight.mul_(1e-5)
             self.out_conv.weight.mul_(1e-5)
+            # The s-branch starts at zero, so a two-time network initialised from a one-time one computes exactly
+            # the same function (seed 004 initialises it xavier-uniform instead; see the README).
+            for m in self.modules():
+                if isinstance(m, UNetBlock) and m.affine_s is not None:
+                    m.affine_s.weight.zero_()
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.map_noise(c_noise)
+    @property
+    def last_layer_weight(self) -> torch.Tensor:
+        """The output layer's weight: characteristic distillation balances its loss terms by their gradients here."""
+        return self.out_conv.weight
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        c_noise_s: torch.Tensor | None = None,  # two-time networks: the target time's c_noise
+    ) -> torch.Tensor:
+        label_emb = 0
         if self.map_label is not None:
             if labels is None:
                 raise ValueError("this network is class-conditional: pass labels")
-            emb = emb + self.map_label(labels)
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+            label_emb = self.map_label(labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(self.map_noise(c_noise) + label_emb))))
+        emb_s = None
+        if self.two_time:  # labels enter both embeddings
+            emb_s = F.silu(self.map_layer1_s(F.silu(self.map_layer0_s(self.map_noise(c_noise_s) + label_emb))))
 
         skips = []
         for block in self.enc:
-            x = block(x) if isinstance(block, nn.Conv2d) else block(x, emb)
+            x = block(x) if isinstance(block, nn.Conv2d) else block(x, emb, emb_s)
             skips.append(x)
         for block in self.dec:
             if x.shape[1] != block.conv0.in_channels:  # the blocks after the resampling one take a skip
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = block(x, emb, emb_s)
         return self.out_conv(F.silu(self.out_norm(x)))

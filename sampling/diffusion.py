@@ -12,6 +12,8 @@ is exactly the DEIS step to t = 0 (beta_0 = 0). Solvers:
   deis       first-order exponential integrator = DDIM: x' = r·x + (alpha' - r·alpha)·D, r = beta'/beta   NFE N
   ancestral  the reverse SDE's first-order exponential integrator: draw x' from q(x_t' | x_t, x0 = D), DDPM's
              ancestral step (stochastic; stable near t = 1, where Euler-Maruyama on the Föllmer SDE is not)  NFE N
+  characteristic  two-time (distilled) networks only: jump with the flow map x' = G(x, t, t') and finish with
+             G(x, t_min, 0) (seed 004's characteristic sampler; N = 1 is the one-step generator G(x, t_max, 0))  NFE N
 Churn (EDM Algorithm 2's S_churn, seed 004's noise mollification; gamma is per step and not capped, EDM's
 gamma_i = min(S_churn/N, sqrt(2) - 1) is one choice): for t_i in [s_min, s_max], final step included, first move to
 t_hat = t_i·(1 + gamma) with the exact forward transition x <- (alpha_hat/alpha)·x + sqrt(beta_hat² -
@@ -24,7 +26,35 @@ import math
 
 import torch
 
-SOLVERS = ("euler", "heun", "deis", "ancestral")
+from modelling.precond import as_time, flow_map
+
+SOLVERS = ("euler", "heun", "deis", "ancestral", "characteristic")
+ODE_SOLVERS = ("euler", "heun", "deis")  # deterministic one-time solvers (`ode_step`)
+
+
+def ode_step(denoise, schedule, x: torch.Tensor, t, t_next, solver: str) -> torch.Tensor:
+    """One euler/heun/deis step of the probability-flow ODE from t to t_next, both scalars or per-sample (B,)
+    tensors (the distillation teacher starts every sample at its own time). `denoise(x, t)` returns D(x; t)."""
+    shape = (-1, *[1] * (x.ndim - 1))
+
+    def coef(fn, time):
+        return fn(as_time(time).to(x.device)).reshape(shape).to(x.dtype)
+
+    def velocity(x, time):
+        d = denoise(x, time)
+        return coef(schedule.dalpha, time) * d + coef(schedule.dbeta, time) * (x - coef(schedule.alpha, time) * d) / (
+            coef(schedule.beta, time)
+        )
+
+    dt = (as_time(t_next) - as_time(t)).to(x.device).reshape(shape).to(x.dtype)
+    if solver == "euler":
+        return x + velocity(x, t) * dt
+    if solver == "heun":
+        v_cur = velocity(x, t)
+        return x + (v_cur + velocity(x + v_cur * dt, t_next)) * (dt / 2)
+    if solver == "deis":
+        return flow_map(schedule, x, t, t_next, denoise(x, t))
+    raise ValueError(f"unknown ODE solver {solver!r}; valid: {list(ODE_SOLVERS)}")
 
 
 def time_grid(t_max: float, t_min: float, num_steps: int, rho: float) -> list[float]:
@@ -67,6 +97,8 @@ def sample(
     solver = solver or denoiser.solver
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; valid: {list(SOLVERS)}")
+    if (solver == "characteristic") != getattr(denoiser, "two_time", False):
+        raise ValueError("the characteristic solver needs a two-time network, and two-time networks need it")
     rho = denoiser.rho if rho is None else rho
     t_min = denoiser.t_min if t_min is None else t_min
     t_max = denoiser.t_max if t_max is None else t_max
@@ -77,15 +109,10 @@ def sample(
     device = device or next(denoiser.parameters()).device
     nfe = 0
 
-    def denoise(x, t):
+    def denoise(x, t, s=None):
         nonlocal nfe
         nfe += 1
-        return denoiser(x, t, labels).double()
-
-    def velocity(x, t):
-        d = denoise(x, t)
-        a, b = float(denoiser.alpha(t)), float(denoiser.beta(t))
-        return float(denoiser.dalpha(t)) * d + float(denoiser.dbeta(t)) * (x - a * d) / b
+        return (denoiser(x, t, labels) if s is None else denoiser(x, t, labels, s)).double()
 
     def churn_at(x, t):
         """EDM Algorithm 2 lines 5-6: move forward to t_hat = t·(1 + gamma) with the exact forward transition."""
@@ -101,27 +128,20 @@ def sample(
     grid = time_grid(t_max, t_min, num_steps, rho)
     for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
         x, t_cur = churn_at(x, t_cur)
-        dt = t_next - t_cur
-        if solver == "euler":
-            x = x + velocity(x, t_cur) * dt
-        elif solver == "heun":
-            v_cur = velocity(x, t_cur)
-            x_next = x + v_cur * dt
-            x = x + (v_cur + velocity(x_next, t_next)) * (dt / 2)
-        else:
+        if solver in ODE_SOLVERS:
+            x = ode_step(denoise, denoiser, x, t_cur, t_next, solver)
+        elif solver == "characteristic":
+            x = flow_map(denoiser, x, t_cur, t_next, denoise(x, t_cur, t_next))
+        else:  # ancestral: the Gaussian posterior q(x_next | x_cur, x0 = d)
             a_cur, b_cur = float(denoiser.alpha(t_cur)), float(denoiser.beta(t_cur))
             a_next, b_next = float(denoiser.alpha(t_next)), float(denoiser.beta(t_next))
             d = denoise(x, t_cur)
-            if solver == "deis":
-                ratio = b_next / b_cur
-                x = ratio * x + (a_next - ratio * a_cur) * d
-            else:  # ancestral: the Gaussian posterior q(x_next | x_cur, x0 = d)
-                a_step = a_cur / a_next  # alpha of the forward transition t_next -> t_cur
-                var_step = b_cur**2 - a_step**2 * b_next**2
-                mean = (a_step * b_next**2 / b_cur**2) * x + (a_next * var_step / b_cur**2) * d
-                std = math.sqrt(max(var_step, 0.0)) * b_next / b_cur
-                x = mean + std * s_noise * noise.randn(denoiser.sample_shape, device)
+            a_step = a_cur / a_next  # alpha of the forward transition t_next -> t_cur
+            var_step = b_cur**2 - a_step**2 * b_next**2
+            mean = (a_step * b_next**2 / b_cur**2) * x + (a_next * var_step / b_cur**2) * d
+            std = math.sqrt(max(var_step, 0.0)) * b_next / b_cur
+            x = mean + std * s_noise * noise.randn(denoiser.sample_shape, device)
     # Final step to t = 0: the denoiser's output at t_min (EDM's last Euler step, churned like every step;
-    # Föllmer's DEIS step).
+    # Föllmer's DEIS step; for a characteristic generator G(x, t_min, 0) = D(x, t_min, 0)).
     x, t_last = churn_at(x, grid[-1])
-    return denoise(x, t_last), nfe
+    return denoise(x, t_last, 0.0 if solver == "characteristic" else None), nfe

