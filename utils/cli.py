@@ -57,6 +57,8 @@ def make_parser(config_cls, description: str | None = None) -> argparse.Argument
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is dict:
             kwargs["type"] = _json_dict
+        elif typing.get_origin(kind) is list:  # list[int]: --flag 1 2 4
+            kwargs["type"], kwargs["nargs"] = typing.get_args(kind)[0], "+"
         else:
             kwargs["type"] = _base_type(kind)
         names = [f"--{f.name}"] + [f"--{alias}" for alias in f.metadata.get("aliases", ())]

@@ -4,6 +4,8 @@ beta = 0.5 ** (batch / halflife_nimg) per update, so the averaging horizon measu
 the batch size or the number of GPUs changes (EDM's `ema_halflife_kimg`, StyleGAN2-ADA's `ema_kimg`). With a
 ramp-up ratio r the half-life is capped at r * images seen so far, so early weights are forgotten quickly.
 Parameters are averaged; buffers (BatchNorm statistics, spectral-norm vectors) are copied, as StyleGAN2-ADA does.
+Seed 004 (and consistency models) instead use a fixed decay with a warm-up, beta = min(decay, (1 + k)/(10 + k)) at
+update k = 0, 1, ...: `EMA(model, decay=0.999)`.
 Call `update` only after a real optimizer step (not a skipped fp16 step, not a gradient-accumulation micro-step).
 """
 
@@ -20,16 +22,26 @@ def ema_beta(batch_size: int, halflife_kimg: float, cur_nimg: int, rampup_ratio:
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, halflife_kimg: float = 10.0, rampup_ratio: float | None = 0.05):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        halflife_kimg: float = 10.0,
+        rampup_ratio: float | None = 0.05,
+        decay: float | None = None,  # fixed per-update decay with seed 004's warm-up; overrides the half-life
+    ):
         # Build from the plain module, before accelerator.prepare: a copy of a prepared module would share its
         # autocast-wrapped forward with the original.
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.halflife_kimg, self.rampup_ratio = halflife_kimg, rampup_ratio
+        self.halflife_kimg, self.rampup_ratio, self.decay = halflife_kimg, rampup_ratio, decay
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, batch_size: int, cur_nimg: int) -> float:
         """Average `model` (unwrapped) into the EMA; `cur_nimg` counts images seen including this step."""
-        beta = ema_beta(batch_size, self.halflife_kimg, cur_nimg, self.rampup_ratio)
+        if self.decay is not None:
+            k = cur_nimg // batch_size - 1  # updates before this one
+            beta = min(self.decay, (1 + k) / (10 + k))
+        else:
+            beta = ema_beta(batch_size, self.halflife_kimg, cur_nimg, self.rampup_ratio)
         ema_params, params = list(self.module.parameters()), [p.detach() for p in model.parameters()]
         if len(ema_params) != len(params):
             raise ValueError("EMA and model have different parameter lists")
