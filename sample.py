@@ -9,6 +9,9 @@
     python sample.py --checkpoint logs/fmnist_edm --ode_solver heun --num_steps 18 --out_dir samples/edm_heun35
     python sample.py --checkpoint logs/mnist-denoiser --ode_solver deis --num_steps 10 --rho 1 --eval_eps0 1e-3 \
         --churn --s_min 0.05 --s_max 0.6 --gamma 0.1 --start_seed 0 --end_seed 49999 --out_dir samples/follmer
+    # distilled characteristic generators (distill_characteristic.py): one step, or a few through intermediate times
+    python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --out_dir samples/char_1step
+    python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --n_samples 256 --grid_size 256 --out_dir teaser
 
 Image k is drawn from its own RNG seeded with its seed (`--seed + k`, or each seed of `--start_seed..--end_seed`,
 inclusive), so the files do not depend on the batch size or the number of processes; seeds are dealt to processes
@@ -16,11 +19,15 @@ round-robin. Conditional models use `--class_label`, else class = seed mod n_cla
 The snapshot says which model to build; nothing from the training script's flags is needed. Diffusion solvers
 (sampling/diffusion.py): euler, heun (EDM Algorithm 2), deis (DDIM), ancestral (stochastic); --churn adds EDM's
 noise injection. Defaults per method: EDM heun, rho 7, sigma in [0.002, 80]; Föllmer deis, rho 1, t in
-[eval_eps0, 1 - eval_eps1] = [1e-3, 0.999]. The number of network evaluations per image (NFE) is printed and stored in
-sample_info.json. 2-D toy snapshots write points.npy (seed order) and scatter.png instead of PNGs.
+[eval_eps0, 1 - eval_eps1] = [1e-3, 0.999]. Characteristic snapshots jump along the same grid with the learned flow map
+G(x, t_i, t_i+1) and end with G(x, t_min, 0): --num_steps 1 (the default for them) is the one-step generator
+G(z, t_max, 0). The number of network evaluations per image (NFE) and the sampling time (network and solver only, no
+PNG writing) are printed and stored in sample_info.json. 2-D toy snapshots write points.npy (seed order) and
+scatter.png instead of PNGs.
 """
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +44,6 @@ from utils.cli import UserError, parse, user_errors
 from utils.grid import save_grid, save_png, save_scatter, to_uint8
 from utils.tracking import progress
 
-GRID_MAX = 100  # the grid shows the first 100 seeds
-
 
 @dataclass
 class Config:
@@ -50,10 +55,13 @@ class Config:
     end_seed: int | None = field(default=None, metadata={"help": "inclusive"})
     batch_size: int = 64
     class_label: int | None = field(default=None, metadata={"help": "conditional models: one class for every image"})
-    grid: bool = field(default=True, metadata={"help": "also write grid.png of the first 100 seeds"})
+    grid: bool = field(default=True, metadata={"help": "also write grid.png of the first --grid_size seeds"})
+    grid_size: int = field(default=100, metadata={"help": "images in grid.png (e.g. 256 for a 16 x 16 teaser)"})
     # Diffusion snapshots only (seed 004's names; None = the method's default).
     ode_solver: str | None = field(default=None, metadata={"choices": list(SOLVERS), "help": "EDM heun, Föllmer deis"})
-    num_steps: int = field(default=18, metadata={"help": "time-grid points N (Heun: NFE 2N - 1, others N)"})
+    num_steps: int | None = field(
+        default=None, metadata={"help": "time-grid points N (Heun: NFE 2N - 1, others N); default 18, distilled 1"}
+    )
     rho: float | None = field(default=None, metadata={"help": "grid exponent: EDM 7, Föllmer 1 (uniform)"})
     sigma_min: float | None = field(default=None, metadata={"help": "EDM: last noise level (0.002)"})
     sigma_max: float | None = field(default=None, metadata={"help": "EDM: first noise level (80)"})
@@ -92,14 +100,18 @@ def solver_settings(denoiser, cfg: Config) -> dict:
     for name in wrong:
         if getattr(cfg, name) is not None:
             raise UserError(f"--{name} does not apply to a {'EDM' if edm else 'Föllmer'} snapshot")
-    if cfg.num_steps < 1:
-        raise UserError(f"--num_steps must be >= 1, got {cfg.num_steps}")
+    if cfg.ode_solver is not None and (cfg.ode_solver == "characteristic") != denoiser.two_time:
+        kind = "a distilled (characteristic) snapshot" if denoiser.two_time else "a diffusion snapshot"
+        raise UserError(f"--ode_solver {cfg.ode_solver} does not apply to {kind}")
+    num_steps = cfg.num_steps if cfg.num_steps is not None else (1 if denoiser.two_time else 18)
+    if num_steps < 1:
+        raise UserError(f"--num_steps must be >= 1, got {num_steps}")
     if edm:
         t_min, t_max = cfg.sigma_min, cfg.sigma_max
     else:
         t_min = cfg.eval_eps0
         t_max = None if cfg.eval_eps1 is None else 1 - cfg.eval_eps1
-    settings = dict(solver=cfg.ode_solver, num_steps=cfg.num_steps, rho=cfg.rho, t_min=t_min, t_max=t_max)
+    settings = dict(solver=cfg.ode_solver, num_steps=num_steps, rho=cfg.rho, t_min=t_min, t_max=t_max)
     settings |= dict(churn=cfg.churn, gamma=cfg.gamma, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise)
     # Resolve the method defaults, so sample_info.json records what actually ran.
     for key, default in (("solver", "solver"), ("rho", "rho"), ("t_min", "t_min"), ("t_max", "t_max")):
@@ -120,15 +132,20 @@ def diffusion_images(denoiser, seeds: list[int], labels: torch.Tensor | None, de
     return images.float(), nfe
 
 
-# Snapshot kind -> (builder, sampler). Distilled models add their entries here.
-SAMPLERS = {"gan": (build_generator, gan_images), "diffusion": (build_denoiser, diffusion_images)}
+# Snapshot kind -> (builder, sampler). Characteristic generators are two-time denoisers: the diffusion sampler runs
+# them with its "characteristic" solver.
+SAMPLERS = {
+    "gan": (build_generator, gan_images),
+    "diffusion": (build_denoiser, diffusion_images),
+    "characteristic": (build_denoiser, diffusion_images),
+}
 
 
 def main(cfg: Config) -> None:
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a run folder such as logs/mnist_dcgan, or a snapshot file)")
-    if cfg.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.batch_size < 1 or cfg.grid_size < 1:
+        raise UserError(f"--batch_size and --grid_size must be >= 1, got {cfg.batch_size}, {cfg.grid_size}")
     seeds = seed_list(cfg)
     meta, state_dict = load_snapshot(cfg.checkpoint)
     if meta["kind"] not in SAMPLERS:
@@ -147,20 +164,25 @@ def main(cfg: Config) -> None:
     if cfg.class_label is not None and not 0 <= cfg.class_label < n_classes:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"
         raise UserError(f"--class_label {cfg.class_label}: {detail}")
-    settings = solver_settings(model, cfg) if meta["kind"] == "diffusion" else {}  # refuse bad flags before writing
+    diffusion = meta["kind"] != "gan"
+    settings = solver_settings(model, cfg) if diffusion else {}  # refuse bad flags before writing
     points = len(getattr(model, "sample_shape", (1, 1, 1))) == 1  # 2-D toy data: no images
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     my_seeds = seeds[accelerator.process_index :: accelerator.num_processes]
-    nfe, my_points = 0, []
+    nfe, my_points, seconds = 0, [], 0.0
     batches = [my_seeds[i : i + cfg.batch_size] for i in range(0, len(my_seeds), cfg.batch_size)]
     for batch in progress(batches, accelerator.is_main_process, desc="sampling"):
         labels = None
         if n_classes:
             labels = torch.tensor([cfg.class_label if cfg.class_label is not None else s % n_classes for s in batch])
             labels = labels.to(device)
+        start = time.perf_counter()
         images, nfe = sample_fn(model, batch, labels, device, cfg)
+        if device.type != "cpu":
+            torch.accelerator.synchronize()  # time the work, not its queueing
+        seconds += time.perf_counter() - start
         if points:
             my_points.append(images.cpu().numpy())
             continue
@@ -183,9 +205,9 @@ def main(cfg: Config) -> None:
             np.save(out_dir / "points.npy", merged)
             save_scatter(torch.from_numpy(merged), out_dir / "scatter.png")
         elif cfg.grid:
-            tiles = [torch.from_numpy(np.array(Image.open(out_dir / f"{s:06d}.png"))) for s in seeds[:GRID_MAX]]
+            tiles = [torch.from_numpy(np.array(Image.open(out_dir / f"{s:06d}.png"))) for s in seeds[: cfg.grid_size]]
             tiles = torch.stack([t[None] if t.ndim == 2 else t.permute(2, 0, 1) for t in tiles])
-            nrow = n_classes if n_classes and cfg.class_label is None else 10
+            nrow = n_classes if n_classes and cfg.class_label is None else max(10, round(len(tiles) ** 0.5))
             save_grid(tiles.float() / 127.5 - 1, out_dir / "grid.png", nrow=nrow)
         info = {
             "snapshot": meta["path"],
@@ -196,11 +218,17 @@ def main(cfg: Config) -> None:
             "class_label": cfg.class_label,
             "n_classes": n_classes,
             "nfe": nfe,
+            # the main process's share of the network and solver time (other processes run in parallel)
+            "sampling_seconds": round(seconds, 3),
+            "seconds_per_1k_images": round(seconds / max(len(my_seeds), 1) * 1000, 3),
             "sampler": {k: "inf" if v == float("inf") else v for k, v in settings.items()},  # strict JSON
         }
         (out_dir / "sample_info.json").write_text(json.dumps(info, indent=2))
         what = "points" if points else "images"
-        print(f"wrote {len(seeds)} {what} (seeds {seeds[0]}..{seeds[-1]}, {nfe} NFE each) to {out_dir}")
+        print(
+            f"wrote {len(seeds)} {what} (seeds {seeds[0]}..{seeds[-1]}, {nfe} NFE each, "
+            f"{info['seconds_per_1k_images']:.2f} s per 1000 on this process) to {out_dir}"
+        )
 
 
 if __name__ == "__main__":
