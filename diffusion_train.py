@@ -19,7 +19,6 @@ resumed run equals an uninterrupted one.
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from sampling.diffusion import StackedNoise, sample
 from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
-    list_states,
     open_resume_state,
     save_snapshot,
     save_training_state,
@@ -45,7 +43,9 @@ from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
 from utils.tracking import (
+    KimgClock,
     RunningMeans,
+    SkipCounter,
     append_jsonl,
     peak_memory_gb,
     progress,
@@ -231,7 +231,7 @@ def main(cfg: Config) -> None:
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
 
     # Resume.
-    skipped_total = 0
+    skipped = 0
     if state is not None:
         unwrap(denoiser).load_state_dict(state["denoiser"])
         optimizer.load_state_dict(state["optimizer"])
@@ -243,7 +243,7 @@ def main(cfg: Config) -> None:
             ema.load_state_dict(state["ema"])
         if accelerator.scaler is not None and state["scaler"] is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
-        skipped_total = state["skipped"]
+        skipped = state["skipped"]
         del state
 
     if is_main:
@@ -280,7 +280,7 @@ def main(cfg: Config) -> None:
             train_state = {
                 "step": step,
                 "config": dataclasses.asdict(cfg),
-                "skipped": skipped_total,
+                "skipped": skips.total,
                 "denoiser": unwrap(denoiser).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict() if ema else None,
@@ -306,8 +306,8 @@ def main(cfg: Config) -> None:
     # a norm threshold tuned for one is meaningless for the other, and EDM trains unclipped.
     grad_clip = cfg.grad_clip if cfg.grad_clip is not None else (0.0 if cfg.method == "edm" else 1.0)
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, skipped_in_a_row = RunningMeans(), 0
-    tick_time, tick_step = time.perf_counter(), start_step
+    meters, clock = RunningMeans(), KimgClock(start_step, images_per_step)
+    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
     pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=run_dir.name)
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
@@ -335,38 +335,24 @@ def main(cfg: Config) -> None:
             meters.add(grad_norm=grad_norm)
 
         # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
-        if applied:
-            skipped_in_a_row = 0
-        else:
-            skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
-            if skipped_in_a_row >= cfg.max_skipped_steps:
-                states = list_states(run_dir / "states")
-                last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
-                raise UserError(
-                    f"stopping at step {step + 1}: {skipped_in_a_row} steps in a row had non-finite "
-                    f"gradients (lower --lr?); {last}"
-                )
+        skips.update(applied, step)
 
         # Log.
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.n_steps:
-            now = time.perf_counter()
-            kimg_tick = (done - tick_step) * images_per_step / 1000
             record = {
                 "step": done,
                 "n_steps": cfg.n_steps,
-                "kimg": done * images_per_step / 1000,
-                "sec_per_kimg": (now - tick_time) / kimg_tick,
+                **clock.tick(done),
                 **meters.pop(accelerator),
                 "lr": lr,
-                "skipped": skipped_total,
+                "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
             if is_main:
                 append_jsonl(run_dir / "stats.jsonl", record)
                 tqdm.write(status_line(record))
             accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=done)
-            tick_time, tick_step = time.perf_counter(), done
 
         # Save sample grids and checkpoints.
         if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):

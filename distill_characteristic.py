@@ -19,7 +19,6 @@ teacher with compare.py. The run folder is laid out as diffusion_train.py's.
 
 import dataclasses
 import json
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,6 @@ from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, time_grid
 from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
-    list_states,
     load_snapshot,
     open_resume_state,
     save_snapshot,
@@ -56,7 +54,9 @@ from utils.data import DATASETS, build_dataset, make_loader, step_seed
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
 from utils.tracking import (
+    KimgClock,
     RunningMeans,
+    SkipCounter,
     append_jsonl,
     peak_memory_gb,
     progress,
@@ -283,7 +283,7 @@ def main(cfg: Config) -> None:
     student, optimizer = accelerator.prepare(student, optimizer)
 
     # Resume.
-    skipped_total = 0
+    skipped = 0
     if state is not None:
         unwrap(student).load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
@@ -292,7 +292,7 @@ def main(cfg: Config) -> None:
         ema.load_state_dict(state["ema"])
         if accelerator.scaler is not None and state["scaler"] is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
-        skipped_total = state["skipped"]
+        skipped = state["skipped"]
         del state
 
     if is_main:
@@ -328,7 +328,7 @@ def main(cfg: Config) -> None:
                 "step": step,
                 "config": dataclasses.asdict(cfg),
                 "teacher_sha256": teacher_sha,
-                "skipped": skipped_total,
+                "skipped": skips.total,
                 "student": unwrap(student).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict(),
@@ -352,8 +352,8 @@ def main(cfg: Config) -> None:
         accelerator.wait_for_everyone()
 
     # Loop.
-    meters, skipped_in_a_row = RunningMeans(), 0
-    tick_time, tick_step = time.perf_counter(), start_step
+    meters, clock = RunningMeans(), KimgClock(start_step, global_bsz)
+    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
     pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=run_dir.name)
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
@@ -384,41 +384,29 @@ def main(cfg: Config) -> None:
             meters.add(**{"loss/char": loss_char, "loss/dsm": loss_dsm, "dsm_weight": weight})
         applied, grad_norm = step_optimizer(accelerator, optimizer, student, cfg.grad_clip or float("inf"))
 
-        # Update the EMA (the target network), only after an update that really happened.
+        # Update the EMA (the target network), only after an update that really happened; count skipped steps and
+        # stop after too many in a row (a diverged run).
         if applied:
             ema.update(unwrap(student), global_bsz, (step + 1) * global_bsz)
             meters.add(grad_norm=grad_norm)
-            skipped_in_a_row = 0
-        else:
-            skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
-            if skipped_in_a_row >= cfg.max_skipped_steps:
-                states = list_states(run_dir / "states")
-                last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
-                raise UserError(
-                    f"stopping at step {step + 1}: {skipped_in_a_row} steps in a row had non-finite "
-                    f"gradients (lower --lr?); {last}"
-                )
+        skips.update(applied, step)
 
         # Log.
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.n_steps:
-            now = time.perf_counter()
-            kimg_tick = (done - tick_step) * global_bsz / 1000
             record = {
                 "step": done,
                 "n_steps": cfg.n_steps,
-                "kimg": done * global_bsz / 1000,
-                "sec_per_kimg": (now - tick_time) / kimg_tick,
+                **clock.tick(done),
                 **meters.pop(accelerator),
                 "lr": lr,
-                "skipped": skipped_total,
+                "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
             if is_main:
                 append_jsonl(run_dir / "stats.jsonl", record)
                 tqdm.write(status_line(record))
             accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=done)
-            tick_time, tick_step = time.perf_counter(), done
 
         # Save sample grids and checkpoints.
         if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):

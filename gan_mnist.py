@@ -17,7 +17,6 @@ config.json, stats.jsonl, tb/ (TensorBoard), grids/{raw,ema}-<step>.png, snapsho
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from modelling.common import latent_batches, recalibrate_batchnorm
 from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
-    list_states,
     open_resume_state,
     save_snapshot,
     save_training_state,
@@ -43,7 +41,9 @@ from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
 from utils.ema import EMA
 from utils.grid import save_grid
 from utils.tracking import (
+    KimgClock,
     RunningMeans,
+    SkipCounter,
     append_jsonl,
     peak_memory_gb,
     progress,
@@ -220,7 +220,7 @@ def main(cfg: Config) -> None:
     gen, disc, optim_g, optim_d = accelerator.prepare(gen, disc, optim_g, optim_d)
 
     # Resume.
-    skipped_total = 0
+    skipped = 0
     if state is not None:
         unwrap(gen).load_state_dict(state["gen"])
         unwrap(disc).load_state_dict(state["disc"])
@@ -236,7 +236,7 @@ def main(cfg: Config) -> None:
             ema.load_state_dict(state["ema"])
         if accelerator.scaler is not None and state["scaler"] is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
-        skipped_total = state["skipped"]
+        skipped = state["skipped"]
         del state
 
     if is_main:
@@ -271,7 +271,7 @@ def main(cfg: Config) -> None:
             train_state = {
                 "step": step,
                 "config": dataclasses.asdict(cfg),
-                "skipped": skipped_total,
+                "skipped": skips.total,
                 "gen": unwrap(gen).state_dict(),
                 "disc": unwrap(disc).state_dict(),
                 "optim_g": optim_g.state_dict(),
@@ -298,8 +298,8 @@ def main(cfg: Config) -> None:
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, skipped_in_a_row = RunningMeans(), 0
-    tick_time, tick_step = time.perf_counter(), start_step
+    meters, clock = RunningMeans(), KimgClock(start_step, images_per_step)
+    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
     pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=log_name)
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
@@ -356,37 +356,23 @@ def main(cfg: Config) -> None:
         meters.add(**stats)
 
         # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
-        if d_applied and g_applied:
-            skipped_in_a_row = 0
-        else:
-            skipped_total, skipped_in_a_row = skipped_total + 1, skipped_in_a_row + 1
-            if skipped_in_a_row >= cfg.max_skipped_steps:
-                states = list_states(run_dir / "states")
-                last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
-                raise UserError(
-                    f"stopping at step {step + 1}: {skipped_in_a_row} steps in a row had non-finite "
-                    f"gradients (lower --lr?); {last}"
-                )
+        skips.update(d_applied and g_applied, step)
 
         # Log.
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.n_steps:
-            now = time.perf_counter()
-            kimg_tick = (done - tick_step) * images_per_step / 1000
             record = {
                 "step": done,
                 "n_steps": cfg.n_steps,
-                "kimg": done * images_per_step / 1000,
-                "sec_per_kimg": (now - tick_time) / kimg_tick,
+                **clock.tick(done),
                 **meters.pop(accelerator),
-                "skipped": skipped_total,
+                "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
             if is_main:
                 append_jsonl(run_dir / "stats.jsonl", record)
                 tqdm.write(status_line(record))
             accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=done)
-            tick_time, tick_step = time.perf_counter(), done
 
         # Save sample grids and checkpoints.
         if is_main and (done % cfg.sample_interval == 0 or done == cfg.n_steps):

@@ -14,35 +14,18 @@ Deviations from seed 004, which uses piq's LPIPS:
 """
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from metrics.detectors import sha256_of
+from utils.ckpt import pretrained_file
 from utils.cli import UserError
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_SHA256_PREFIX = "397923af"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-
-
-def vgg16_weights_path(path: str | None) -> Path:
-    if path:
-        candidate = Path(path)
-        if not candidate.is_file():
-            raise UserError(f"--lpips_weights {path}: no such file (expected {VGG16_FILE})")
-        return candidate
-    candidate = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    if not candidate.is_file():
-        raise UserError(
-            f"LPIPS needs torchvision's VGG16 ImageNet weights: download {VGG16_FILE} (SHA-256 starts with "
-            f"{VGG16_SHA256_PREFIX}) from {VGG16_URL} on a machine with Internet, then pass --lpips_weights PATH "
-            f"or put it at {candidate}; or train with --loss pseudo_huber / l2"
-        )
-    return candidate
 
 
 def _vgg16_features(state) -> dict:
@@ -69,14 +52,10 @@ def load_lpips(path: str | None = None, verify: bool = True, resize: int | None 
         import lpips
     except ImportError:
         raise UserError("LPIPS needs the lpips package: pip install lpips (or train with --loss pseudo_huber / l2)")
-    weights = vgg16_weights_path(path)
-    if verify:
-        digest = sha256_of(weights)
-        if not digest.startswith(VGG16_SHA256_PREFIX):
-            raise UserError(
-                f"{weights}: SHA-256 {digest[:16]}... is not torchvision's VGG16 ({VGG16_FILE}, SHA-256 "
-                f"{VGG16_SHA256_PREFIX}...); LPIPS on other weights is another distance"
-            )
+    weights = pretrained_file(
+        path, VGG16_FILE, VGG16_SHA256_PREFIX, VGG16_URL, "--lpips_weights", "torchvision's VGG16 (LPIPS)",
+        "; or train with --loss pseudo_huber / l2", verify,
+    )  # fmt: skip
     try:
         # A plain state dict: nothing unpickled. Unpickling refused, wrong keys or shapes: one line, not a traceback.
         features = _vgg16_features(torch.load(weights, map_location="cpu", weights_only=True))

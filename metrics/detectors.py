@@ -10,7 +10,6 @@
 - `pixels`: raw pixels scaled to [0, 1], flattened (the protocol of seed 004's MNIST table).
 """
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelling import build_classifier
-from utils.ckpt import load_snapshot, tensors_sha256
+from utils.ckpt import load_snapshot, pretrained_file, tensors_sha256
 from utils.cli import UserError
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -28,14 +27,6 @@ FMNIST_FILE = Path(__file__).resolve().parents[1] / "detectors" / "fmnist_cnn.sa
 # SHA-256 of the shipped detector's tensors (utils.ckpt.tensors_sha256, in name order): reproduced by
 # train_detector.py, unlike the file's own hash, whose header order varies from one write to the next.
 FMNIST_WEIGHTS_SHA256 = "e1dc6e5a14ccc32c896a34c359c2422c0dafd292a8003ca5e9554c4828933245"
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fid_inception_v3() -> nn.Module:
@@ -78,32 +69,12 @@ class InceptionDetector(nn.Module):
         return self.layers(2 * x - 1).flatten(1)  # (N, 2048)
 
 
-def inception_weights_path(path: str | None) -> Path:
-    if path:
-        candidate = Path(path)
-        if not candidate.is_file():
-            raise UserError(f"--inception_weights {path}: no such file (expected {INCEPTION_FILE})")
-        return candidate
-    candidate = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if not candidate.is_file():
-        raise UserError(
-            f"FID Inception weights not found: download {INCEPTION_FILE} (SHA-256 starts with "
-            f"{INCEPTION_SHA256_PREFIX}) from {INCEPTION_URL} on a machine with Internet, then pass "
-            f"--inception_weights PATH or put it at {candidate}; or measure offline with --detector fmnist"
-        )
-    return candidate
-
-
 def load_inception(path: str | None = None, verify: bool = True) -> InceptionDetector:
     """Build the FID Inception and load its weights. `verify=False` only for tests with random weights."""
-    weights = inception_weights_path(path)
-    if verify:
-        digest = sha256_of(weights)
-        if not digest.startswith(INCEPTION_SHA256_PREFIX):
-            raise UserError(
-                f"{weights}: SHA-256 {digest[:16]}... is not the FID Inception's ({INCEPTION_FILE}, "
-                f"SHA-256 {INCEPTION_SHA256_PREFIX}...); FIDs from other weights are not comparable"
-            )
+    weights = pretrained_file(
+        path, INCEPTION_FILE, INCEPTION_SHA256_PREFIX, INCEPTION_URL, "--inception_weights", "the FID Inception",
+        "; or measure offline with --detector fmnist", verify,
+    )  # fmt: skip
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)  # a plain state dict: nothing unpickled
         net = fid_inception_v3()

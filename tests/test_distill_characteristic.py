@@ -9,10 +9,9 @@ import pytest
 import compare
 import distill_characteristic
 import sample as sample_script
-from metrics.detectors import sha256_of
 from tests.conftest import assert_one_line_error, read_stats, run_script
 from tests.test_diffusion_train import _same_tree, train
-from utils.ckpt import load_snapshot, load_training_state, save_snapshot
+from utils.ckpt import load_snapshot, load_training_state, save_snapshot, sha256_of
 from utils.cli import UserError, parse
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -247,6 +247,47 @@ def load_snapshot(path: str | Path) -> tuple[dict, dict]:
     return meta, state_dict
 
 
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pretrained_file(
+    path: str | None,
+    filename: str,
+    sha256_prefix: str,
+    url: str,
+    flag: str,  # the command-line flag that names the file
+    name: str,  # what the weights are, for messages: "the FID Inception"
+    alternative: str = "",  # appended to the "not found" line: what works without the file
+    verify: bool = True,
+) -> Path:
+    """A pretrained weight file that cannot be downloaded here: `path` (the user's `flag`), else the torch hub cache;
+    its SHA-256 must start with `sha256_prefix` (the convention of torchvision/pytorch-fid file names) unless
+    `verify` is False (tests with random weights). Missing or wrong files give one line saying what to put where."""
+    if path:
+        weights = Path(path)
+        if not weights.is_file():
+            raise UserError(f"{flag} {path}: no such file (expected {filename})")
+    else:
+        weights = Path(torch.hub.get_dir()) / "checkpoints" / filename
+        if not weights.is_file():
+            raise UserError(
+                f"{name} weights not found: download {filename} (SHA-256 starts with {sha256_prefix}) from {url} on "
+                f"a machine with Internet, then pass {flag} PATH or put it at {weights}{alternative}"
+            )
+    if verify:
+        digest = sha256_of(weights)
+        if not digest.startswith(sha256_prefix):
+            raise UserError(
+                f"{weights}: SHA-256 {digest[:16]}... is not {name} ({filename}, SHA-256 {sha256_prefix}...)"
+            )
+    return weights
+
+
 def tensors_sha256(named_tensors) -> str:
     """SHA-256 of (name, dtype, shape, bytes) of each tensor, in the order given: the identity of a set of weights.
     Unlike a file hash it does not change with the file format's header order."""

@@ -1,13 +1,18 @@
-"""Progress bookkeeping: loss means without a host sync per step, the status line, stats.jsonl, peak memory."""
+"""Progress bookkeeping: loss means without a host sync per step, the status line, stats.jsonl, peak memory, the
+kimg clock and the non-finite-step policy every training loop shares."""
 
 import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from utils.ckpt import list_states
+from utils.cli import UserError
 
 
 class RunningMeans:
@@ -93,3 +98,38 @@ def step_optimizer(accelerator, optimizer, model, max_norm: float = float("inf")
         optimizer.step()
         return True, grad_norm
     return False, grad_norm
+
+
+class KimgClock:
+    """Images seen and seconds per thousand images since the previous log line."""
+
+    def __init__(self, step: int, images_per_step: int):
+        self.images_per_step, self.step, self.time = images_per_step, step, time.perf_counter()
+
+    def tick(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        kimg_tick = (step - self.step) * self.images_per_step / 1000
+        record = {"kimg": step * self.images_per_step / 1000, "sec_per_kimg": (now - self.time) / kimg_tick}
+        self.step, self.time = step, now
+        return record
+
+
+class SkipCounter:
+    """Non-finite policy: a step whose update was skipped (inf/NaN gradients, e.g. an fp16 overflow) is counted;
+    `max_in_a_row` skipped steps in a row stop the run with one line naming the newest training state."""
+
+    def __init__(self, max_in_a_row: int, states_dir: Path, total: int = 0):
+        self.max_in_a_row, self.states_dir, self.total, self.in_a_row = max_in_a_row, states_dir, total, 0
+
+    def update(self, applied: bool, step: int) -> None:
+        if applied:
+            self.in_a_row = 0
+            return
+        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
+        if self.in_a_row >= self.max_in_a_row:
+            states = list_states(self.states_dir)
+            last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
+            raise UserError(
+                f"stopping at step {step + 1}: {self.in_a_row} steps in a row had non-finite gradients "
+                f"(lower --lr?); {last}"
+            )
