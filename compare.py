@@ -20,7 +20,7 @@ import torch
 
 from modelling import build_denoiser
 from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample
-from utils.ckpt import load_snapshot
+from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.grid import save_grid
 
@@ -44,12 +44,7 @@ def load(path: str, kind: str):
     meta, state_dict = load_snapshot(path)
     if meta["kind"] != kind:
         raise UserError(f"{meta['path']}: a {meta['kind']!r} snapshot where a {kind!r} one is needed")
-    try:
-        model = build_denoiser(meta["model"], **meta["model_kwargs"])
-        model.load_state_dict(state_dict)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"{meta['path']}: does not match its model: {str(e).splitlines()[0]}")
-    return model.eval(), meta
+    return build_from_snapshot(meta, state_dict, build_denoiser).eval(), meta
 
 
 def main(cfg: Config) -> None:

@@ -40,6 +40,7 @@ from losses.characteristic import (
 from modelling import build_denoiser
 from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, time_grid
 from utils.ckpt import (
+    build_from_snapshot,
     check_replicas_agree,
     check_resume_compatible,
     load_snapshot,
@@ -156,11 +157,7 @@ def load_teacher(path: str):
             f"--teacher {meta['path']}: a {meta['kind']!r} snapshot; the teacher must be a diffusion_train.py "
             "snapshot (kind 'diffusion')"
         )
-    try:
-        teacher = build_denoiser(meta["model"], **meta["model_kwargs"])
-        teacher.load_state_dict(state_dict)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"--teacher {meta['path']}: does not match its model: {str(e).splitlines()[0]}")
+    teacher = build_from_snapshot(meta, state_dict, build_denoiser)
     digest = tensors_sha256(sorted(teacher.state_dict().items()))
     return teacher.eval().requires_grad_(False), meta, digest
 

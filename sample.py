@@ -39,7 +39,7 @@ from PIL import Image
 from modelling import build_denoiser, build_generator
 from modelling.precond import EDMDenoiser
 from sampling.diffusion import SOLVERS, StackedNoise, sample
-from utils.ckpt import load_snapshot
+from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.grid import save_grid, save_png, save_scatter, to_uint8
 from utils.tracking import progress
@@ -154,18 +154,13 @@ def main(cfg: Config) -> None:
 
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # CPU-only torchrun: shard over gloo
     device = accelerator.device
-    try:
-        model = build(meta["model"], **meta["model_kwargs"])
-        model.load_state_dict(state_dict)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"{meta['path']}: snapshot does not match model {meta['model']!r}: {str(e).splitlines()[0]}")
+    model = build_from_snapshot(meta, state_dict, build)
     model.to(device).eval()  # eval: BatchNorm uses the snapshot's standing statistics, not the batch's
     n_classes = getattr(model, "n_classes", 0)
     if cfg.class_label is not None and not 0 <= cfg.class_label < n_classes:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"
         raise UserError(f"--class_label {cfg.class_label}: {detail}")
-    diffusion = meta["kind"] != "gan"
-    settings = solver_settings(model, cfg) if diffusion else {}  # refuse bad flags before writing
+    settings = solver_settings(model, cfg) if meta["kind"] != "gan" else {}  # refuse bad flags before writing
     points = len(getattr(model, "sample_shape", (1, 1, 1))) == 1  # 2-D toy data: no images
 
     out_dir = Path(cfg.out_dir)

@@ -247,6 +247,17 @@ def load_snapshot(path: str | Path) -> tuple[dict, dict]:
     return meta, state_dict
 
 
+def build_from_snapshot(meta: dict, state_dict: dict, build) -> torch.nn.Module:
+    """`build(meta["model"], **meta["model_kwargs"])` with the snapshot's weights loaded strictly; a snapshot that
+    does not fit its model (edited metadata, another version) gives one line."""
+    try:
+        model = build(meta["model"], **meta["model_kwargs"])
+        model.load_state_dict(state_dict)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{meta['path']}: snapshot does not match model {meta['model']!r}: {str(e).splitlines()[0]}")
+    return model
+
+
 def sha256_of(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
