@@ -40,6 +40,7 @@ from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
 from utils.ema import EMA
 from utils.grid import save_grid
+from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
 from utils.tracking import (
     KimgClock,
     RunningMeans,
@@ -95,7 +96,7 @@ class Config:
     noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
     batch_size: int = field(default=64, metadata={"help": "per process"})
     n_steps: int = field(default=10000, metadata={"help": "discriminator steps"})
-    optimizer: str = field(default="Adam", metadata={"choices": ["Adam", "AdamW", "RMSprop"]})
+    optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -158,12 +159,6 @@ def build_models(cfg: Config, n_classes: int):
         raise UserError(f"cannot build --model {cfg.model}: {e.args[0] if e.args else e}")
 
 
-def make_optimizer(cfg: Config, params):
-    if cfg.optimizer == "RMSprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr)
-    return getattr(torch.optim, cfg.optimizer)(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
 def main(cfg: Config) -> None:
     check_config(cfg)
     log_name = cfg.log_name or f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}"
@@ -213,8 +208,8 @@ def main(cfg: Config) -> None:
     loss_fn = get_gan_loss(cfg.method)
 
     # Optimizers.
-    optim_g = make_optimizer(cfg, gen.parameters())
-    optim_d = make_optimizer(cfg, disc.parameters())
+    optim_g = make_optimizer(cfg.optimizer, gen.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
+    optim_d = make_optimizer(cfg.optimizer, disc.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
 
     # Prepare.
     gen, disc, optim_g, optim_d = accelerator.prepare(gen, disc, optim_g, optim_d)
@@ -226,10 +221,8 @@ def main(cfg: Config) -> None:
         unwrap(disc).load_state_dict(state["disc"])
         optim_g.load_state_dict(state["optim_g"])
         optim_d.load_state_dict(state["optim_d"])
-        for group in optim_g.param_groups + optim_d.param_groups:  # the saved groups carry the old lr and betas
-            group["lr"] = cfg.lr
-            if "betas" in group:
-                group["betas"] = (cfg.beta1, cfg.beta2)
+        for optimizer in (optim_g, optim_d):  # the saved groups carry the old lr and betas
+            set_hyperparameters(optimizer, cfg.lr, (cfg.beta1, cfg.beta2))
         if ema is not None:
             if state["ema"] is None:
                 raise UserError("cannot resume with --ema: the training state was made without an EMA")

@@ -2,6 +2,7 @@
 
     python sample.py --checkpoint logs/mnist_dcgan --n_samples 1000 --out_dir samples/mnist_dcgan --seed 0
     python sample.py --checkpoint logs/mnist_dcgan_cond --n_samples 100 --class_label 3 --out_dir samples/threes
+    python sample.py --checkpoint logs/celeba_stylegan2 --truncation 0.7 --out_dir samples/sg2_psi07
     accelerate launch --num_processes 4 sample.py --checkpoint logs/mnist_dcgan --start_seed 0 --end_seed 49999 \
         --out_dir samples/mnist_dcgan_50k
     torchrun --nproc_per_node 2 sample.py ...
@@ -55,6 +56,9 @@ class Config:
     end_seed: int | None = field(default=None, metadata={"help": "inclusive"})
     batch_size: int = 64
     class_label: int | None = field(default=None, metadata={"help": "conditional models: one class for every image"})
+    # Style GANs only (stylegan, stylegan2): the truncation trick, w' = w_avg + psi (w - w_avg).
+    truncation: float = field(default=1.0, metadata={"help": "style GANs: psi (1 = off; 0.7 is StyleGAN's choice)"})
+    truncation_cutoff: int | None = field(default=None, metadata={"help": "truncate the first k ws only (all)"})
     grid: bool = field(default=True, metadata={"help": "also write grid.png of the first --grid_size seeds"})
     grid_size: int = field(default=100, metadata={"help": "images in grid.png (e.g. 256 for a 16 x 16 teaser)"})
     # Diffusion snapshots only (seed 004's names; None = the method's default).
@@ -86,11 +90,23 @@ def seed_list(cfg: Config) -> list[int]:
     return list(range(cfg.seed, cfg.seed + cfg.n_samples))
 
 
+def truncation_settings(generator, cfg: Config) -> dict:
+    """Generator keyword arguments for the truncation trick; refused for generators without a mapping network."""
+    if cfg.truncation == 1 and cfg.truncation_cutoff is None:
+        return {}
+    if not hasattr(generator, "mapping"):
+        raise UserError("--truncation/--truncation_cutoff need a style generator (stylegan, stylegan2)")
+    if not 0 <= cfg.truncation <= 1 or not 0 < (cfg.truncation_cutoff or 1) <= generator.num_ws:
+        raise UserError(f"need 0 <= --truncation <= 1 and 1 <= --truncation_cutoff <= {generator.num_ws}")
+    return dict(truncation=cfg.truncation, truncation_cutoff=cfg.truncation_cutoff)
+
+
 @torch.no_grad()
 def gan_images(generator, seeds: list[int], labels: torch.Tensor | None, device, cfg: Config):
-    """One latent per seed from that seed's own RNG; one network evaluation (NFE = 1)."""
+    """One latent per seed from that seed's own RNG; one network evaluation (NFE = 1). In eval mode the style
+    generators use their stored noise maps, so image k depends on its seed only."""
     zs = torch.stack([torch.randn(generator.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    return generator(zs.to(device), labels), 1
+    return generator(zs.to(device), labels, **truncation_settings(generator, cfg)), 1
 
 
 def solver_settings(denoiser, cfg: Config) -> dict:
@@ -160,7 +176,8 @@ def main(cfg: Config) -> None:
     if cfg.class_label is not None and not 0 <= cfg.class_label < n_classes:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"
         raise UserError(f"--class_label {cfg.class_label}: {detail}")
-    settings = solver_settings(model, cfg) if meta["kind"] != "gan" else {}  # refuse bad flags before writing
+    # Refuse bad flags before writing anything.
+    settings = solver_settings(model, cfg) if meta["kind"] != "gan" else truncation_settings(model, cfg)
     points = len(getattr(model, "sample_shape", (1, 1, 1))) == 1  # 2-D toy data: no images
 
     out_dir = Path(cfg.out_dir)
@@ -200,9 +217,13 @@ def main(cfg: Config) -> None:
             np.save(out_dir / "points.npy", merged)
             save_scatter(torch.from_numpy(merged), out_dir / "scatter.png")
         elif cfg.grid:
-            tiles = [torch.from_numpy(np.array(Image.open(out_dir / f"{s:06d}.png"))) for s in seeds[: cfg.grid_size]]
+            grid_seeds = seeds[: cfg.grid_size]
+            nrow = max(10, round(len(grid_seeds) ** 0.5))
+            if n_classes and cfg.class_label is None and len(grid_seeds) % n_classes == 0:
+                # one row per class: class = seed mod n_classes, so a stable sort by class groups the rows
+                grid_seeds, nrow = sorted(grid_seeds, key=lambda s: s % n_classes), len(grid_seeds) // n_classes
+            tiles = [torch.from_numpy(np.array(Image.open(out_dir / f"{s:06d}.png"))) for s in grid_seeds]
             tiles = torch.stack([t[None] if t.ndim == 2 else t.permute(2, 0, 1) for t in tiles])
-            nrow = n_classes if n_classes and cfg.class_label is None else max(10, round(len(tiles) ** 0.5))
             save_grid(tiles.float() / 127.5 - 1, out_dir / "grid.png", nrow=nrow)
         info = {
             "snapshot": meta["path"],

@@ -3,7 +3,16 @@ return per-sample values; regularisers take the critic and the batches. Diffusio
 `loss_fn(denoiser, images, labels) -> (N,)`. Reduction happens in the script."""
 
 from losses.diffusion import EDMLoss, FollmerLoss
-from losses.gan import HingeLoss, NonSaturatingLoss, WassersteinLoss, ganzo_targets, gradient_penalty, soft_real_targets
+from losses.gan import (
+    HingeLoss,
+    NonSaturatingLoss,
+    WassersteinLoss,
+    ganzo_targets,
+    gradient_penalty,
+    path_lengths,
+    r1_penalty,
+    soft_real_targets,
+)
 
 GAN_LOSSES = {"gan": NonSaturatingLoss, "wgan": WassersteinLoss, "wgan-gp": WassersteinLoss, "hinge": HingeLoss}
 DIFFUSION_LOSSES = {"edm": EDMLoss, "follmer": FollmerLoss}
@@ -15,6 +24,8 @@ __all__ = [
     "get_gan_loss",
     "ganzo_targets",
     "gradient_penalty",
+    "path_lengths",
+    "r1_penalty",
     "soft_real_targets",
 ]
 

@@ -77,3 +77,24 @@ def gradient_penalty(critic, reals, fakes, labels=None, scale: float = 1.0, one_
     grad_norm = (grads.float() / scale).flatten(1).norm(dim=1)  # norm in fp32 from unscaled gradients
     excess = grad_norm - 1
     return (excess.clamp(min=0) if one_sided else excess).square()
+
+
+# R1: Mescheder et al. 2018, arXiv 1801.04406, Eq. 9 (gamma / 2 and the lazy-regularisation gain applied by the
+# caller). Same fp16 recipe and eager-module rule as `gradient_penalty`.
+def r1_penalty(critic, reals, labels=None, scale: float = 1.0) -> torch.Tensor:
+    """Per-sample squared gradient norm ||grad_x D(x)||^2 at the real images."""
+    x = reals.detach().requires_grad_(True)
+    (grads,) = torch.autograd.grad(critic(x, labels).float().sum() * scale, x, create_graph=True)
+    return (grads.float() / scale).flatten(1).square().sum(dim=1)
+
+
+# Path-length regularisation: Karras et al. 2020, arXiv 1912.04958, Sec. 3.2, Eq. 4, as run in StyleGAN2-ADA
+# `loss.py` (y scaled by 1 / sqrt(H W), lengths averaged over the num_ws copies of w).
+def path_lengths(images: torch.Tensor, ws: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Per-sample ||J_w^T y||, y ~ N(0, I) / sqrt(H W), with J the Jacobian of the images w.r.t. the broadcast
+    latents `ws` (N, num_ws, w_dim): sqrt(mean over the num_ws copies of the squared norm over w_dim). The
+    penalty is (length - a)^2 with `a` the running mean of the lengths, kept by the caller."""
+    h, w = images.shape[-2:]
+    y = torch.randn_like(images) / (h * w) ** 0.5
+    (grads,) = torch.autograd.grad((images.float() * y.float()).sum() * scale, ws, create_graph=True)
+    return (grads.float() / scale).square().sum(dim=2).mean(dim=1).sqrt()

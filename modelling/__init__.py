@@ -6,12 +6,27 @@ The kwargs go straight to the constructor and are stored in snapshots, so `sampl
 the training script's flags. One architecture family per file.
 """
 
+from functools import partial
+
 from torch import nn
 
-from modelling import classifier, dcgan, mlp, precond, unet
+from modelling import classifier, dcgan, mlp, precond, progressive_gan, sagan, stylegan, stylegan2, unet
 
-GENERATORS = {"dcgan": dcgan.Generator}
-DISCRIMINATORS = {"dcgan": dcgan.Discriminator}
+GENERATORS = {
+    "dcgan": dcgan.Generator,
+    "progressive_gan": progressive_gan.Generator,
+    "stylegan": stylegan.Generator,
+    "stylegan2": stylegan2.Generator,
+    "sagan": sagan.Generator,
+}
+DISCRIMINATORS = {
+    "dcgan": dcgan.Discriminator,
+    "progressive_gan": progressive_gan.Discriminator,
+    # StyleGAN's discriminator is Progressive GAN's with a [1, 2, 1] blur before each downsampling (arXiv 1812.04948)
+    "stylegan": partial(progressive_gan.Discriminator, blur_filter=[1, 2, 1]),
+    "stylegan2": stylegan2.Discriminator,
+    "sagan": sagan.Discriminator,
+}
 CLASSIFIERS = {"cnn": classifier.Classifier}  # feature extractors for the offline metric (fid.py --detector fmnist)
 NETWORKS = {"ddpmpp": unet.SongUNet, "mlp": mlp.ToyMLP}
 DENOISERS = {"edm": precond.EDMDenoiser, "follmer": precond.FollmerDenoiser}

@@ -112,7 +112,7 @@ def test_step_seed_differs_by_rank_and_step():
 
 
 def test_build_dataset_rejects_unknown_names_listing_all():
-    assert DATASETS == sorted(["mnist", "fashion_mnist", "cifar10", "folder", "gaussians", "rings"])
+    assert DATASETS == sorted(["mnist", "fashion_mnist", "cifar10", "folder", "celeba", "gaussians", "rings"])
     with pytest.raises(UserError) as err:
         build_dataset("cifar11", None, 32)
     assert all(name in str(err.value) for name in DATASETS)

@@ -4,6 +4,7 @@ import json
 import pickle
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import assert_one_line_error, run_script, train
@@ -92,8 +93,13 @@ def test_class_labels(tmp_path, runs):
     assert same == ["000003.png", "000013.png"]
     from PIL import Image
 
-    grid = Image.open(tmp_path / "mixed" / "grid.png")
-    assert grid.size == (10 * 32 + 11 * 2, 2 * 32 + 3 * 2)  # one column per class
+    grid = np.asarray(Image.open(tmp_path / "mixed" / "grid.png"))
+    assert grid.shape[:2] == (10 * 32 + 11 * 2, 2 * 32 + 3 * 2)  # one row per class, 2 images each
+    # Row 3 holds seeds 3 and 13 (class 3) in seed order: the grid tile equals the written file.
+    tile = grid[2 + 3 * 34 : 2 + 3 * 34 + 32, 2 + 34 : 2 + 34 + 32]
+    assert (tile[..., 0] if tile.ndim == 3 else tile).tolist() == np.asarray(
+        Image.open(tmp_path / "mixed" / "000013.png")
+    ).tolist()
 
 
 def test_bad_checkpoints_and_flags(tmp_path, runs):

@@ -38,6 +38,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip only torch.compile's wrapper (accelerate compiles last, around DDP): the eager, still DDP-synchronised
+    module, for second-order gradients (R1, path length), which compiled graphs do not support."""
+    return getattr(model, "_orig_mod", model)
+
+
 # Tree <-> (tensors, JSON): tensors go to safetensors under their path; everything else stays JSON with tags
 # that keep int dict keys (optimizer state is keyed by parameter index) and tuples intact.
 def _encode(obj, path: str, tensors: dict):

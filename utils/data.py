@@ -11,13 +11,16 @@ contiguous slice. A run resumed at step s therefore sees exactly the batches an 
 
 Other datasets served by `build_dataset` (`DATASETS` lists every name):
 - `cifar10`: the official *binary* files (`cifar-10-batches-bin/`), never the pickled python version; no download.
-- `folder`: every image under `--data_dir`, labelled by first-level subfolder (torchvision ImageFolder convention).
+- `folder`: every image under `--data_dir`, labelled by first-level subfolder (torchvision ImageFolder convention);
+  in memory, or decoded on demand with corrupt files skipped (`in_memory=False`).
+- `celeba`: CelebA's aligned-and-cropped JPEGs in torchvision's folder layout, decoded on demand.
 - `gaussians`, `rings`: fixed 2-D point sets whose exact population moments `toy_moments` gives, for exact checks.
 """
 
 import gzip
 import math
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,12 +252,18 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     return _resize(square[None], size)[0]
 
 
-def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset:
-    """Every image under `data_dir` (recursively), centre-cropped to a square and resized to `img_size`, in memory.
+def _folder_labels(root: Path, files: list[Path]) -> tuple[list[str], torch.Tensor]:
+    """torchvision ImageFolder labels: if every image lies inside a first-level subfolder, the classes are the
+    sorted names of those subfolders (ones without images are not classes); otherwise no classes, labels 0."""
+    rel = [f.relative_to(root).parts for f in files]
+    if all(len(parts) > 1 for parts in rel):
+        classes = sorted({parts[0] for parts in rel})
+        index = {c: i for i, c in enumerate(classes)}
+        return classes, torch.tensor([index[parts[0]] for parts in rel], dtype=torch.int64)
+    return [], torch.zeros(len(files), dtype=torch.int64)
 
-    Labels follow torchvision's ImageFolder: if every image lies inside a first-level subfolder, the classes are
-    the sorted names of those subfolders (ones without images are not classes); otherwise `n_classes` is 0 and
-    every label is 0. One channel if every image is grayscale, else all are converted to RGB."""
+
+def _folder_files(data_dir: str | None) -> tuple[Path, list[Path]]:
     if not data_dir:
         raise UserError("dataset 'folder' needs --data_dir, the folder of images")
     root = Path(data_dir)
@@ -263,17 +272,94 @@ def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset
     files = _image_files(root)
     if not files:
         raise UserError(f"--data_dir {data_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
+    return root, files
+
+
+def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset:
+    """Every image under `data_dir` (recursively), centre-cropped to a square and resized to `img_size`, in memory;
+    an unreadable file stops with one line naming it. Labels as `_folder_labels`. One channel if every image is
+    grayscale, else all are converted to RGB."""
+    root, files = _folder_files(data_dir)
     images = [_load_image(f, img_size) for f in files]
     if any(im.shape[0] == 3 for im in images):
         images = [im.expand(3, -1, -1) for im in images]  # gray -> RGB repeats the channel, as PIL's convert does
-    rel = [f.relative_to(root).parts for f in files]
-    if all(len(parts) > 1 for parts in rel):
-        classes = sorted({parts[0] for parts in rel})
-        index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[parts[0]] for parts in rel], dtype=torch.int64)
-    else:
-        classes, labels = [], torch.zeros(len(files), dtype=torch.int64)
+    classes, labels = _folder_labels(root, files)
     return ImageTensorDataset(torch.stack(images).contiguous(), labels, len(classes), classes or None)
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Images decoded from their files on demand (datasets too large to hold in memory: CelebA is 2.5 GB at 64x64
+    and 40 GB at 256x256), always RGB, centre square resized like `_load_image`. Indexing with a list returns a
+    batch in [-1, 1].
+
+    Corrupt files are skipped, not fatal: an unreadable image is replaced by the next readable file in the list
+    (deterministic, so resume stays exact), and each one is reported once per process with a running count on
+    stderr. At construction the first readable file is looked for, so a folder of unreadable files stops at once
+    with one line."""
+
+    def __init__(self, files: list[Path], labels: torch.Tensor, n_classes: int, img_size: int, classes=None):
+        self.files, self.labels, self.n_classes, self.classes = files, labels, n_classes, classes
+        self.img_size, self.sample_shape = img_size, (3, img_size, img_size)
+        self.skipped: set[int] = set()
+        for i in range(min(len(files), 100)):
+            if self._decode(i, report=False) is not None:
+                return
+        raise UserError(f"none of the first {min(len(files), 100)} images can be read, e.g. {files[0]}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, i: int, report: bool = True) -> torch.Tensor | None:
+        try:
+            image = _load_image(self.files[i], self.img_size)
+        except UserError as e:
+            if report and i not in self.skipped:
+                self.skipped.add(i)
+                print(f"warning: skipped {e} ({len(self.skipped)} unreadable so far)", file=sys.stderr, flush=True)
+            return None
+        return image.expand(3, -1, -1)
+
+    def __getitem__(self, indices):
+        images = []
+        for i in indices:
+            for j in range(i, i + len(self.files)):  # the next readable file stands in for an unreadable one
+                image = self._decode(j % len(self.files))
+                if image is not None:
+                    break
+            else:
+                raise UserError("no readable image left in the dataset")
+            images.append(image)
+        return torch.stack(images).float().div_(127.5).sub_(1.0), self.labels[indices]
+
+
+def image_file_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
+    root, files = _folder_files(data_dir)
+    classes, labels = _folder_labels(root, files)
+    return ImageFileDataset(files, labels, len(classes), img_size, classes or None)
+
+
+# ---------------------------------------------------------------------------------------------------- CelebA
+CELEBA_FOLDER = "img_align_celeba"  # the aligned-and-cropped 178x218 JPEGs (torchvision's layout: <root>/celeba/)
+
+
+def celeba_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
+    """CelebA's aligned-and-cropped images, read from torchvision's layout (<data_dir>/celeba/img_align_celeba)
+    or the bare folder, without torchvision's MD5 check of the annotation files (an images-only copy works).
+    All 202,599 images, no labels (seed 003 trains unconditionally); centre square, then resized."""
+    roots = [Path(data_dir)] if data_dir else []
+    roots += [Path(s) for s in SYSTEM_DIRS]
+    candidates = [r / sub for r in roots for sub in (CELEBA_FOLDER, f"celeba/{CELEBA_FOLDER}")]
+    folder = next((c for c in candidates if c.is_dir()), None)
+    if folder is None:
+        raise UserError(
+            f"celeba not found: put {CELEBA_FOLDER}/ (from img_align_celeba.zip, the aligned-and-cropped JPEGs) in "
+            f"--data_dir (now {data_dir!r}) or in its celeba/ subfolder (torchvision's layout); looked in "
+            f"{', '.join(map(str, candidates))}. CelebA has no reliable automatic download (Google Drive quotas)"
+        )
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        raise UserError(f"{folder}: no images in it")
+    return ImageFileDataset(files, torch.zeros(len(files), dtype=torch.int64), 0, img_size)
 
 
 # ------------------------------------------------------------------------------------------------ 2-D toy data
@@ -334,16 +420,17 @@ class PointDataset(torch.utils.data.Dataset):
         return self.points[indices], self.labels[indices]
 
 
-DATASETS = sorted([*MNIST_LIKE, "cifar10", "folder", *TOY_DATASETS])
+DATASETS = sorted([*MNIST_LIKE, "cifar10", "folder", "celeba", *TOY_DATASETS])
 
 
 def build_dataset(
-    name: str, data_dir: str | None, img_size: int, train: bool = True, download: bool = True
-) -> ImageTensorDataset | PointDataset:
+    name: str, data_dir: str | None, img_size: int, train: bool = True, download: bool = True, in_memory: bool = True
+) -> ImageTensorDataset | ImageFileDataset | PointDataset:
     """Dataset `name` (one of `DATASETS`) at `img_size`.
 
     MNIST-like: 28 -> 32 by zero padding (2 pixels a side, as DCGAN on MNIST does), else resized with antialiasing.
-    cifar10: 32 as is, else resized. folder: centre square resized; `train` is ignored (a folder has no splits).
+    cifar10: 32 as is, else resized. folder: centre square resized; `train` is ignored (a folder has no splits);
+    `in_memory=False` decodes files on demand and skips corrupt ones (`ImageFileDataset`). celeba: always on demand.
     Toy point sets ignore `data_dir`, `img_size` and `download`. Only MNIST-like data is ever downloaded."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; valid: {DATASETS}")
@@ -353,7 +440,9 @@ def build_dataset(
         images, labels = load_cifar10(data_dir, train)
         return ImageTensorDataset(_resize(images, img_size).contiguous(), labels, 10)
     if name == "folder":
-        return load_image_folder(data_dir, img_size)
+        return load_image_folder(data_dir, img_size) if in_memory else image_file_dataset(data_dir, img_size)
+    if name == "celeba":
+        return celeba_dataset(data_dir, img_size)
     images, labels = load_mnist_like(name, data_dir, train, download)
     images = images[:, None]  # (N, 1, 28, 28)
     images = F.pad(images, (2, 2, 2, 2)) if img_size == 32 else _resize(images, img_size)

@@ -1,0 +1,461 @@
+"""Train the GAN architecture zoo (DCGAN, Progressive GAN, StyleGAN, StyleGAN2, SA-GAN) on CelebA or any image folder.
+
+    python gan_celeba.py --model dcgan --method gan --img_size 64 --log_name celeba_dcgan --batch_size 128 \
+        --n_steps 100000 --lr 2e-4 --beta1 0.5 --beta2 0.999 --ema --data_dir data
+    python gan_celeba.py --model dcgan --method wgan --img_size 64 --log_name celeba_dcgan_wgan --batch_size 64 \
+        --n_steps 100000 --optimizer RMSprop --lr 5e-5 --train_g_interval 5
+    python gan_celeba.py --model progressive_gan --loggers tensorboard --img_size 256 --z_dim 512 --batch_size 16 \
+        --method wgan-gp --log_name celeba_progressive_gan --n_steps 650000 --optimizer Adam --beta1 0 --beta2 0.99 \
+        --lr 1e-3 --ema --drift_penalty 0.001 --checkpoint_interval 50000
+    python gan_celeba.py --model stylegan2 --ema                  # R1 (lazy, every 16) + path length (every 4)
+    python gan_celeba.py --model sagan --dataset folder --data_dir my_images --conditional   # hinge, TTUR
+    python gan_celeba.py --model dcgan --dataset fashion_mnist --img_size 32    # offline, 1 channel
+    accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] [--dynamo_backend inductor] gan_celeba.py ...
+    python gan_celeba.py ... --resume latest          # continue bit-exactly, also mid-growth and mid-regularisation
+
+Flags left unset take the model's published defaults (`MODEL_DEFAULTS`), and config.json records the resolved
+values: dcgan NS-GAN, Adam 2e-4 (0.5, 0.999); progressive_gan WGAN-GP + drift 0.001, Adam 1e-3 (0, 0.99), growing
+with 800k-image fade-in/stabilise phases; stylegan NS-GAN + R1 gamma 10 every step, Adam 1e-3 (0, 0.99);
+stylegan2 NS-GAN + lazy R1 gamma 10 every 16 steps + path length 2 every 4, Adam 2e-3 (0, 0.99); sagan hinge,
+G 1e-4 / D 4e-4, Adam (0, 0.9). Regularisers run on the eager (uncompiled) networks; lazy ones take their own
+optimizer step with their weight multiplied by the interval (StyleGAN2, App. B).
+Data: `--dataset celeba` (aligned-and-cropped JPEGs in torchvision's layout), `folder` (any images, recursive, RGB,
+labelled by subfolder for --conditional) — both decoded on demand, corrupt files skipped with a warning count —
+or the in-memory sets (fashion_mnist, mnist, cifar10) resized to --img_size (MNIST-like 32 is zero-padded).
+The run folder is gan_mnist.py's: config.json, stats.jsonl, tb/, grids/, snapshots/ (for sample.py), states/.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration
+from tqdm import tqdm
+
+from losses import get_gan_loss, gradient_penalty, path_lengths, r1_penalty
+from modelling import GENERATORS, build_discriminator, build_generator
+from modelling.common import latent_batches, recalibrate_batchnorm
+from modelling.progressive_gan import growth_at
+from utils.ckpt import (
+    check_replicas_agree,
+    check_resume_compatible,
+    open_resume_state,
+    save_snapshot,
+    save_training_state,
+    uncompiled,
+    unwrap,
+)
+from utils.cli import UserError, parse, user_errors
+from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
+from utils.ema import EMA
+from utils.grid import save_grid
+from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
+from utils.tracking import (
+    KimgClock,
+    RunningMeans,
+    SkipCounter,
+    append_jsonl,
+    peak_memory_gb,
+    progress,
+    status_line,
+    step_optimizer,
+    tracker_config,
+    trim_stats,
+)
+
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+torch.backends.cudnn.benchmark = True
+
+GRID_COLS = 10  # 10 x 10 grids; conditional grids have one row of 10 per class
+STYLE_MODELS = ("stylegan", "stylegan2")  # generators with a mapping network (ws, truncation, path length)
+# Per-model defaults for flags left unset (papers / seed 003 / StyleGAN2-ADA's stylegan2 config).
+MODEL_DEFAULTS = {
+    "dcgan": dict(method="gan", lr=2e-4, beta1=0.5, beta2=0.999),
+    "progressive_gan": dict(method="wgan-gp", drift_penalty=0.001, lr=1e-3, beta1=0.0, beta2=0.99),
+    "stylegan": dict(method="gan", r1_gamma=10.0, r1_interval=1, lr=1e-3, beta1=0.0, beta2=0.99),
+    "stylegan2": dict(method="gan", r1_gamma=10.0, r1_interval=16, pl_weight=2.0, lr=2e-3, beta1=0.0, beta2=0.99),
+    "sagan": dict(method="hinge", lr=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9),
+}
+FALLBACKS = dict(drift_penalty=0.0, r1_gamma=0.0, r1_interval=1, pl_weight=0.0)
+RESUME_KEYS = ("dataset", "img_size", "model", "gen_kwargs", "disc_kwargs", "z_dim", "conditional", "method")
+RESUME_KEYS += ("sn_gen", "sn_disc", "optimizer", "r1_interval", "pl_interval", "progressive_growing", "fade_kimg")
+
+
+@dataclass
+class Config:
+    dataset: str = field(default="celeba", metadata={"choices": [d for d in DATASETS if d not in TOY_DATASETS]})
+    data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
+    download: bool = field(default=True, metadata={"help": "let torchvision try to download MNIST-like data"})
+    img_size: int = 64
+    model: str = field(default="dcgan", metadata={"choices": sorted(GENERATORS)})
+    gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the generator"})
+    disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the discriminator"})
+    z_dim: int = 128
+    conditional: bool = field(default=False, metadata={"help": "dcgan (CGAN) and sagan (CBN + projection D)"})
+    method: str | None = field(default=None, metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"]})
+    gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
+    clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
+    drift_penalty: float | None = field(default=None, metadata={"help": "ProGAN eps_drift * D(real)^2"})
+    r1_gamma: float | None = field(default=None, metadata={"help": "R1 weight gamma (penalty gamma/2 ||grad||^2)"})
+    r1_interval: int | None = field(default=None, metadata={"help": "lazy R1: every k D steps, weight x k"})
+    pl_weight: float | None = field(default=None, metadata={"help": "path-length weight (style models)"})
+    pl_interval: int = field(default=4, metadata={"help": "lazy path length: every k G steps, weight x k"})
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
+    sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every D layer (SN-GAN)"})
+    sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
+    progressive_growing: bool = field(default=True, metadata={"help": "progressive_gan: grow from 4x4 with fade-in"})
+    fade_kimg: float = field(default=800.0, metadata={"help": "growing: kimg per fade-in and per stable phase"})
+    batch_size: int = field(default=64, metadata={"help": "per process"})
+    n_steps: int = field(default=10000, metadata={"help": "discriminator steps"})
+    optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
+    lr: float | None = None
+    lr_d: float | None = field(default=None, metadata={"help": "D learning rate (TTUR); default --lr"})
+    beta1: float | None = None
+    beta2: float | None = None
+    train_g_interval: int = field(default=1, metadata={"help": "one G step every k D steps (WGAN n_critic)"})
+    ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
+    ema_halflife_kimg: float = 10.0
+    ema_rampup: float = field(default=0.05, metadata={"help": "half-life <= ratio x images seen; 0 = off"})
+    num_workers: int = field(default=4, metadata={"help": "decoding processes for celeba/folder data"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile G and D (regularisers stay eager)"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
+    )
+    log_dir: str = "logs"
+    log_name: str = field(default="", metadata={"help": "default: <dataset>_<model>_<method>[_cond]"})
+    loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
+    log_interval: int = 100
+    sample_interval: int = 1000
+    checkpoint_interval: int = 5000
+    keep_states: int = field(default=2, metadata={"help": "training states kept (>= 2)"})
+    resume: str = field(default="", metadata={"help": "'latest' or a path to a run folder or state folder"})
+    seed: int = 0
+    max_skipped_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Fill unset flags from MODEL_DEFAULTS, then refuse combinations that cannot work, before anything is written."""
+    defaults = FALLBACKS | MODEL_DEFAULTS[cfg.model]
+    if cfg.lr_d is None:  # the model's TTUR rate, unless --lr was given alone (then both networks use it)
+        cfg.lr_d = cfg.lr if cfg.lr is not None else defaults.get("lr_d", defaults["lr"])
+    for name in ("method", "drift_penalty", "r1_gamma", "r1_interval", "pl_weight", "lr", "beta1", "beta2"):
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, defaults[name])
+    for name in ("batch_size", "n_steps", "train_g_interval", "log_interval", "sample_interval", "checkpoint_interval"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("r1_interval", "pl_interval", "pl_batch_shrink"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.keep_states < 2:
+        raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
+    if cfg.lr <= 0 or cfg.lr_d <= 0:
+        raise UserError(f"--lr and --lr_d must be > 0, got {cfg.lr}, {cfg.lr_d}")
+    if min(cfg.r1_gamma, cfg.pl_weight, cfg.drift_penalty, cfg.num_workers) < 0:
+        raise UserError("--r1_gamma, --pl_weight, --drift_penalty and --num_workers must be >= 0")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
+    if cfg.pl_weight > 0 and cfg.model not in STYLE_MODELS:
+        raise UserError(
+            f"--pl_weight needs a generator with a mapping network ({', '.join(STYLE_MODELS)}), not {cfg.model}"
+        )
+    if cfg.conditional and cfg.model not in ("dcgan", "sagan"):
+        raise UserError(f"--conditional is supported by dcgan and sagan, not {cfg.model}")
+    penalised = cfg.method == "wgan-gp" or cfg.r1_gamma > 0
+    if penalised and cfg.model == "dcgan" and cfg.disc_kwargs.get("norm", "none") == "batch":
+        raise UserError("gradient penalties (wgan-gp, R1) need a critic without BatchNorm (they are per sample)")
+    return cfg
+
+
+def build_models(cfg: Config, img_channels: int, n_classes: int):
+    common = dict(img_size=cfg.img_size, img_channels=img_channels, n_classes=n_classes)
+    gen_kwargs, disc_kwargs = common | dict(z_dim=cfg.z_dim), dict(common)
+    if cfg.model == "dcgan":
+        # A per-sample gradient penalty is invalid with batch statistics: the penalised critic has no BatchNorm.
+        penalised = cfg.method == "wgan-gp" or cfg.r1_gamma > 0
+        gen_kwargs["spectral_norm"] = cfg.sn_gen
+        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if penalised else "batch")
+    gen_kwargs, disc_kwargs = gen_kwargs | cfg.gen_kwargs, disc_kwargs | cfg.disc_kwargs
+    try:
+        return build_generator(cfg.model, **gen_kwargs), gen_kwargs, build_discriminator(cfg.model, **disc_kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"cannot build --model {cfg.model}: {e.args[0] if e.args else e}")
+
+
+def main(cfg: Config) -> None:
+    cfg = resolve_config(cfg)
+    log_name = cfg.log_name or f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}"
+    run_dir = Path(cfg.log_dir) / log_name
+    state, state_path = open_resume_state(cfg.resume, run_dir)
+    if state is not None:
+        changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
+    growing = cfg.model == "progressive_gan" and cfg.progressive_growing
+    lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
+
+    # Accelerator. A growing network leaves its future levels unused: DDP must be told.
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        dynamo_backend="inductor" if cfg.compile else None,
+        log_with=None if cfg.loggers == "none" else cfg.loggers,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=growing)],
+    )
+    device, is_main = accelerator.device, accelerator.is_main_process
+    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
+        accelerator.print(
+            "note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32 (bf16 works)"
+        )
+    if state is not None:
+        accelerator.print(
+            f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else "")
+        )
+    elif cfg.resume:
+        accelerator.print(f"--resume {cfg.resume}: no training state in {run_dir / 'states'}; starting from scratch")
+    start_step = state["step"] if state else 0
+    if start_step >= cfg.n_steps:
+        raise UserError(f"the training state is at step {start_step} already; pass --n_steps > {start_step} to go on")
+
+    # Data.
+    with accelerator.main_process_first():
+        dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download, in_memory=False)
+    if cfg.conditional and not dataset.n_classes:
+        raise UserError(f"--conditional needs labelled data; {cfg.dataset} at {cfg.data_dir} has no classes")
+    n_classes = dataset.n_classes if cfg.conditional else 0
+    workers = cfg.num_workers if hasattr(dataset, "files") else 0  # in-memory data needs no decoding processes
+    loader = iter(
+        make_loader(
+            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step, workers
+        )
+    )
+
+    # Models: same init on every rank; EMA and the evaluation copy are made before prepare() wraps anything.
+    torch.manual_seed(cfg.seed)
+    gen, gen_kwargs, disc = build_models(cfg, dataset.sample_shape[0], n_classes)
+    ema = EMA(gen, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
+    gen_eval = build_generator(cfg.model, **gen_kwargs).to(device)
+    if ema is not None:
+        ema.module.to(device)
+    loss_fn = get_gan_loss(cfg.method)
+
+    # Optimizers (lazy regularisers take their own steps: lr and betas adjusted, utils/optim.py).
+    betas = (cfg.beta1, cfg.beta2)
+    g_reg_interval = cfg.pl_interval if cfg.pl_weight > 0 else 1
+    d_reg_interval = cfg.r1_interval if lazy_r1 else 1
+    optim_g = make_optimizer(cfg.optimizer, gen.parameters(), cfg.lr, betas, g_reg_interval)
+    optim_d = make_optimizer(cfg.optimizer, disc.parameters(), cfg.lr_d, betas, d_reg_interval)
+
+    # Prepare.
+    gen, disc, optim_g, optim_d = accelerator.prepare(gen, disc, optim_g, optim_d)
+
+    # Resume.
+    skipped, pl_mean = 0, torch.zeros((), device=device)  # pl_mean: the path-length running mean `a`
+    if state is not None:
+        unwrap(gen).load_state_dict(state["gen"])
+        unwrap(disc).load_state_dict(state["disc"])
+        optim_g.load_state_dict(state["optim_g"])
+        optim_d.load_state_dict(state["optim_d"])
+        set_hyperparameters(optim_g, cfg.lr, betas, g_reg_interval)
+        set_hyperparameters(optim_d, cfg.lr_d, betas, d_reg_interval)
+        if ema is not None:
+            if state["ema"] is None:
+                raise UserError("cannot resume with --ema: the training state was made without an EMA")
+            ema.load_state_dict(state["ema"])
+        if accelerator.scaler is not None and state["scaler"] is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        skipped, pl_mean = state["skipped"], state["pl_mean"].to(device)
+        del state
+
+    if is_main:
+        for sub in ("grids", "snapshots", "states"):
+            (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        trim_stats(run_dir / "stats.jsonl", start_step)
+    if cfg.loggers != "none":
+        accelerator.init_trackers("tb", config=tracker_config(dataclasses.asdict(cfg)))
+    n_params = (
+        sum(p.numel() for p in unwrap(gen).parameters()) / 1e6,
+        sum(p.numel() for p in unwrap(disc).parameters()) / 1e6,
+    )
+    accelerator.print(
+        f"{run_dir}: {cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {cfg.method}, "
+        f"{accelerator.num_processes} process(es) on {device.type}, mixed precision {accelerator.mixed_precision}, "
+        f"{len(dataset)} training images"
+    )
+
+    def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
+        """`gen_eval` holding `source`'s weights (and growth stage) with standing BatchNorm statistics."""
+        gen_eval.load_state_dict(unwrap(source).state_dict())
+        return recalibrate_batchnorm(gen_eval, latent_batches(cfg.z_dim, n_classes, seed=cfg.seed + 1, device=device))
+
+    @torch.no_grad()
+    def save_grids(step: int) -> None:
+        rows = n_classes or GRID_COLS
+        zs = torch.randn(rows * GRID_COLS, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        labels = torch.arange(n_classes).repeat_interleave(GRID_COLS).to(device) if n_classes else None
+        for tag, source in [("raw", gen)] + ([("ema", ema.module)] if ema else []):
+            save_grid(eval_generator(source)(zs, labels), run_dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
+
+    def save_checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        digest = check_replicas_agree(accelerator, unwrap(gen), unwrap(disc))
+        if is_main:
+            train_state = {
+                "step": step,
+                "config": dataclasses.asdict(cfg),
+                "skipped": skips.total,
+                "pl_mean": pl_mean.cpu(),
+                "gen": unwrap(gen).state_dict(),
+                "disc": unwrap(disc).state_dict(),
+                "optim_g": optim_g.state_dict(),
+                "optim_d": optim_d.state_dict(),
+                "ema": ema.state_dict() if ema else None,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+            }
+            save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
+            save_snapshot(
+                run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",
+                kind="gan",
+                model_name=cfg.model,
+                model_kwargs=gen_kwargs,
+                state_dict=eval_generator(ema.module if ema else gen).state_dict(),
+                config=dataclasses.asdict(cfg),
+                step=step,
+            )
+            tqdm.write(
+                f"step {step}: saved training state and snapshot; parameters identical on "
+                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
+            )
+        accelerator.wait_for_everyone()
+
+    def penalty_scale() -> float:
+        # fp16: second-order terms are taken from gradients of the scaled output, then unscaled (PyTorch's AMP recipe)
+        return accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+
+    # Loop.
+    images_per_step = cfg.batch_size * accelerator.num_processes
+    meters, clock = RunningMeans(), KimgClock(start_step, images_per_step)
+    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
+    pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=log_name)
+    for step in pbar:
+        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
+        stats = {}
+        if growing:
+            # The stage is a pure function of the images seen: resuming mid-fade re-enters it exactly.
+            growth = growth_at(step * images_per_step, cfg.fade_kimg * 1000, unwrap(gen).depth)
+            for net in (unwrap(gen), unwrap(disc)) + ((ema.module,) if ema else ()):
+                net.set_growth(growth)
+            stats["growth"] = torch.tensor(growth)
+        reals, labels = next(loader)
+        reals = reals.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True) if n_classes else None
+        if growing:
+            reals = unwrap(disc).fade_reals(reals)  # reals at the resolution G draws now (NVIDIA's lod blending)
+        n = reals.shape[0]
+
+        # Discriminator step: fakes from the current G without its graph.
+        with torch.no_grad():
+            fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
+        d_reals, d_fakes = disc(reals, labels), disc(fakes, labels)
+        loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
+        stats |= {"loss/d": loss_d, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+        if cfg.drift_penalty > 0:  # ProGAN: keeps the critic's outputs near 0
+            drift = d_reals.float().square().mean()
+            loss_d = loss_d + cfg.drift_penalty * drift
+            stats["penalty/drift"] = drift
+        if cfg.method == "wgan-gp":
+            gp = gradient_penalty(unwrap(disc), reals, fakes, labels, scale=penalty_scale()).mean()
+            loss_d = loss_d + cfg.gp_lambda * gp
+            stats["penalty/gp"] = gp
+        if cfg.r1_gamma > 0 and not lazy_r1:  # R1 every step (StyleGAN)
+            r1 = r1_penalty(unwrap(disc), reals, labels, scale=penalty_scale()).mean()
+            loss_d = loss_d + cfg.r1_gamma / 2 * r1
+            stats["penalty/r1"] = r1
+        optim_d.zero_grad(set_to_none=True)
+        accelerator.backward(loss_d)
+        d_applied, _ = step_optimizer(accelerator, optim_d, disc)
+        if cfg.method == "wgan":  # clip after the update (WGAN Algorithm 1), every critic parameter
+            with torch.no_grad():
+                for p in disc.parameters():
+                    p.clamp_(-cfg.clip_value, cfg.clip_value)
+
+        # Lazy R1 (StyleGAN2): its own D step every r1_interval steps, weight multiplied by the interval. It runs
+        # through the eager DDP module so that its gradients are averaged; the zero-weighted sum of all parameters
+        # gives every parameter a gradient (the last bias has none from R1), which DDP needs.
+        if lazy_r1 and step % cfg.r1_interval == 0:
+            critic = uncompiled(disc)
+            r1 = r1_penalty(critic, reals, labels, scale=penalty_scale()).mean()
+            loss_r1 = cfg.r1_gamma / 2 * cfg.r1_interval * r1 + 0 * sum(p.sum() for p in critic.parameters())
+            optim_d.zero_grad(set_to_none=True)
+            accelerator.backward(loss_r1)
+            r1_applied, _ = step_optimizer(accelerator, optim_d, disc)
+            d_applied = d_applied and r1_applied
+            stats["penalty/r1"] = r1
+
+        # Generator step every train_g_interval D steps; D frozen so only G gets gradients.
+        g_applied = True
+        if step % cfg.train_g_interval == 0:
+            disc.requires_grad_(False)
+            d_fakes = disc(gen(torch.randn(n, cfg.z_dim, device=device), labels), labels)
+            loss_g = loss_fn.g_loss(d_fakes).mean()
+            optim_g.zero_grad(set_to_none=True)
+            accelerator.backward(loss_g)
+            g_applied, _ = step_optimizer(accelerator, optim_g, gen)
+            stats["loss/g"] = loss_g
+
+            # Lazy path-length regularisation (StyleGAN2): every pl_interval G steps, on a smaller batch, with the
+            # running mean `a` averaged over processes so that every rank keeps the same value.
+            if cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0:
+                generator = uncompiled(gen)
+                n_pl = max(1, n // cfg.pl_batch_shrink)
+                images, ws = generator(torch.randn(n_pl, cfg.z_dim, device=device), None, return_ws=True)
+                lengths = path_lengths(images, ws, scale=penalty_scale())
+                pl_mean = torch.lerp(pl_mean, accelerator.reduce(lengths.detach().mean(), "mean"), cfg.pl_decay)
+                pl_penalty = (lengths - pl_mean).square().mean()
+                loss_pl = cfg.pl_weight * cfg.pl_interval * pl_penalty
+                loss_pl = loss_pl + 0 * sum(p.sum() for p in generator.parameters())
+                optim_g.zero_grad(set_to_none=True)
+                accelerator.backward(loss_pl)
+                pl_applied, _ = step_optimizer(accelerator, optim_g, gen)
+                g_applied = g_applied and pl_applied
+                stats |= {"penalty/pl": pl_penalty, "pl_mean": pl_mean}
+            disc.requires_grad_(True)
+
+            if ema is not None and g_applied:
+                ema.update(unwrap(gen), cfg.train_g_interval * images_per_step, (step + 1) * images_per_step)
+        meters.add(**stats)
+        skips.update(d_applied and g_applied, step)
+
+        # Log.
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+            record = {
+                "step": done,
+                "n_steps": cfg.n_steps,
+                **clock.tick(done),
+                **meters.pop(accelerator),
+                "skipped": skips.total,
+                "mem_gb": peak_memory_gb(device),
+            }
+            if is_main:
+                append_jsonl(run_dir / "stats.jsonl", record)
+                tqdm.write(status_line(record))
+            accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=done)
+
+        # Save sample grids and checkpoints.
+        if is_main and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+            save_grids(done)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps:
+            save_checkpoint(done)
+
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse(Config, description=__doc__.split("\n")[0]))

@@ -1,0 +1,178 @@
+"""Progressive GAN generator and discriminator, with growing and fade-in.
+
+Paper: Karras et al. 2018, "Progressive Growing of GANs for Improved Quality, Stability, and Variation",
+arXiv 1710.10196 (Table 2 layout; equalized LR, pixel norm, minibatch stddev).
+Reference code read for facts: gau-nernst/gan (2023) `modelling/progressive_gan.py`, `nvidia_ops.py`;
+NVIDIA's `process_reals`/`lod` logic as described in the StyleGAN2-ADA reference notes.
+
+Layout, for resolution r the channels are min(channel_base / r, channel_max) (paper: base 32768, max 512):
+  G: z -> PixelNorm -> dense to (C, 4, 4) -> conv3 -> [nearest 2x, conv3, conv3] per resolution -> toRGB 1x1
+     (linear, no tanh); PixelNorm after every conv, LReLU 0.2 everywhere.
+  D: fromRGB 1x1 -> [conv3, conv3, 2x2 average pool] per resolution -> minibatch stddev -> conv3 -> dense over the
+     4x4 map -> dense to 1. Output (N,).
+Growing: `set_growth(g)` with g in [0, depth], depth = log2(img_size / 4). Levels 0..floor(g) are stable; a
+fractional part alpha fades in level floor(g) + 1: G outputs (1 - alpha) * up2(toRGB_old) + alpha * toRGB_new, D
+reads (1 - alpha) * fromRGB_old(avgpool(x)) + alpha * block_new(fromRGB_new(x)). `growth` is a buffer (saved with the
+weights; snapshots sample at the stage they were taken). Images always have the full `img_size`: G upsamples its
+current output (nearest) and D average-pools its input to the current resolution, which is NVIDIA's `lod` scheme,
+so the data pipeline, grids and samplers never change size. `fade_reals` cross-fades the reals the same way.
+Deviations: StyleGAN2-ADA's gain convention (see `nvidia_ops`; equivalent for LReLU); D's optional blur (StyleGAN's
+discriminator is this one with `blur_filter=[1, 2, 1]`); unconditional only.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelling.nvidia_ops import DiscriminatorEpilogue, EqualizedConv2d, EqualizedLinear, PixelNorm, lrelu
+
+
+def log2_size(img_size: int, model: str) -> int:
+    depth = math.log2(img_size) if img_size >= 4 else 0
+    if depth != int(depth) or img_size < 8:
+        raise ValueError(f"{model} needs a power-of-two img_size >= 8, got {img_size}")
+    return int(depth)
+
+
+def channels(res: int, channel_base: int, channel_max: int) -> int:
+    return min(channel_base // res, channel_max)
+
+
+def growth_at(nimg: float, fade_nimg: float, depth: int) -> float:
+    """The growth stage after `nimg` images (paper Sec. 3 / App. A: 800k images fading + 800k stabilising per level):
+    level 0 trains for `fade_nimg` images; every later level fades in over `fade_nimg` images, then trains stably
+    for `fade_nimg` more. A pure function of the images seen, so a resumed run re-enters the same stage exactly.
+    `fade_nimg <= 0` means no growing (full resolution from the start)."""
+    if fade_nimg <= 0:
+        return float(depth)
+    phases = nimg / fade_nimg - 1
+    if phases < 0:
+        return 0.0
+    level, within = divmod(phases, 2)
+    return min(float(depth), level + min(within, 1.0))
+
+
+class Growing(nn.Module):
+    """The growth state shared by G and D: a float buffer plus the Python level/fading flags derived from it
+    (Python values keep torch.compile graphs static within a phase)."""
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.depth = depth
+        self.register_buffer("growth", torch.tensor(float(depth)))
+        self._sync()
+        self.register_load_state_dict_post_hook(lambda module, _: module._sync())
+
+    def _sync(self) -> None:
+        g = float(self.growth)
+        self.level, self.fading = int(g), g > int(g)
+
+    def set_growth(self, growth: float) -> None:
+        if not 0 <= growth <= self.depth:
+            raise ValueError(f"growth must be in [0, {self.depth}], got {growth}")
+        self.growth.fill_(growth)
+        self._sync()
+
+    def alpha(self) -> torch.Tensor:
+        return self.growth - self.level  # a tensor: changes every step without recompiling
+
+    @property
+    def resolution(self) -> int:
+        """The resolution of the top level in use (the one fading in, if any)."""
+        return 4 * 2 ** (self.level + self.fading)
+
+
+class Generator(Growing):
+    def __init__(
+        self,
+        img_size: int = 64,
+        img_channels: int = 3,
+        z_dim: int = 512,
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        n_classes: int = 0,
+    ):
+        if n_classes:
+            raise ValueError("progressive_gan is unconditional (use dcgan or sagan with --conditional)")
+        depth = log2_size(img_size, "progressive_gan") - 2
+        super().__init__(depth)
+        self.img_size, self.img_channels, self.z_dim, self.n_classes = img_size, img_channels, z_dim, 0
+        ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
+        self.norm = PixelNorm()
+        self.dense = EqualizedLinear(z_dim, ch[0] * 16)
+        self.conv4 = EqualizedConv2d(ch[0], ch[0], 3)
+        self.blocks = nn.ModuleList([nn.Identity()])  # level 0 is dense + conv4
+        for i in range(1, depth + 1):
+            self.blocks.append(nn.ModuleList([EqualizedConv2d(ch[i - 1], ch[i], 3), EqualizedConv2d(ch[i], ch[i], 3)]))
+        self.to_rgb = nn.ModuleList([EqualizedConv2d(c, img_channels, 1) for c in ch])
+
+    def _block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        for conv in self.blocks[i]:
+            x = self.norm(lrelu(conv(x)))
+        return x
+
+    def forward(self, zs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(lrelu(self.dense(self.norm(zs))).reshape(zs.shape[0], -1, 4, 4))
+        x = self.norm(lrelu(self.conv4(x)))
+        for i in range(1, self.level + 1):
+            x = self._block(i, x)
+        img = self.to_rgb[self.level](x)
+        if self.fading:
+            new = self.to_rgb[self.level + 1](self._block(self.level + 1, x))
+            img = torch.lerp(F.interpolate(img, scale_factor=2, mode="nearest"), new, self.alpha().to(new.dtype))
+        return F.interpolate(img, scale_factor=self.img_size // img.shape[-1], mode="nearest")
+
+
+class Discriminator(Growing):
+    def __init__(
+        self,
+        img_size: int = 64,
+        img_channels: int = 3,
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        mbstd_group: int = 4,
+        blur_filter: list[int] | None = None,  # StyleGAN: [1, 2, 1] before every downsampling
+        n_classes: int = 0,
+    ):
+        if n_classes:
+            raise ValueError("this discriminator is unconditional (use dcgan or sagan with --conditional)")
+        depth = log2_size(img_size, "progressive_gan") - 2
+        super().__init__(depth)
+        self.img_size, self.img_channels, self.n_classes = img_size, img_channels, 0
+        ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
+        self.from_rgb = nn.ModuleList([EqualizedConv2d(img_channels, c, 1) for c in ch])
+        self.blocks = nn.ModuleList([nn.Identity()])
+        for i in range(1, depth + 1):
+            down = EqualizedConv2d(ch[i], ch[i - 1], 3, down=2, blur_filter=blur_filter)
+            self.blocks.append(nn.ModuleList([EqualizedConv2d(ch[i], ch[i], 3), down]))
+        self.epilogue = DiscriminatorEpilogue(ch[0], mbstd_group)
+
+    def _block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        for conv in self.blocks[i]:
+            h = lrelu(conv(h))
+        return h
+
+    def _at(self, x: torch.Tensor, res: int) -> torch.Tensor:
+        return F.avg_pool2d(x, self.img_size // res) if res < x.shape[-1] else x
+
+    def fade_reals(self, reals: torch.Tensor) -> torch.Tensor:
+        """Reals as the current G can draw them: box-downsampled to the current resolution and, while a level
+        fades in, cross-faded with their half-resolution copy (NVIDIA's `process_reals`). Full size out."""
+        x = self._at(reals, self.resolution)
+        if self.fading:
+            x = torch.lerp(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2), x, self.alpha().to(x.dtype))
+        return F.interpolate(x, scale_factor=self.img_size // x.shape[-1], mode="nearest")
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        top = self.level + self.fading
+        x = self._at(imgs, 4 * 2**top)
+        h = self._block(top, lrelu(self.from_rgb[top](x))) if top else lrelu(self.from_rgb[0](x))
+        if self.fading:
+            old = lrelu(self.from_rgb[top - 1](F.avg_pool2d(x, 2)))
+            h = torch.lerp(old, h, self.alpha().to(h.dtype))
+        for i in range(top - 1, 0, -1):
+            h = self._block(i, h)
+        return self.epilogue(h)
