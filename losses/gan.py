@@ -4,6 +4,8 @@ and the script reduces them. D outputs are raw logits/scores of shape (N,)."""
 import torch
 import torch.nn.functional as F
 
+from modelling.common import at_least_fp32
+
 
 def _bce_logits(logits: torch.Tensor, targets: torch.Tensor | float) -> torch.Tensor:
     """-t log sigmoid(x) - (1 - t) log(1 - sigmoid(x)), written with softplus for stability."""
@@ -73,8 +75,8 @@ def gradient_penalty(critic, reals, fakes, labels=None, scale: float = 1.0, one_
     eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
     x_hat = (eps * reals.detach() + (1 - eps) * fakes.detach()).requires_grad_(True)
     d_hat = critic(x_hat, labels)
-    (grads,) = torch.autograd.grad(d_hat.float().sum() * scale, x_hat, create_graph=True)  # fp32 product
-    grad_norm = (grads.float() / scale).flatten(1).norm(dim=1)  # norm in fp32 from unscaled gradients
+    (grads,) = torch.autograd.grad(at_least_fp32(d_hat).sum() * scale, x_hat, create_graph=True)  # fp32 product
+    grad_norm = (at_least_fp32(grads) / scale).flatten(1).norm(dim=1)  # norm in fp32 from unscaled gradients
     excess = grad_norm - 1
     return (excess.clamp(min=0) if one_sided else excess).square()
 
@@ -84,8 +86,8 @@ def gradient_penalty(critic, reals, fakes, labels=None, scale: float = 1.0, one_
 def r1_penalty(critic, reals, labels=None, scale: float = 1.0) -> torch.Tensor:
     """Per-sample squared gradient norm ||grad_x D(x)||^2 at the real images."""
     x = reals.detach().requires_grad_(True)
-    (grads,) = torch.autograd.grad(critic(x, labels).float().sum() * scale, x, create_graph=True)
-    return (grads.float() / scale).flatten(1).square().sum(dim=1)
+    (grads,) = torch.autograd.grad(at_least_fp32(critic(x, labels)).sum() * scale, x, create_graph=True)
+    return (at_least_fp32(grads) / scale).flatten(1).square().sum(dim=1)
 
 
 # Path-length regularisation: Karras et al. 2020, arXiv 1912.04958, Sec. 3.2, Eq. 4, as run in StyleGAN2-ADA
@@ -96,5 +98,5 @@ def path_lengths(images: torch.Tensor, ws: torch.Tensor, scale: float = 1.0) -> 
     penalty is (length - a)^2 with `a` the running mean of the lengths, kept by the caller."""
     h, w = images.shape[-2:]
     y = torch.randn_like(images) / (h * w) ** 0.5
-    (grads,) = torch.autograd.grad((images.float() * y.float()).sum() * scale, ws, create_graph=True)
-    return (grads.float() / scale).square().sum(dim=2).mean(dim=1).sqrt()
+    (grads,) = torch.autograd.grad((at_least_fp32(images) * at_least_fp32(y)).sum() * scale, ws, create_graph=True)
+    return (at_least_fp32(grads) / scale).square().sum(dim=2).mean(dim=1).sqrt()

@@ -7,6 +7,11 @@ from torch.nn.utils.parametrizations import spectral_norm
 SN_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for softmaxes, sums and norms that overflow or lose precision; fp32/fp64 unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def apply_spectral_norm(module: nn.Module) -> nn.Module:
     """SN-GAN (arXiv 1802.05957): W / sigma_max(W) on every conv, linear and embedding layer, one power iteration
     per training forward. torch's parametrization reshapes ConvTranspose weights along dim 1 (its output dim)."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelling.common import apply_spectral_norm
+from modelling.common import apply_spectral_norm, at_least_fp32
 
 
 def _check_size(img_size: int) -> None:
@@ -55,7 +55,8 @@ class SelfAttention(nn.Module):
         queries = self.f(x).flatten(2)  # (N, C/8, HW)
         keys = F.max_pool2d(self.g(x), 2).flatten(2)  # (N, C/8, HW/4)
         values = F.max_pool2d(self.h(x), 2).flatten(2)  # (N, C/2, HW/4)
-        beta = torch.softmax(queries.float().transpose(1, 2) @ keys.float(), dim=-1)  # (N, HW, HW/4), over keys
+        logits = at_least_fp32(queries).transpose(1, 2) @ at_least_fp32(keys)  # (N, HW, HW/4), no 1/sqrt(d)
+        beta = torch.softmax(logits, dim=-1)  # over the keys
         attended = (values @ beta.transpose(1, 2).to(values.dtype)).reshape(n, c // 2, hh, ww)
         return x + self.gamma.to(x.dtype) * self.o(attended)
 

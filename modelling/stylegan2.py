@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelling.common import at_least_fp32
 from modelling.nvidia_ops import (
     DiscriminatorEpilogue,
     EqualizedConv2d,
@@ -40,19 +41,22 @@ from modelling.stylegan import NoiseInput, StyleGenerator
 
 
 class ModulatedConv2d(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, w_dim: int, demodulate=True, up=False, res=None):
+    """A synthesis conv (demodulated, noise, bias, LReLU * sqrt(2); `up` doubles the size), or with `rgb=True` the
+    ToRGB layer (no demodulation, styles * 1 / sqrt(fan_in), no noise, linear)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, w_dim: int, res: int, up=False, rgb=False):
         super().__init__()
         self.affine = EqualizedLinear(w_dim, in_ch, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
         self.weight_gain = 1 / math.sqrt(in_ch * kernel_size**2)
-        self.style_gain = 1.0 if demodulate else 1 / math.sqrt(in_ch * kernel_size**2)
-        self.demodulate, self.up = demodulate, up
+        self.style_gain = self.weight_gain if rgb else 1.0
+        self.demodulate, self.up = not rgb, up
         self.register_buffer("blur", make_filter([1, 3, 3, 1], gain=4) if up else None, persistent=False)
-        self.noise = NoiseInput(res) if res else None  # ToRGB has none
+        self.noise = None if rgb else NoiseInput(res)
         self.bias = nn.Parameter(torch.zeros(out_ch))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        styles = self.affine(w).float() * self.style_gain  # (N, in)
+        styles = at_least_fp32(self.affine(w)) * self.style_gain  # (N, in)
         weight = self.weight * self.weight_gain
         x = x * styles.to(x.dtype)[:, :, None, None]
         if self.up:
@@ -63,7 +67,7 @@ class ModulatedConv2d(nn.Module):
             x = F.conv2d(x, weight.to(x.dtype), padding=weight.shape[-1] // 2)
         if self.demodulate:
             # sum_{i,k} (weight_oik * s_ni)^2 = sum_i s_ni^2 * (sum_k weight_oik^2)
-            dcoefs = (styles.square() @ weight.float().square().sum(dim=(2, 3)).T + 1e-8).rsqrt()
+            dcoefs = (styles.square() @ at_least_fp32(weight).square().sum(dim=(2, 3)).T + 1e-8).rsqrt()
             x = x * dcoefs.to(x.dtype)[:, :, None, None]
         if self.noise is None:
             return x + self.bias.to(x.dtype)[None, :, None, None]
@@ -77,13 +81,13 @@ class Synthesis(nn.Module):
         ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
         self.const = nn.Parameter(torch.randn(1, ch[0], 4, 4))
         self.register_buffer("resample_filter", make_filter([1, 3, 3, 1]), persistent=False)
-        self.convs = nn.ModuleList([ModulatedConv2d(ch[0], ch[0], 3, w_dim, res=4)])
-        self.to_rgb = nn.ModuleList([ModulatedConv2d(ch[0], img_channels, 1, w_dim, demodulate=False)])
+        self.convs = nn.ModuleList([ModulatedConv2d(ch[0], ch[0], 3, w_dim, 4)])
+        self.to_rgb = nn.ModuleList([ModulatedConv2d(ch[0], img_channels, 1, w_dim, 4, rgb=True)])
         for i in range(1, depth + 1):
             res = 4 * 2**i
-            self.convs.append(ModulatedConv2d(ch[i - 1], ch[i], 3, w_dim, up=True, res=res))
-            self.convs.append(ModulatedConv2d(ch[i], ch[i], 3, w_dim, res=res))
-            self.to_rgb.append(ModulatedConv2d(ch[i], img_channels, 1, w_dim, demodulate=False))
+            self.convs.append(ModulatedConv2d(ch[i - 1], ch[i], 3, w_dim, res, up=True))
+            self.convs.append(ModulatedConv2d(ch[i], ch[i], 3, w_dim, res))
+            self.to_rgb.append(ModulatedConv2d(ch[i], img_channels, 1, w_dim, res, rgb=True))
 
     def forward(self, ws: torch.Tensor) -> torch.Tensor:
         x = self.convs[0](self.const.expand(ws.shape[0], -1, -1, -1).to(ws.dtype), ws[:, 0])
