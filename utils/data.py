@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from utils.cli import UserError
 
@@ -315,7 +316,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
         except UserError as e:
             if report and i not in self.skipped:
                 self.skipped.add(i)
-                print(f"warning: skipped {e} ({len(self.skipped)} unreadable so far)", file=sys.stderr, flush=True)
+                # tqdm.write: a line of its own even while a progress bar is drawn on the same stream
+                tqdm.write(f"warning: skipped {e} ({len(self.skipped)} unreadable so far)", file=sys.stderr)
             return None
         return image.expand(3, -1, -1)
 

@@ -1,0 +1,223 @@
+"""Script-level tests: gan_celeba.py run the way users run it, on tiny synthetic image folders (real PNG/JPEG/WebP
+files, a CelebA-layout folder of 178x218 JPEGs, corrupt files), then sample.py on its snapshots."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import assert_one_line_error, read_stats, run_script
+from tests.test_gan_mnist import _same_tree
+from utils.ckpt import load_training_state
+
+NV = '{"channel_base": 64, "channel_max": 8}'
+STYLE = '{"channel_base": 64, "channel_max": 8, "w_dim": 8, "n_mlp": 2}'
+TINY = {  # (gen_kwargs, disc_kwargs) per model: seconds per step on a CPU
+    "dcgan": ('{"base_dim": 4}', '{"base_dim": 4}'),
+    "progressive_gan": (NV, NV),
+    "stylegan": (STYLE, NV),
+    "stylegan2": (STYLE, NV),
+    "sagan": ('{"base_dim": 8}', '{"base_dim": 8}'),
+}
+
+
+def _write_images(folder: Path, n: int, size: tuple[int, int], seed: int, fmt: str = "png") -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.{fmt}")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """Two classes in subfolders, mixed formats and non-square sizes (centre-cropped), one grayscale file."""
+    root = tmp_path_factory.mktemp("images")
+    _write_images(root / "cats", 12, (20, 24), 0, "png")
+    _write_images(root / "dogs" / "deeper", 10, (24, 20), 1, "jpg")  # recursive
+    _write_images(root / "dogs", 4, (16, 16), 2, "webp")
+    Image.fromarray(np.full((16, 16), 128, np.uint8)).save(root / "cats" / "gray.png")  # converted to RGB
+    return root
+
+
+def train(data_dir, log_dir, model, *args, **kw):
+    gen_kwargs, disc_kwargs = TINY[model]
+    return run_script(
+        "gan_celeba.py",
+        *("--dataset", "folder", "--data_dir", data_dir, "--img_size", "16", "--log_dir", log_dir),
+        *("--model", model, "--gen_kwargs", gen_kwargs, "--disc_kwargs", disc_kwargs, "--z_dim", "8"),
+        *("--batch_size", "4", "--num_workers", "0", "--loggers", "none"),
+        *map(str, args),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("model", sorted(TINY))
+def test_every_model_trains_and_samples(tmp_path, image_dir, model):
+    conditional = ["--conditional"] if model in ("dcgan", "sagan") else []
+    growth = ["--fade_kimg", "0.004"] if model == "progressive_gan" else []  # 1 step per phase: it grows
+    lazy = ["--r1_interval", "2", "--pl_interval", "2"] if model == "stylegan2" else []
+    intervals = ["--log_interval", "2", "--sample_interval", "4", "--checkpoint_interval", "4"]
+    train(
+        image_dir,
+        tmp_path,
+        model,
+        "--log_name",
+        "run",
+        "--n_steps",
+        "4",
+        "--ema",
+        *intervals,
+        *conditional,
+        *growth,
+        *lazy,
+    )
+    run_dir = tmp_path / "run"
+    config = json.loads((run_dir / "config.json").read_text())
+    expected_method = {"progressive_gan": "wgan-gp", "sagan": "hinge"}.get(model, "gan")
+    assert config["method"] == expected_method and config["lr"] > 0  # model defaults resolved and recorded
+    rows = read_stats(run_dir)
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss/d"]) for r in rows)
+    penalties = {"progressive_gan": "penalty/gp", "stylegan": "penalty/r1", "stylegan2": "penalty/pl"}
+    if model in penalties:
+        assert penalties[model] in rows[-1]
+    if model == "progressive_gan":
+        assert rows[-1]["growth"] == 1.0  # 1 step per phase: step 2 ends level 1's fade-in, step 3 is stable
+    rows_in_grid = 2 if conditional else 10  # one row per class, or 10 x 10
+    assert Image.open(run_dir / "grids" / "ema-00000004.png").size == (10 * 18 + 2, rows_in_grid * 18 + 2)
+
+    style = model in ("stylegan", "stylegan2")
+    truncation = ["--truncation", "0.7"] if style else []
+    run_script("sample.py", "--checkpoint", run_dir, "--n_samples", "4", "--out_dir", tmp_path / "a", *truncation)
+    images = [np.asarray(Image.open(tmp_path / "a" / f"{s:06d}.png")).astype(int) for s in range(4)]
+    assert all(im.shape == (16, 16, 3) for im in images)
+    info = json.loads((tmp_path / "a" / "sample_info.json").read_text())
+    assert info["model"] == model and info["n_classes"] == (2 if conditional else 0)
+    if style:  # fixed noise maps in eval mode: a seed's image does not depend on the batch it was drawn in
+        assert info["sampler"] == {"truncation": 0.7, "truncation_cutoff": None}
+        run_script("sample.py", "--checkpoint", run_dir, "--n_samples", "4", "--batch_size", "1",
+                   "--out_dir", tmp_path / "b", *truncation)  # fmt: skip
+        for s, image in enumerate(images):
+            assert np.abs(np.asarray(Image.open(tmp_path / "b" / f"{s:06d}.png")).astype(int) - image).max() <= 1
+    if model == "dcgan":
+        bad = run_script("sample.py", "--checkpoint", run_dir, "--truncation", "0.5", ok=False)
+        assert_one_line_error(bad, "--truncation/--truncation_cutoff need a style generator")
+
+
+def test_corrupt_images_are_skipped_with_a_count(tmp_path):
+    folder = tmp_path / "imgs"
+    _write_images(folder, 4, (16, 16), 0)
+    (folder / "bad1.png").write_bytes(b"not a png at all")
+    (folder / "bad2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    result = train(folder, tmp_path, "dcgan", "--n_steps", "3", "--batch_size", "6", "--log_interval", "3")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 2 and "bad1.png" in result.stderr and "bad2.jpg" in result.stderr
+    assert warnings[-1].endswith("(2 unreadable so far)") and "Traceback" not in result.stderr
+    assert read_stats(tmp_path / "folder_dcgan_gan")[-1]["step"] == 3
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"junk")
+    result = train(only_bad, tmp_path / "b", "dcgan", "--n_steps", "1", ok=False)
+    assert_one_line_error(result, "none of the first 1 images")
+
+
+RESUME_CASES = {
+    # fade_kimg 0.008 = 2 steps of 4 images per phase: steps 0-1 at 4x4, 2-3 fade 8x8 in; the split at step 3
+    # lands mid-fade-in.
+    "progressive_gan": ["--fade_kimg", "0.008", "--n_steps", "6"],
+    # Lazy R1 every 2 D steps and path length every 2 G steps: the split at step 3 is between regularised steps.
+    "stylegan2": ["--r1_interval", "2", "--pl_interval", "2", "--n_steps", "5"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(RESUME_CASES))
+def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_dir, model):
+    args = RESUME_CASES[model] + [
+        "--ema",
+        "--checkpoint_interval",
+        "3",
+        "--log_interval",
+        "1",
+        "--sample_interval",
+        "100",
+    ]
+    n_steps = int(args[args.index("--n_steps") + 1])
+    train(image_dir, tmp_path, model, "--log_name", "straight", *args)
+    # A second run stopped at step 3 (one state), then a new process resumes it.
+    train(image_dir, tmp_path, model, "--log_name", "split", *args, "--n_steps", "3")
+    result = train(image_dir, tmp_path, model, "--log_name", "split", *args, "--resume", "latest")
+    assert "resuming from" in result.stdout
+    straight = load_training_state(tmp_path / "straight" / "states" / f"state-{n_steps:08d}")
+    split = load_training_state(tmp_path / "split" / "states" / f"state-{n_steps:08d}")
+    for key in ("gen", "disc", "optim_g", "optim_d", "ema", "pl_mean", "skipped", "step"):
+        assert _same_tree(straight[key], split[key], key) == []
+    losses = [[r["loss/d"] for r in read_stats(tmp_path / name)] for name in ("straight", "split")]
+    assert losses[0] == losses[1]
+    if model == "progressive_gan":
+        assert [r["growth"] for r in read_stats(tmp_path / "split")][:4] == [0.0, 0.0, 0.0, 0.5]
+        assert float(split["gen"]["growth"]) == 1.0
+    else:
+        assert float(split["pl_mean"]) > 0  # the path-length running mean was updated and carried over
+
+
+@pytest.fixture(scope="module")
+def celeba_root(tmp_path_factory) -> Path:
+    """CelebA in torchvision's layout: <root>/celeba/img_align_celeba/*.jpg, 178 x 218 like the real files."""
+    root = tmp_path_factory.mktemp("celeba_root")
+    _write_images(root / "celeba" / "img_align_celeba", 8, (178, 218), 3, "jpg")
+    return root
+
+
+def test_seed_003_commands_run_as_written(tmp_path, celeba_root):
+    """Seed 003's three gan_celeba.py lines verbatim, plus --data_dir and a short --n_steps (argparse: last wins)."""
+    commands = [
+        "--model dcgan --method gan --img_size 64 --log_name celeba_dcgan --batch_size 128 --n_steps 100000 --lr 2e-4 "
+        "--beta1 0.5 --beta2 0.999 --ema",
+        "--model dcgan --method wgan --img_size 64 --log_name celeba_dcgan_wgan --batch_size 64 --n_steps 100000 "
+        "--optimizer RMSprop --lr 5e-5 --train_g_interval 5",
+        "--model progressive_gan --loggers tensorboard --img_size 256 --z_dim 512 --batch_size 16 --method wgan-gp "
+        "--log_name celeba_progressive_gan --n_steps 650000 --optimizer Adam --beta1 0 --beta2 0.99 --lr 1e-3 --ema "
+        "--drift_penalty 0.001 --checkpoint_interval 50000",
+    ]
+    for command in commands:
+        extra = ["--data_dir", celeba_root, "--log_dir", tmp_path, "--n_steps", "1", "--num_workers", "0"]
+        run_script("gan_celeba.py", *command.split(), *extra)
+        name = command.split("--log_name ")[1].split()[0]
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert (
+            config["dataset"] == "celeba"
+            and (tmp_path / name / "snapshots" / "snapshot-00000001.safetensors").is_file()
+        )
+    # ProGAN at 256 starts at 4x4: level 0 of 6, and the tensorboard file exists.
+    assert read_stats(tmp_path / "celeba_progressive_gan")[-1]["growth"] == 0.0
+    assert list((tmp_path / "celeba_progressive_gan" / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_two_processes_with_torchrun(tmp_path, image_dir):
+    """DDP over gloo: lazy R1 and path length run through the eager DDP module (gradients averaged), and the
+    replicas stay identical (the checkpoint checks it and would stop the run otherwise)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    lazy = ["--r1_interval", "2", "--pl_interval", "2"]
+    args = ["--log_name", "ddp", "--n_steps", "4", *lazy, "--checkpoint_interval", "4", "--log_interval", "2"]
+    result = train(image_dir, tmp_path, "stylegan2", *args, launcher=launcher)
+    assert "parameters identical on 2 process(es)" in result.stdout
+    assert read_stats(tmp_path / "ddp")[-1]["kimg"] == pytest.approx(4 * 8 / 1000)
+
+
+def test_bad_flags_give_one_line(tmp_path, image_dir):
+    cases = [
+        (["--conditional"], "stylegan2", "--conditional is supported by dcgan and sagan"),
+        (["--pl_weight", "2"], "dcgan", "--pl_weight needs a generator with a mapping network"),
+        (["--method", "wgan-gp", "--disc_kwargs", '{"norm": "batch"}'], "dcgan", "without BatchNorm"),
+        (["--img_size", "12"], "stylegan", "power-of-two img_size"),
+    ]
+    for args, model, fragment in cases:
+        result = train(image_dir, tmp_path, model, "--n_steps", "1", *args, ok=False)
+        assert_one_line_error(result, fragment)
+    missing = run_script("gan_celeba.py", "--data_dir", tmp_path / "nothing", "--log_dir", tmp_path, ok=False)
+    assert_one_line_error(missing, "celeba not found", "img_align_celeba")
+    assert not list(tmp_path.glob("*/states/state-*"))  # nothing was written by the refused runs
