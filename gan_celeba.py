@@ -413,7 +413,9 @@ def main(cfg: Config) -> None:
             if cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0:
                 generator = uncompiled(gen)
                 n_pl = max(1, n // cfg.pl_batch_shrink)
-                images, ws = generator(torch.randn(n_pl, cfg.z_dim, device=device), None, return_ws=True)
+                # ws enter as an input: outputs of a prepared model are converted copies under mixed precision
+                ws = unwrap(gen).make_ws(torch.randn(n_pl, cfg.z_dim, device=device))
+                images = generator(None, ws=ws)
                 lengths = path_lengths(images, ws, scale=penalty_scale())
                 pl_mean = torch.lerp(pl_mean, accelerator.reduce(lengths.detach().mean(), "mean"), cfg.pl_decay)
                 pl_penalty = (lengths - pl_mean).square().mean()

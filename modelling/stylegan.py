@@ -101,10 +101,12 @@ class StyleGenerator(nn.Module):
             ws = torch.cat([torch.lerp(w_avg, ws[:, :cut], truncation), ws[:, cut:]], dim=1)
         return ws
 
-    def forward(self, zs, labels=None, truncation: float = 1.0, truncation_cutoff=None, return_ws: bool = False):
-        ws = self.make_ws(zs, truncation, truncation_cutoff)
-        images = self.synthesis(ws)
-        return (images, ws) if return_ws else images
+    def forward(self, zs, labels=None, truncation: float = 1.0, truncation_cutoff=None, ws=None) -> torch.Tensor:
+        """Images from latents zs, or from given broadcast latents `ws` (N, num_ws, w_dim) (then zs is ignored):
+        the path-length regulariser differentiates the images with respect to an input ws."""
+        if ws is None:
+            ws = self.make_ws(zs, truncation, truncation_cutoff)
+        return self.synthesis(ws)
 
 
 class AdaINLayer(nn.Module):

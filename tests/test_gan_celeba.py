@@ -2,6 +2,7 @@
 files, a CelebA-layout folder of 178x218 JPEGs, corrupt files), then sample.py on its snapshots."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -197,27 +198,49 @@ def test_seed_003_commands_run_as_written(tmp_path, celeba_root):
     assert list((tmp_path / "celeba_progressive_gan" / "tb").rglob("events.out.tfevents.*"))
 
 
-def test_two_processes_with_torchrun(tmp_path, image_dir):
-    """DDP over gloo: lazy R1 and path length run through the eager DDP module (gradients averaged), and the
-    replicas stay identical (the checkpoint checks it and would stop the run otherwise)."""
+DDP_CASES = {
+    # Lazy R1 and path length run through the eager DDP module (gradients averaged), under bf16 autocast.
+    "stylegan2": ["--r1_interval", "2", "--pl_interval", "2", "--mixed_precision", "bf16"],
+    # A growing network leaves its future levels unused: DDP runs with find_unused_parameters.
+    "progressive_gan": ["--fade_kimg", "0.008"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(DDP_CASES))
+def test_two_processes_with_torchrun(tmp_path, image_dir, model):
+    """DDP over gloo; the checkpoint checks that the replicas hold identical weights and stops the run if not."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    lazy = ["--r1_interval", "2", "--pl_interval", "2"]
-    args = ["--log_name", "ddp", "--n_steps", "4", *lazy, "--checkpoint_interval", "4", "--log_interval", "2"]
-    result = train(image_dir, tmp_path, "stylegan2", *args, launcher=launcher)
+    args = ["--log_name", "ddp", "--n_steps", "4", "--checkpoint_interval", "4", "--log_interval", "2"]
+    result = train(image_dir, tmp_path, model, *args, *DDP_CASES[model], launcher=launcher)
     assert "parameters identical on 2 process(es)" in result.stdout
     assert read_stats(tmp_path / "ddp")[-1]["kimg"] == pytest.approx(4 * 8 / 1000)
 
 
-def test_bad_flags_give_one_line(tmp_path, image_dir):
+def test_bad_flags_are_refused(tmp_path):
+    """Flag combinations that cannot work are refused before anything is written (in-process: the same UserError
+    the script prints as one line, which the subprocess case at the end checks)."""
+    from gan_celeba import Config, build_models, resolve_config
+    from utils.cli import UserError
+
     cases = [
-        (["--conditional"], "stylegan2", "--conditional is supported by dcgan and sagan"),
-        (["--pl_weight", "2"], "dcgan", "--pl_weight needs a generator with a mapping network"),
-        (["--method", "wgan-gp", "--disc_kwargs", '{"norm": "batch"}'], "dcgan", "without BatchNorm"),
-        (["--img_size", "12"], "stylegan", "power-of-two img_size"),
+        (dict(model="stylegan2", conditional=True), "--conditional is supported by dcgan and sagan"),
+        (dict(model="dcgan", pl_weight=2.0), "--pl_weight needs a generator with a mapping network"),
+        (dict(model="dcgan", method="wgan-gp", disc_kwargs={"norm": "batch"}), "without BatchNorm"),
+        (dict(model="stylegan2", r1_interval=0), "--r1_interval must be >= 1"),
+        (dict(model="sagan", beta2=1.0), "--beta2 must be in [0, 1)"),
     ]
-    for args, model, fragment in cases:
-        result = train(image_dir, tmp_path, model, "--n_steps", "1", *args, ok=False)
-        assert_one_line_error(result, fragment)
+    for kwargs, fragment in cases:
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            resolve_config(Config(**kwargs))
+    with pytest.raises(UserError, match="power-of-two img_size"):
+        build_models(resolve_config(Config(model="stylegan", img_size=12)), 3, 0)
+    # Unset flags take the model's defaults; --lr alone sets both networks' rates (no TTUR then).
+    sagan = resolve_config(Config(model="sagan"))
+    assert (sagan.method, sagan.lr, sagan.lr_d, sagan.beta1, sagan.beta2) == ("hinge", 1e-4, 4e-4, 0.0, 0.9)
+    assert resolve_config(Config(model="sagan", lr=2e-4)).lr_d == 2e-4
+    sg2 = resolve_config(Config(model="stylegan2"))
+    assert (sg2.r1_gamma, sg2.r1_interval, sg2.pl_weight, sg2.lr) == (10.0, 16, 2.0, 2e-3)
+
     missing = run_script("gan_celeba.py", "--data_dir", tmp_path / "nothing", "--log_dir", tmp_path, ok=False)
     assert_one_line_error(missing, "celeba not found", "img_align_celeba")
-    assert not list(tmp_path.glob("*/states/state-*"))  # nothing was written by the refused runs
+    assert not list(tmp_path.glob("*/states/state-*"))  # nothing was written by the refused run

@@ -200,7 +200,7 @@ def test_truncation_is_for_sampling_only_and_style_mixing_mixes(name):
     gen = build_generator(name, img_size=16, z_dim=8, mixing_prob=0.0, **NV, **STYLE_G)
     assert gen.num_ws == 2 * 4 - 2
     zs = torch.randn(4, 8)
-    _, ws = gen(zs, return_ws=True)  # training mode: mapping updates w_avg, no truncation
+    ws = gen.make_ws(zs)  # training mode: mapping updates w_avg, no truncation
     assert torch.equal(ws, gen.mapping(zs)[:, None].expand_as(ws))
     assert gen.mapping.w_avg.abs().sum() > 0
     with pytest.raises(RuntimeError, match="sampling only"):
@@ -210,15 +210,16 @@ def test_truncation_is_for_sampling_only_and_style_mixing_mixes(name):
     collapsed = gen(zs, truncation=0.0)  # psi = 0: every latent maps to w_avg; eval noise is fixed
     assert torch.allclose(collapsed, collapsed[:1].expand_as(collapsed), atol=1e-5)
     assert torch.equal(gen.mapping.w_avg, w_avg)  # eval mode never updates w_avg
-    _, ws_cut = gen(zs, truncation=0.5, truncation_cutoff=2, return_ws=True)
-    _, ws_full = gen(zs, return_ws=True)
+    ws_cut = gen.make_ws(zs, truncation=0.5, truncation_cutoff=2)
+    ws_full = gen.make_ws(zs)
+    assert torch.equal(gen(zs, truncation=0.5, truncation_cutoff=2), gen(None, ws=ws_cut))
     assert torch.allclose(ws_cut[:, :2], w_avg + 0.5 * (ws_full[:, :2] - w_avg)) and torch.equal(
         ws_cut[:, 2:], ws_full[:, 2:]
     )
     assert torch.allclose(gen(zs[:1]), gen(zs)[:1], rtol=1e-5, atol=1e-5)  # eval: image k depends on latent k only
     gen.train()
     gen.mixing_prob = 1.0
-    _, mixed = gen(zs, return_ws=True)
+    mixed = gen.make_ws(zs)
     distinct = [i for i in range(1, gen.num_ws) if not torch.equal(mixed[:, i], mixed[:, 0])]
     assert distinct and distinct == list(range(distinct[0], gen.num_ws))  # layers from the crossover on
 
