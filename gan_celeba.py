@@ -188,7 +188,7 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
 
 
 def main(cfg: Config) -> None:
-    cfg = resolve_config(cfg)
+    cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
     log_name = cfg.log_name or f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}"
     run_dir = Path(cfg.log_dir) / log_name
     state, state_path = open_resume_state(cfg.resume, run_dir)
@@ -460,4 +460,4 @@ def main(cfg: Config) -> None:
 
 if __name__ == "__main__":
     with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+        main(parse(Config, description=__doc__.split("\n")[0], resolve=resolve_config))

@@ -92,8 +92,9 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def parse(config_cls, argv: list[str] | None = None, description: str | None = None):
-    """Resolve defaults < config file < command line into a `config_cls` instance."""
+def parse(config_cls, argv: list[str] | None = None, description: str | None = None, resolve=None):
+    """Resolve defaults < config file < command line into a `config_cls` instance, then `resolve(cfg)` if given
+    (a script's own defaults that depend on other flags), so that --dry_run prints what the run would use."""
     parser = make_parser(config_cls, description)
     config_path = _find_config_arg(sys.argv[1:] if argv is None else argv)
     if config_path:
@@ -116,6 +117,8 @@ def parse(config_cls, argv: list[str] | None = None, description: str | None = N
     dry_run = args.dry_run
     values = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run")}
     cfg = config_cls(**values)
+    if resolve is not None:
+        cfg = resolve(cfg)
     if dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         sys.exit(0)
