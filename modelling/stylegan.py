@@ -65,50 +65,6 @@ class NoiseInput(nn.Module):
         return x + noise * self.strength.to(x.dtype)
 
 
-class StyleGenerator(nn.Module):
-    """What StyleGAN and StyleGAN2 share: mapping, broadcast to num_ws, style mixing, truncation. Subclasses build
-    `self.synthesis(ws) -> images`."""
-
-    def __init__(self, img_size, img_channels, z_dim, w_dim, n_mlp, mixing_prob, n_classes, model):
-        super().__init__()
-        if n_classes:
-            raise ValueError(f"{model} is unconditional here (use dcgan or sagan with --conditional)")
-        self.img_size, self.img_channels, self.z_dim, self.w_dim, self.n_classes = (
-            img_size,
-            img_channels,
-            z_dim,
-            w_dim,
-            0,
-        )
-        self.num_ws = 2 * log2_size(img_size, model) - 2
-        self.mixing_prob = mixing_prob
-        self.mapping = MappingNetwork(z_dim, w_dim, n_mlp)
-
-    def make_ws(self, zs: torch.Tensor, truncation: float = 1.0, truncation_cutoff: int | None = None):
-        ws = self.mapping(zs)[:, None].repeat(1, self.num_ws, 1)
-        if self.training and self.mixing_prob > 0:
-            # One crossover per batch (StyleGAN2-ADA); with prob 1 - p the crossover is num_ws, i.e. no mixing.
-            cutoff = torch.randint(1, self.num_ws, (), device=zs.device)
-            cutoff = torch.where(torch.rand((), device=zs.device) < self.mixing_prob, cutoff, self.num_ws)
-            mixed = self.mapping(torch.randn_like(zs))[:, None]
-            later = (torch.arange(self.num_ws, device=zs.device) >= cutoff)[None, :, None]
-            ws = torch.where(later, mixed.to(ws.dtype), ws)
-        if truncation != 1:
-            if self.training:
-                raise RuntimeError("truncation is for sampling only: call .eval() first")
-            cut = self.num_ws if truncation_cutoff is None else truncation_cutoff
-            w_avg = self.mapping.w_avg.to(ws.dtype)
-            ws = torch.cat([torch.lerp(w_avg, ws[:, :cut], truncation), ws[:, cut:]], dim=1)
-        return ws
-
-    def forward(self, zs, labels=None, truncation: float = 1.0, truncation_cutoff=None, ws=None) -> torch.Tensor:
-        """Images from latents zs, or from given broadcast latents `ws` (N, num_ws, w_dim) (then zs is ignored):
-        the path-length regulariser differentiates the images with respect to an input ws."""
-        if ws is None:
-            ws = self.make_ws(zs, truncation, truncation_cutoff)
-        return self.synthesis(ws)
-
-
 class AdaINLayer(nn.Module):
     """[conv] -> noise -> bias -> LReLU -> InstanceNorm -> AdaIN(w)."""
 
@@ -154,7 +110,12 @@ class Synthesis(nn.Module):
         return self.to_rgb(x)
 
 
-class Generator(StyleGenerator):
+class Generator(nn.Module):
+    """Mapping, broadcast to num_ws, style mixing, truncation and a synthesis network. StyleGAN2's generator is
+    this class with its own `synthesis_class`."""
+
+    name, synthesis_class = "stylegan", Synthesis
+
     def __init__(
         self,
         img_size: int = 64,
@@ -167,5 +128,36 @@ class Generator(StyleGenerator):
         mixing_prob: float = 0.9,
         n_classes: int = 0,
     ):
-        super().__init__(img_size, img_channels, z_dim, w_dim, n_mlp, mixing_prob, n_classes, "stylegan")
-        self.synthesis = Synthesis(img_size, img_channels, w_dim, channel_base, channel_max)
+        super().__init__()
+        if n_classes:
+            raise ValueError(f"{self.name} is unconditional here (use dcgan or sagan with --conditional)")
+        self.img_size, self.img_channels, self.n_classes = img_size, img_channels, 0
+        self.z_dim, self.w_dim = z_dim, w_dim
+        self.num_ws = 2 * log2_size(img_size, self.name) - 2
+        self.mixing_prob = mixing_prob
+        self.mapping = MappingNetwork(z_dim, w_dim, n_mlp)
+        self.synthesis = self.synthesis_class(img_size, img_channels, w_dim, channel_base, channel_max)
+
+    def make_ws(self, zs: torch.Tensor, truncation: float = 1.0, truncation_cutoff: int | None = None):
+        ws = self.mapping(zs)[:, None].repeat(1, self.num_ws, 1)
+        if self.training and self.mixing_prob > 0:
+            # One crossover per batch (StyleGAN2-ADA); with prob 1 - p the crossover is num_ws, i.e. no mixing.
+            cutoff = torch.randint(1, self.num_ws, (), device=zs.device)
+            cutoff = torch.where(torch.rand((), device=zs.device) < self.mixing_prob, cutoff, self.num_ws)
+            mixed = self.mapping(torch.randn_like(zs))[:, None]
+            later = (torch.arange(self.num_ws, device=zs.device) >= cutoff)[None, :, None]
+            ws = torch.where(later, mixed.to(ws.dtype), ws)
+        if truncation != 1:
+            if self.training:
+                raise RuntimeError("truncation is for sampling only: call .eval() first")
+            cut = self.num_ws if truncation_cutoff is None else truncation_cutoff
+            w_avg = self.mapping.w_avg.to(ws.dtype)
+            ws = torch.cat([torch.lerp(w_avg, ws[:, :cut], truncation), ws[:, cut:]], dim=1)
+        return ws
+
+    def forward(self, zs, labels=None, truncation: float = 1.0, truncation_cutoff=None, ws=None) -> torch.Tensor:
+        """Images from latents zs, or from given broadcast latents `ws` (N, num_ws, w_dim) (then zs is ignored):
+        the path-length regulariser differentiates the images with respect to an input ws."""
+        if ws is None:
+            ws = self.make_ws(zs, truncation, truncation_cutoff)
+        return self.synthesis(ws)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelling import stylegan
 from modelling.common import at_least_fp32
 from modelling.nvidia_ops import (
     DiscriminatorEpilogue,
@@ -37,7 +38,7 @@ from modelling.nvidia_ops import (
     upsample2d,
 )
 from modelling.progressive_gan import channels, log2_size
-from modelling.stylegan import NoiseInput, StyleGenerator
+from modelling.stylegan import NoiseInput
 
 
 class ModulatedConv2d(nn.Module):
@@ -99,21 +100,10 @@ class Synthesis(nn.Module):
         return img
 
 
-class Generator(StyleGenerator):
-    def __init__(
-        self,
-        img_size: int = 64,
-        img_channels: int = 3,
-        z_dim: int = 512,
-        w_dim: int = 512,
-        n_mlp: int = 8,
-        channel_base: int = 16384,
-        channel_max: int = 512,
-        mixing_prob: float = 0.9,
-        n_classes: int = 0,
-    ):
-        super().__init__(img_size, img_channels, z_dim, w_dim, n_mlp, mixing_prob, n_classes, "stylegan2")
-        self.synthesis = Synthesis(img_size, img_channels, w_dim, channel_base, channel_max)
+class Generator(stylegan.Generator):
+    """StyleGAN's generator (mapping, mixing, truncation) around the StyleGAN2 synthesis network."""
+
+    name, synthesis_class = "stylegan2", Synthesis
 
 
 class Discriminator(nn.Module):
