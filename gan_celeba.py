@@ -42,6 +42,8 @@ from modelling.progressive_gan import growth_at
 from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
+    gan_state,
+    load_gan_state,
     open_resume_state,
     save_snapshot,
     save_training_state,
@@ -256,18 +258,9 @@ def main(cfg: Config) -> None:
     # Resume.
     skipped, pl_mean = 0, torch.zeros((), device=device)  # pl_mean: the path-length running mean `a`
     if state is not None:
-        unwrap(gen).load_state_dict(state["gen"])
-        unwrap(disc).load_state_dict(state["disc"])
-        optim_g.load_state_dict(state["optim_g"])
-        optim_d.load_state_dict(state["optim_d"])
+        load_gan_state(state, gen, disc, optim_g, optim_d, ema, accelerator.scaler)
         set_hyperparameters(optim_g, cfg.lr, betas, g_reg_interval)
         set_hyperparameters(optim_d, cfg.lr_d, betas, d_reg_interval)
-        if ema is not None:
-            if state["ema"] is None:
-                raise UserError("cannot resume with --ema: the training state was made without an EMA")
-            ema.load_state_dict(state["ema"])
-        if accelerator.scaler is not None and state["scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
         skipped, pl_mean = state["skipped"], state["pl_mean"].to(device)
         del state
 
@@ -305,18 +298,8 @@ def main(cfg: Config) -> None:
         accelerator.wait_for_everyone()
         digest = check_replicas_agree(accelerator, unwrap(gen), unwrap(disc))
         if is_main:
-            train_state = {
-                "step": step,
-                "config": dataclasses.asdict(cfg),
-                "skipped": skips.total,
-                "pl_mean": pl_mean.cpu(),
-                "gen": unwrap(gen).state_dict(),
-                "disc": unwrap(disc).state_dict(),
-                "optim_g": optim_g.state_dict(),
-                "optim_d": optim_d.state_dict(),
-                "ema": ema.state_dict() if ema else None,
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-            }
+            nets = (gen, disc, optim_g, optim_d, ema, accelerator.scaler)
+            train_state = gan_state(step, dataclasses.asdict(cfg), skips.total, *nets, pl_mean=pl_mean.cpu())
             save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
             save_snapshot(
                 run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",

@@ -31,6 +31,8 @@ from modelling.common import latent_batches, recalibrate_batchnorm
 from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
+    gan_state,
+    load_gan_state,
     open_resume_state,
     save_snapshot,
     save_training_state,
@@ -217,18 +219,9 @@ def main(cfg: Config) -> None:
     # Resume.
     skipped = 0
     if state is not None:
-        unwrap(gen).load_state_dict(state["gen"])
-        unwrap(disc).load_state_dict(state["disc"])
-        optim_g.load_state_dict(state["optim_g"])
-        optim_d.load_state_dict(state["optim_d"])
+        load_gan_state(state, gen, disc, optim_g, optim_d, ema, accelerator.scaler)
         for optimizer in (optim_g, optim_d):  # the saved groups carry the old lr and betas
             set_hyperparameters(optimizer, cfg.lr, (cfg.beta1, cfg.beta2))
-        if ema is not None:
-            if state["ema"] is None:
-                raise UserError("cannot resume with --ema: the training state was made without an EMA")
-            ema.load_state_dict(state["ema"])
-        if accelerator.scaler is not None and state["scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
         skipped = state["skipped"]
         del state
 
@@ -261,17 +254,9 @@ def main(cfg: Config) -> None:
         accelerator.wait_for_everyone()
         digest = check_replicas_agree(accelerator, unwrap(gen), unwrap(disc))
         if is_main:
-            train_state = {
-                "step": step,
-                "config": dataclasses.asdict(cfg),
-                "skipped": skips.total,
-                "gen": unwrap(gen).state_dict(),
-                "disc": unwrap(disc).state_dict(),
-                "optim_g": optim_g.state_dict(),
-                "optim_d": optim_d.state_dict(),
-                "ema": ema.state_dict() if ema else None,
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-            }
+            train_state = gan_state(
+                step, dataclasses.asdict(cfg), skips.total, gen, disc, optim_g, optim_d, ema, accelerator.scaler
+            )
             save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
             snapshot_gen = eval_generator(ema.module if ema else gen)
             save_snapshot(

@@ -76,7 +76,9 @@ def main() -> None:
         write_folder(data_dir, max(256, 2 * args.batch_size), args.img_size)
         results = {v: run_variant(args, v, data_dir, Path(tmp) / "logs") for v in args.variants}
     for variant, (img_s, peak) in results.items():
-        print(f"{args.model} {args.img_size}px batch {args.batch_size} {variant}: {img_s:.1f} img/s, peak {peak:.2f} GiB")
+        print(
+            f"{args.model} {args.img_size}px batch {args.batch_size} {variant}: {img_s:.1f} img/s, peak {peak:.2f} GiB"
+        )
     base = results.get("fp32")
     if base:
         ratios = ", ".join(f"{v} {r[0] / base[0]:.2f}x" for v, r in results.items() if v != "fp32")

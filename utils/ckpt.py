@@ -38,6 +38,38 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def gan_state(step, config, skipped, gen, disc, optim_g, optim_d, ema, scaler, **extra) -> dict:
+    """The full training state of a GAN script (gan_mnist.py, gan_celeba.py) for `save_training_state`; `extra`
+    holds a script's own entries (e.g. the path-length running mean)."""
+    return {
+        "step": step,
+        "config": config,
+        "skipped": skipped,
+        "gen": unwrap(gen).state_dict(),
+        "disc": unwrap(disc).state_dict(),
+        "optim_g": optim_g.state_dict(),
+        "optim_d": optim_d.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        **extra,
+    }
+
+
+def load_gan_state(state: dict, gen, disc, optim_g, optim_d, ema, scaler) -> None:
+    """Restore what `gan_state` saved into freshly prepared networks, optimizers, EMA and GradScaler. The caller
+    re-applies lr/betas afterwards (the saved optimizer groups carry the old ones)."""
+    unwrap(gen).load_state_dict(state["gen"])
+    unwrap(disc).load_state_dict(state["disc"])
+    optim_g.load_state_dict(state["optim_g"])
+    optim_d.load_state_dict(state["optim_d"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise UserError("cannot resume with --ema: the training state was made without an EMA")
+        ema.load_state_dict(state["ema"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+
+
 def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """Strip only torch.compile's wrapper (accelerate compiles last, around DDP): the eager, still DDP-synchronised
     module, for second-order gradients (R1, path length), which compiled graphs do not support."""
