@@ -59,13 +59,12 @@ from utils.tracking import (
     KimgClock,
     RunningMeans,
     SkipCounter,
-    append_jsonl,
     peak_memory_gb,
     progress,
-    status_line,
     step_optimizer,
     tracker_config,
     trim_stats,
+    write_log,
 )
 
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -427,10 +426,7 @@ def main(cfg: Config) -> None:
                 "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
-            if is_main:
-                append_jsonl(run_dir / "stats.jsonl", record)
-                tqdm.write(status_line(record))
-            accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=done)
+            write_log(accelerator, run_dir, record)
 
         # Save sample grids and checkpoints.
         if is_main and (done % cfg.sample_interval == 0 or done == cfg.n_steps):

@@ -65,6 +65,15 @@ def progress(iterable, enabled: bool = True, **kwargs) -> tqdm:
     )
 
 
+def write_log(accelerator, run_dir: Path, record: dict) -> None:
+    """One log step: a stats.jsonl row and the status line on the main process; TensorBoard scalars through
+    Accelerate (every process calls it, Accelerate writes on the main one)."""
+    if accelerator.is_main_process:
+        append_jsonl(run_dir / "stats.jsonl", record)
+        tqdm.write(status_line(record))
+    accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=record["step"])
+
+
 def trim_stats(path: Path, last_step: int) -> None:
     """Keep only rows up to the step a run (re)starts from: a resumed run recomputes the rest exactly."""
     if path.exists():
