@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from metrics.detectors import build_detector
 from metrics.stats import FeatureMoments, frechet_distance, kid, precision_recall
 from utils.cli import UserError, parse, user_errors
-from utils.data import MNIST_LIKE, build_dataset
+from utils.data import MNIST_LIKE, build_dataset, celeba_files, centre_square
 from utils.tracking import progress
 
 # Statistics are sensitive to reduced precision: no TF32 in the detector pass (EDM and StyleGAN2-ADA do the same).
@@ -78,15 +78,14 @@ class ImageFiles(torch.utils.data.Dataset):
                     img = img.convert(self.mode)
                 elif img.mode not in ("L", "RGB"):
                     img = img.convert("RGB")
-                if self.size is not None and img.size != (self.size, self.size):
-                    side = min(img.size)  # centre crop to a square, then resize (PIL bicubic)
-                    left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
-                    img = img.crop((left, top, left + side, top + side)).resize((self.size,) * 2, Image.BICUBIC)
                 array = np.asarray(img)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             return f"{self.files[i]}: cannot read as an image ({type(e).__name__})"
         tensor = torch.from_numpy(array.copy())
-        return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        if self.size is not None and tuple(tensor.shape[1:]) != (self.size, self.size):
+            tensor = centre_square(tensor, self.size)  # the training scripts' crop and filter, so ref = training data
+        return tensor
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -128,10 +127,10 @@ def image_source(cfg: Config, detector) -> tuple[torch.utils.data.Dataset, list[
                 "cifar-10-batches-py folder there (no download is attempted)"
             )
         return _TensorImages(torch.from_numpy(data.data).permute(0, 3, 1, 2)), []
-    folder = Path(cfg.data_dir) / "celeba" / "img_align_celeba" if cfg.data_name == "celeba" else Path(cfg.data_name)
     if not cfg.data_name:
         raise UserError("--mode ref needs --data_name (mnist, fashion_mnist, cifar10, celeba or an image folder)")
-    return ImageFiles(list_images(folder), mode, cfg.img_size), []
+    files = celeba_files(cfg.data_dir) if cfg.data_name == "celeba" else list_images(Path(cfg.data_name))
+    return ImageFiles(files, mode, cfg.img_size), []
 
 
 class _TensorImages(torch.utils.data.Dataset):

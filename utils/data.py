@@ -246,11 +246,16 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         detail = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"{path}: cannot read this image ({type(e).__name__}: {detail}); remove or replace it")
+    return centre_square(torch.from_numpy(pixels.copy()), size)
+
+
+def centre_square(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> the centred square, resized to (C, size, size) with `_resize` (the one image filter of
+    the training data and of fid.py's reference statistics)."""
     h, w = pixels.shape[1:]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
-    square = torch.from_numpy(pixels[:, top : top + side, left : left + side].copy())
-    return _resize(square[None], size)[0]
+    return _resize(pixels[None, :, top : top + side, left : left + side], size)[0]
 
 
 def _folder_labels(root: Path, files: list[Path]) -> tuple[list[str], torch.Tensor]:
@@ -348,6 +353,12 @@ def celeba_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
     """CelebA's aligned-and-cropped images, read from torchvision's layout (<data_dir>/celeba/img_align_celeba)
     or the bare folder, without torchvision's MD5 check of the annotation files (an images-only copy works).
     All 202,599 images, no labels (seed 003 trains unconditionally); centre square, then resized."""
+    files = celeba_files(data_dir)
+    return ImageFileDataset(files, torch.zeros(len(files), dtype=torch.int64), 0, img_size)
+
+
+def celeba_files(data_dir: str | None) -> list[Path]:
+    """The sorted image files of the first CelebA folder found (also fid.py's reference)."""
     roots = [Path(data_dir)] if data_dir else []
     roots += [Path(s) for s in SYSTEM_DIRS]
     candidates = [r / sub for r in roots for sub in (CELEBA_FOLDER, f"celeba/{CELEBA_FOLDER}")]
@@ -361,7 +372,7 @@ def celeba_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not files:
         raise UserError(f"{folder}: no images in it")
-    return ImageFileDataset(files, torch.zeros(len(files), dtype=torch.int64), 0, img_size)
+    return files
 
 
 # ------------------------------------------------------------------------------------------------ 2-D toy data
