@@ -332,7 +332,7 @@ def main(cfg: Config) -> None:
             growth = growth_at(step * images_per_step, cfg.fade_kimg * 1000, unwrap(gen).depth)
             for net in (unwrap(gen), unwrap(disc)) + ((ema.module,) if ema else ()):
                 net.set_growth(growth)
-            stats["growth"] = torch.tensor(growth)
+            stats["growth"] = torch.tensor(growth, device=device)  # stacked with the losses: same device
         reals, labels = next(loader)
         reals = reals.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if n_classes else None
