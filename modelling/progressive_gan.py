@@ -62,18 +62,18 @@ class Growing(nn.Module):
         super().__init__()
         self.depth = depth
         self.register_buffer("growth", torch.tensor(float(depth)))
-        self._sync()
-        self.register_load_state_dict_post_hook(lambda module, _: module._sync())
+        self._set_flags(float(depth))
+        # A loaded state dict brings its own stage (reading the buffer costs a device sync, once per load).
+        self.register_load_state_dict_post_hook(lambda module, _: module._set_flags(float(module.growth)))
 
-    def _sync(self) -> None:
-        g = float(self.growth)
-        self.level, self.fading = int(g), g > int(g)
+    def _set_flags(self, growth: float) -> None:
+        self.level, self.fading = int(growth), growth > int(growth)
 
     def set_growth(self, growth: float) -> None:
         if not 0 <= growth <= self.depth:
             raise ValueError(f"growth must be in [0, {self.depth}], got {growth}")
         self.growth.fill_(growth)
-        self._sync()
+        self._set_flags(growth)
 
     def alpha(self) -> torch.Tensor:
         return self.growth - self.level  # a tensor: changes every step without recompiling

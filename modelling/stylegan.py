@@ -9,7 +9,8 @@ Layout (num_ws = 2 log2(img_size) - 2 style inputs, channels min(channel_base / 
   mapping: z -> PixelNorm -> n_mlp x [equalized dense (lr x 0.01), LReLU] -> w, broadcast to (N, num_ws, w_dim)
   synthesis: learned constant (C, 4, 4) -> [noise, bias, LReLU, InstanceNorm, AdaIN(w_0)] -> conv3 -> [.. w_1]
     -> per resolution: [2x nearest, conv3, blur [1,2,1]] -> [.. w_2i] -> conv3 -> [.. w_2i+1] -> toRGB 1x1
-  AdaIN: x * (1 + y_s) + y_b with (y_s, y_b) = A(w), A an equalized dense layer initialised to the identity style.
+  AdaIN: x * (1 + y_s) + y_b with (y_s, y_b) = A(w), A an equalized dense layer with zero bias (centred on the
+  identity style).
 Style mixing (training mode only, probability `mixing_prob`): layers from a random crossover k in 1..num_ws-1 on
 take w from a second latent. Truncation (sampling only; never in training, a bug in gau-nernst/gan 2023):
 w' = w_avg + psi (w - w_avg) on the first `truncation_cutoff` layers (all by default), with w_avg an EMA

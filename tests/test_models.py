@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from modelling import (
 )
 from modelling.common import apply_spectral_norm, latent_batches, recalibrate_batchnorm
 
-CASES = list(itertools.product(sorted(GENERATORS), [0, 10], [False, True], [16, 32, 64]))
+# The families with tanh outputs, base_dim, spectral_norm and conditioning; the NVIDIA families (no tanh, other
+# width kwargs, unconditional) are covered model by model in tests/test_gan_zoo.py.
+CASES = list(itertools.product(["dcgan", "sagan"], [0, 10], [False, True], [16, 32, 64]))
 
 
 @pytest.mark.parametrize("name,n_classes,sn,img_size", CASES)
@@ -67,7 +70,7 @@ def test_conditional_inputs_are_concatenated():
 
 
 def test_unknown_name_and_bad_size_give_clear_errors():
-    with pytest.raises(KeyError, match=r"valid: \['dcgan'\]"):
+    with pytest.raises(KeyError, match=re.escape(f"valid: {sorted(GENERATORS)}")):
         build_generator("stylegan9")
     with pytest.raises(KeyError, match="valid"):
         build_discriminator("nope")
