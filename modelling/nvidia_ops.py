@@ -22,6 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def log2_size(img_size: int, model: str) -> int:
+    depth = math.log2(img_size) if img_size >= 4 else 0
+    if depth != int(depth) or img_size < 8:
+        raise ValueError(f"{model} needs a power-of-two img_size >= 8, got {img_size}")
+    return int(depth)
+
+
+def level_channels(img_size: int, channel_base: int, channel_max: int, model: str) -> list[int]:
+    """Channels of the levels 4x4, 8x8, ..., img_size: min(channel_base / resolution, channel_max) (NVIDIA's rule).
+    Level i has resolution 4 * 2^i; the depth of a network is len(...) - 1."""
+    return [min(channel_base // 2**k, channel_max) for k in range(2, log2_size(img_size, model) + 1)]
+
+
 def lrelu(x: torch.Tensor) -> torch.Tensor:
     """LeakyReLU(0.2) * sqrt(2): keeps the second moment ~1 after an equalized layer (the He gain)."""
     return F.leaky_relu(x, 0.2) * math.sqrt(2)

@@ -20,24 +20,18 @@ Deviations: StyleGAN2-ADA's gain convention (see `nvidia_ops`; equivalent for LR
 discriminator is this one with `blur_filter=[1, 2, 1]`); unconditional only.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelling.nvidia_ops import DiscriminatorEpilogue, EqualizedConv2d, EqualizedLinear, PixelNorm, lrelu
-
-
-def log2_size(img_size: int, model: str) -> int:
-    depth = math.log2(img_size) if img_size >= 4 else 0
-    if depth != int(depth) or img_size < 8:
-        raise ValueError(f"{model} needs a power-of-two img_size >= 8, got {img_size}")
-    return int(depth)
-
-
-def channels(res: int, channel_base: int, channel_max: int) -> int:
-    return min(channel_base // res, channel_max)
+from modelling.nvidia_ops import (
+    DiscriminatorEpilogue,
+    EqualizedConv2d,
+    EqualizedLinear,
+    PixelNorm,
+    level_channels,
+    lrelu,
+)
 
 
 def growth_at(nimg: float, fade_nimg: float, depth: int) -> float:
@@ -96,10 +90,10 @@ class Generator(Growing):
     ):
         if n_classes:
             raise ValueError("progressive_gan is unconditional (use dcgan or sagan with --conditional)")
-        depth = log2_size(img_size, "progressive_gan") - 2
+        ch = level_channels(img_size, channel_base, channel_max, "progressive_gan")
+        depth = len(ch) - 1
         super().__init__(depth)
         self.img_size, self.img_channels, self.z_dim, self.n_classes = img_size, img_channels, z_dim, 0
-        ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
         self.norm = PixelNorm()
         self.dense = EqualizedLinear(z_dim, ch[0] * 16)
         self.conv4 = EqualizedConv2d(ch[0], ch[0], 3)
@@ -139,10 +133,10 @@ class Discriminator(Growing):
     ):
         if n_classes:
             raise ValueError("this discriminator is unconditional (use dcgan or sagan with --conditional)")
-        depth = log2_size(img_size, "progressive_gan") - 2
+        ch = level_channels(img_size, channel_base, channel_max, "progressive_gan")
+        depth = len(ch) - 1
         super().__init__(depth)
         self.img_size, self.img_channels, self.n_classes = img_size, img_channels, 0
-        ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
         self.from_rgb = nn.ModuleList([EqualizedConv2d(img_channels, c, 1) for c in ch])
         self.blocks = nn.ModuleList([nn.Identity()])
         for i in range(1, depth + 1):

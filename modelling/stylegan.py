@@ -25,8 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelling.nvidia_ops import EqualizedConv2d, EqualizedLinear, PixelNorm, lrelu, make_filter, upfirdn2d
-from modelling.progressive_gan import channels, log2_size
+from modelling.nvidia_ops import (
+    EqualizedConv2d,
+    EqualizedLinear,
+    PixelNorm,
+    level_channels,
+    log2_size,
+    lrelu,
+    make_filter,
+    upfirdn2d,
+)
 
 
 class MappingNetwork(nn.Module):
@@ -94,8 +102,8 @@ class AdaINLayer(nn.Module):
 class Synthesis(nn.Module):
     def __init__(self, img_size: int, img_channels: int, w_dim: int, channel_base: int, channel_max: int):
         super().__init__()
-        depth = log2_size(img_size, "stylegan") - 2
-        ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
+        ch = level_channels(img_size, channel_base, channel_max, "stylegan")
+        depth = len(ch) - 1
         self.const = nn.Parameter(torch.ones(1, ch[0], 4, 4))
         layers = [AdaINLayer(ch[0], ch[0], 4, w_dim, None), AdaINLayer(ch[0], ch[0], 4, w_dim, "same")]
         for i in range(1, depth + 1):

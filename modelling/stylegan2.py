@@ -32,12 +32,12 @@ from modelling.nvidia_ops import (
     DiscriminatorEpilogue,
     EqualizedConv2d,
     EqualizedLinear,
+    level_channels,
     lrelu,
     make_filter,
     upfirdn2d,
     upsample2d,
 )
-from modelling.progressive_gan import channels, log2_size
 from modelling.stylegan import NoiseInput
 
 
@@ -78,8 +78,8 @@ class ModulatedConv2d(nn.Module):
 class Synthesis(nn.Module):
     def __init__(self, img_size: int, img_channels: int, w_dim: int, channel_base: int, channel_max: int):
         super().__init__()
-        depth = log2_size(img_size, "stylegan2") - 2
-        ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
+        ch = level_channels(img_size, channel_base, channel_max, "stylegan2")
+        depth = len(ch) - 1
         self.const = nn.Parameter(torch.randn(1, ch[0], 4, 4))
         self.register_buffer("resample_filter", make_filter([1, 3, 3, 1]), persistent=False)
         self.convs = nn.ModuleList([ModulatedConv2d(ch[0], ch[0], 3, w_dim, 4)])
@@ -120,8 +120,8 @@ class Discriminator(nn.Module):
         if n_classes:
             raise ValueError("stylegan2 is unconditional here (use dcgan or sagan with --conditional)")
         self.img_size, self.img_channels, self.n_classes = img_size, img_channels, 0
-        depth = log2_size(img_size, "stylegan2") - 2
-        ch = [channels(4 * 2**i, channel_base, channel_max) for i in range(depth + 1)]
+        ch = level_channels(img_size, channel_base, channel_max, "stylegan2")
+        depth = len(ch) - 1
         self.from_rgb = EqualizedConv2d(img_channels, ch[-1], 1)
         self.blocks = nn.ModuleList()
         for i in range(depth, 0, -1):
