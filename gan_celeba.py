@@ -51,7 +51,7 @@ from utils.ckpt import (
     unwrap,
 )
 from utils.cli import UserError, parse, user_errors
-from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
+from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, step_seed
 from utils.ema import EMA
 from utils.grid import save_grid
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
@@ -139,6 +139,11 @@ class Config:
     max_skipped_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
 
 
+def gradient_penalised(cfg: Config) -> bool:
+    """WGAN-GP or R1: a per-sample gradient penalty on D (after `resolve_config` filled r1_gamma)."""
+    return cfg.method == "wgan-gp" or cfg.r1_gamma > 0
+
+
 def resolve_config(cfg: Config) -> Config:
     """Fill unset flags from MODEL_DEFAULTS, then refuse combinations that cannot work, before anything is written."""
     defaults = FALLBACKS | MODEL_DEFAULTS[cfg.model]
@@ -167,8 +172,7 @@ def resolve_config(cfg: Config) -> Config:
         )
     if cfg.conditional and cfg.model not in ("dcgan", "sagan"):
         raise UserError(f"--conditional is supported by dcgan and sagan, not {cfg.model}")
-    penalised = cfg.method == "wgan-gp" or cfg.r1_gamma > 0
-    if penalised and cfg.model == "dcgan" and cfg.disc_kwargs.get("norm", "none") == "batch":
+    if gradient_penalised(cfg) and cfg.model == "dcgan" and cfg.disc_kwargs.get("norm", "none") == "batch":
         raise UserError("gradient penalties (wgan-gp, R1) need a critic without BatchNorm (they are per sample)")
     return cfg
 
@@ -178,9 +182,8 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
     gen_kwargs, disc_kwargs = common | dict(z_dim=cfg.z_dim), dict(common)
     if cfg.model == "dcgan":
         # A per-sample gradient penalty is invalid with batch statistics: the penalised critic has no BatchNorm.
-        penalised = cfg.method == "wgan-gp" or cfg.r1_gamma > 0
         gen_kwargs["spectral_norm"] = cfg.sn_gen
-        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if penalised else "batch")
+        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if gradient_penalised(cfg) else "batch")
     gen_kwargs, disc_kwargs = gen_kwargs | cfg.gen_kwargs, disc_kwargs | cfg.disc_kwargs
     try:
         return build_generator(cfg.model, **gen_kwargs), gen_kwargs, build_discriminator(cfg.model, **disc_kwargs)
@@ -228,7 +231,7 @@ def main(cfg: Config) -> None:
     if cfg.conditional and not dataset.n_classes:
         raise UserError(f"--conditional needs labelled data; {cfg.dataset} at {cfg.data_dir} has no classes")
     n_classes = dataset.n_classes if cfg.conditional else 0
-    workers = cfg.num_workers if hasattr(dataset, "files") else 0  # in-memory data needs no decoding processes
+    workers = cfg.num_workers if isinstance(dataset, ImageFileDataset) else 0  # in-memory data needs no decoding
     loader = iter(
         make_loader(
             dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step, workers
