@@ -49,6 +49,7 @@ from utils.ckpt import (
     save_training_state,
     uncompiled,
     unwrap,
+    zero_term,
 )
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, step_seed
@@ -370,12 +371,11 @@ def main(cfg: Config) -> None:
                     p.clamp_(-cfg.clip_value, cfg.clip_value)
 
         # Lazy R1 (StyleGAN2): its own D step every r1_interval steps, weight multiplied by the interval. It runs
-        # through the eager DDP module so that its gradients are averaged; the zero-weighted sum of all parameters
-        # gives every parameter a gradient (the last bias has none from R1), which DDP needs.
+        # through the eager DDP module so that its gradients are averaged (`zero_term`: see utils/ckpt.py).
         if lazy_r1 and step % cfg.r1_interval == 0:
             critic = uncompiled(disc)
             r1 = r1_penalty(critic, reals, labels, scale=penalty_scale()).mean()
-            loss_r1 = cfg.r1_gamma / 2 * cfg.r1_interval * r1 + 0 * sum(p.sum() for p in critic.parameters())
+            loss_r1 = cfg.r1_gamma / 2 * cfg.r1_interval * r1 + zero_term(critic)
             optim_d.zero_grad(set_to_none=True)
             accelerator.backward(loss_r1)
             r1_applied, _ = step_optimizer(accelerator, optim_d, disc)
@@ -404,8 +404,7 @@ def main(cfg: Config) -> None:
                 lengths = path_lengths(images, ws, scale=penalty_scale())
                 pl_mean = torch.lerp(pl_mean, accelerator.reduce(lengths.detach().mean(), "mean"), cfg.pl_decay)
                 pl_penalty = (lengths - pl_mean).square().mean()
-                loss_pl = cfg.pl_weight * cfg.pl_interval * pl_penalty
-                loss_pl = loss_pl + 0 * sum(p.sum() for p in generator.parameters())
+                loss_pl = cfg.pl_weight * cfg.pl_interval * pl_penalty + zero_term(generator)
                 optim_g.zero_grad(set_to_none=True)
                 accelerator.backward(loss_pl)
                 pl_applied, _ = step_optimizer(accelerator, optim_g, gen)

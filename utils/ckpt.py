@@ -76,6 +76,13 @@ def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def zero_term(module: torch.nn.Module) -> torch.Tensor:
+    """0 * (sum of all parameters): added to a regulariser's loss, it gives every parameter a (zero) gradient, so
+    DDP's reducer, which waits for all of them, also completes when the regulariser ignores some (R1 and the
+    last bias, path length and the ToRGB biases). StyleGAN2-ADA adds 0 * output for the same reason."""
+    return 0 * sum(p.sum() for p in module.parameters())
+
+
 # Tree <-> (tensors, JSON): tensors go to safetensors under their path; everything else stays JSON with tags
 # that keep int dict keys (optimizer state is keyed by parameter index) and tuples intact.
 def _encode(obj, path: str, tensors: dict):

@@ -120,6 +120,11 @@ def load_mnist_like(name: str, data_dir: str | None, train: bool = True, downloa
     return images, labels
 
 
+def to_signed_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 -> float32 in [-1, 1], the range every model here trains on."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
 class ImageTensorDataset(torch.utils.data.Dataset):
     """Images held in memory as uint8 (N, C, H, W); indexing with a list returns a whole batch at once.
 
@@ -136,7 +141,7 @@ class ImageTensorDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, indices):
-        imgs = self.images[indices].float().div_(127.5).sub_(1.0)
+        imgs = to_signed_unit(self.images[indices])
         return imgs, self.labels[indices]
 
 
@@ -336,7 +341,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
             else:
                 raise UserError("no readable image left in the dataset")
             images.append(image)
-        return torch.stack(images).float().div_(127.5).sub_(1.0), self.labels[indices]
+        return to_signed_unit(torch.stack(images)), self.labels[indices]
 
 
 def image_file_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
