@@ -12,12 +12,11 @@
 
 Sample a snapshot with sample.py (every ODE/SDE solver); score it with fid.py. `--batch_size` is per process;
 `--model` names a preset (`ddpmpp-small|mnist|cifar`, `mlp`) and `--net_kwargs` overrides its fields. The run
-folder (logs/<log_name>, or --workdir) is laid out as gan_mnist.py's: config.json, stats.jsonl, tb/,
-grids/{raw,ema}-<step>.png, snapshots/, states/. Each step draws its noise from a seed of (seed, rank, step), so a
-resumed run equals an uninterrupted one.
+folder (logs/<log_name>, or --workdir), resume, evaluation (--eval_interval: FD of the EMA denoiser's samples,
+best checkpoint, --only_test) and --delete are gan_mnist.py's (utils/run.py). Each step draws its noise from a seed
+of (seed, rank, step), so a resumed run equals an uninterrupted one.
 """
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,34 +24,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from tqdm import tqdm
 
 from losses import get_diffusion_loss
 from modelling import DENOISERS, NETWORK_PRESETS, build_denoiser
+from sampling import diffusion_images
 from sampling.diffusion import StackedNoise, sample
-from utils.ckpt import (
-    check_replicas_agree,
-    check_resume_compatible,
-    open_resume_state,
-    save_snapshot,
-    save_training_state,
-    unwrap,
-)
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
+from utils.dist import unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.tracking import (
-    KimgClock,
-    RunningMeans,
-    SkipCounter,
-    peak_memory_gb,
-    progress,
-    step_optimizer,
-    tracker_config,
-    trim_stats,
-    write_log,
-)
+from utils.run import Run, RunConfig
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, peak_memory_gb, progress, step_optimizer
 
 # Fast paths on GPUs, set once in plain sight. EDM trains without TF32; its effect on these small models is well
 # below run-to-run noise, so it stays on for speed.
@@ -68,7 +51,7 @@ RESUME_KEYS = ("dataset", "img_size", "method", "model", "net_kwargs", "conditio
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     dataset: str = field(default="fashion_mnist", metadata={"choices": DATASETS})
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
@@ -81,53 +64,33 @@ class Config:
     loss_kwargs: dict = field(
         default_factory=dict, metadata={"help": 'JSON: EDM {"P_mean": -1.2, "P_std": 1.2}, Föllmer {"eps0": 1e-5}'}
     )
-    batch_size: int = field(default=64, metadata={"help": "per process"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
     n_steps: int = 20000
     optimizer: str = field(default="Adam", metadata={"choices": ["Adam", "AdamW", "RAdam"]})
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
-    lr_rampup_kimg: float = field(default=10.0, metadata={"help": "linear learning-rate warm-up, in kimg"})
+    lr_rampup_kimg: float = field(default=10.0, metadata={"min": 0, "help": "linear learning-rate warm-up, in kimg"})
     grad_clip: float | None = field(
         default=None, metadata={"help": "max gradient norm, 0 = none; default EDM none, Föllmer 1 (seed 004)"}
     )
     ema: bool = field(default=True, metadata={"help": "keep an EMA denoiser; samples and snapshots use it"})
     ema_halflife_kimg: float = 500.0
-    ema_rampup: float = field(default=0.05, metadata={"help": "half-life <= ratio x images seen; 0 = off"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
-    mixed_precision: str | None = field(
-        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
-    )
-    log_dir: str = "logs"
-    log_name: str = field(default="", metadata={"help": "default: <dataset>_<method>_<model>[_cond]"})
-    workdir: str = field(default="", metadata={"help": "run folder (seed 004's flag); overrides log_dir/log_name"})
-    loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
-    log_interval: int = 100
-    sample_interval: int = field(default=2000, metadata={"help": "steps between sample grids; 0 = no grids"})
-    checkpoint_interval: int = 5000
-    keep_states: int = field(default=2, metadata={"help": "training states kept (>= 2)"})
-    resume: str = field(default="", metadata={"help": "'latest' or a path to a run folder or state folder"})
-    seed: int = 0
-    max_skipped_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
+    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
+    sample_interval: int = 2000
 
 
 def check_config(cfg: Config) -> None:
     """Refuse flag combinations that cannot work, before anything is written."""
+    cfg.check()
     toy_data, toy_net = cfg.dataset in TOY_DATASETS, NETWORK_PRESETS[cfg.model][0] == "mlp"
     if toy_data != toy_net:
         raise UserError(
             f"--model {cfg.model} does not fit --dataset {cfg.dataset}: 2-D toy data ({', '.join(TOY_DATASETS)}) "
             "trains --model mlp, images train a ddpmpp-* U-Net"
         )
-    for name in ("batch_size", "n_steps", "log_interval", "checkpoint_interval"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.sample_interval < 0:
-        raise UserError(f"--sample_interval must be >= 0, got {cfg.sample_interval}")
-    if cfg.keep_states < 2:
-        raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
-    if cfg.lr <= 0 or (cfg.grad_clip or 0) < 0 or cfg.lr_rampup_kimg < 0:
-        raise UserError("--lr must be > 0, --grad_clip and --lr_rampup_kimg >= 0")
+    if cfg.lr <= 0 or (cfg.grad_clip or 0) < 0:
+        raise UserError("--lr must be > 0, --grad_clip >= 0")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1) or cfg.img_size < 1:
         raise UserError("--beta1 and --beta2 must be in [0, 1), --img_size >= 1")
     fixed = sorted({"img_size", "img_channels", "dim", "n_classes"} & set(cfg.net_kwargs))
@@ -169,11 +132,7 @@ def class_means(dataset, n_classes: int, chunk: int = 4096) -> torch.Tensor:
 
 def main(cfg: Config) -> None:
     check_config(cfg)
-    log_name = cfg.log_name or f"{cfg.dataset}_{cfg.method}_{cfg.model}{'_cond' if cfg.conditional else ''}"
-    run_dir = Path(cfg.workdir) if cfg.workdir else Path(cfg.log_dir) / log_name
-    state, state_path = open_resume_state(cfg.resume, run_dir)
-    if state is not None:
-        changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
+    run = Run(cfg, f"{cfg.dataset}_{cfg.method}_{cfg.model}{'_cond' if cfg.conditional else ''}", RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
     accelerator = Accelerator(
@@ -181,29 +140,26 @@ def main(cfg: Config) -> None:
         mixed_precision=cfg.mixed_precision,
         dynamo_backend="inductor" if cfg.compile else None,
         log_with=None if cfg.loggers == "none" else cfg.loggers,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        project_config=ProjectConfiguration(project_dir=str(run.dir), logging_dir=str(run.dir)),
     )
     device, is_main = accelerator.device, accelerator.is_main_process
     if accelerator.mixed_precision == "fp16" and device.type == "cpu":
         accelerator.print("note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32")
-    if state is not None:
-        accelerator.print(
-            f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else "")
-        )
-    elif cfg.resume:
-        accelerator.print(f"--resume {cfg.resume}: no training state in {run_dir / 'states'}; starting from scratch")
-    start_step = state["step"] if state else 0
-    if start_step >= cfg.n_steps:
-        raise UserError(f"the training state is at step {start_step} already; pass --n_steps > {start_step} to go on")
+    run.open(accelerator)
 
     # Data.
     with accelerator.main_process_first():  # only one process downloads, the others then find the files
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
+    if cfg.only_test:
+        run.test(accelerator, dataset)
+        return
     if cfg.conditional and not dataset.n_classes:
         raise UserError(f"--conditional needs class labels, and {cfg.dataset} at {cfg.data_dir} has none")
     n_classes = dataset.n_classes if cfg.conditional else 0
     loader = iter(
-        make_loader(dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step)
+        make_loader(
+            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step
+        )
     )
 
     # Models. Same init on every rank; the EMA is made before prepare() wraps anything.
@@ -218,10 +174,6 @@ def main(cfg: Config) -> None:
         loss_fn = get_diffusion_loss(cfg.method, **cfg.loss_kwargs)
     except TypeError as e:
         raise UserError(f"--loss_kwargs {json.dumps(cfg.loss_kwargs)} do not fit --method {cfg.method}: {e}")
-    accelerator.print(
-        f"{cfg.method} denoiser, {cfg.model} network: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M "
-        f"parameters, kwargs {json.dumps(model_kwargs['net_kwargs'])}"
-    )
 
     # Optimizer.
     optimizer = getattr(torch.optim, cfg.optimizer)(denoiser.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -229,33 +181,12 @@ def main(cfg: Config) -> None:
     # Prepare.
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
 
-    # Resume.
-    skipped = 0
-    if state is not None:
-        unwrap(denoiser).load_state_dict(state["denoiser"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # the saved groups carry the old betas; lr is set every step
-            group["betas"] = (cfg.beta1, cfg.beta2)
-        if ema is not None:
-            if state["ema"] is None:
-                raise UserError("cannot resume with --ema: the training state was made without an EMA")
-            ema.load_state_dict(state["ema"])
-        if accelerator.scaler is not None and state["scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        skipped = state["skipped"]
-        del state
-
-    if is_main:
-        for sub in ("grids", "snapshots", "states"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        trim_stats(run_dir / "stats.jsonl", start_step)
-    if cfg.loggers != "none":
-        accelerator.init_trackers("tb", config=tracker_config(dataclasses.asdict(cfg)))
-    accelerator.print(
-        f"{run_dir}: {accelerator.num_processes} process(es) on {device.type}, "
-        f"mixed precision {accelerator.mixed_precision}, {len(dataset)} training samples"
-    )
+    # Resume: the saved groups carry the old betas (lr is set every step).
+    resumed = run.restore(denoiser=denoiser, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
+    for group in optimizer.param_groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
+    n_params = sum(p.numel() for p in unwrap(denoiser).parameters()) / 1e6
+    run.begin(accelerator, dataset, f"{cfg.method} denoiser, {cfg.model} network ({n_params:.2f}M parameters)")
 
     @torch.no_grad()
     def save_grids(step: int) -> None:
@@ -269,45 +200,18 @@ def main(cfg: Config) -> None:
             was_training = source.training
             samples, _ = sample(source.eval(), StackedNoise(range(n)), labels, num_steps=GRID_STEPS, device=device)
             source.train(was_training)
-            path = run_dir / "grids" / f"{tag}-{step:08d}.png"
+            path = run.dir / "grids" / f"{tag}-{step:08d}.png"
             save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
-
-    def save_checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        digest = check_replicas_agree(accelerator, unwrap(denoiser))
-        if is_main:
-            train_state = {
-                "step": step,
-                "config": dataclasses.asdict(cfg),
-                "skipped": skips.total,
-                "denoiser": unwrap(denoiser).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict() if ema else None,
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-            }
-            save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
-            save_snapshot(
-                run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",
-                kind="diffusion",
-                model_name=cfg.method,
-                model_kwargs=model_kwargs,
-                state_dict=(ema.module if ema else unwrap(denoiser)).state_dict(),
-                config=dataclasses.asdict(cfg),
-                step=step,
-            )
-            tqdm.write(
-                f"step {step}: saved training state and snapshot; parameters identical on "
-                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
-            )
-        accelerator.wait_for_everyone()
 
     # Loop. EDM's loss is a per-image sum over pixels, so its gradient norms are ~d times Föllmer's per-pixel mean:
     # a norm threshold tuned for one is meaningless for the other, and EDM trains unclipped.
     grad_clip = cfg.grad_clip if cfg.grad_clip is not None else (0.0 if cfg.method == "edm" else 1.0)
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
-    pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=run_dir.name)
+    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
+    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
+    pbar = progress(
+        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
+    )
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         reals, labels = next(loader)
@@ -348,18 +252,33 @@ def main(cfg: Config) -> None:
                 "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
-            write_log(accelerator, run_dir, record)
+            run.log(accelerator, record)
 
-        # Save sample grids and checkpoints.
+        # Sample grids; evaluate the EMA denoiser (its default solver); save checkpoints (also at a new best).
         if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
             save_grids(done)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps:
-            save_checkpoint(done)
+        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+            run.evaluate(
+                accelerator, done, diffusion_images, (ema.module if ema else unwrap(denoiser)).eval(), n_classes
+            )
+            unwrap(denoiser).train()
+        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+            snapshot = dict(
+                kind="diffusion", model=cfg.method, model_kwargs=model_kwargs, module=ema.module if ema else denoiser
+            )
+            nets = dict(denoiser=denoiser, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
+            run.save(accelerator, done, replicas=(denoiser,), snapshot=snapshot, **nets, skipped=skips.total)
 
     # Final save happened at the last step; close the trackers.
     accelerator.end_training()
+    run.close()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":
-    with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+    cli()

@@ -14,10 +14,10 @@ the student's G(x_t, t, s) to sg[G(x_u, u, s)] after both are carried to the dat
 plus the teacher's denoising loss on the student's denoiser with an adaptive weight. Teachers: any
 diffusion_train.py snapshot, Föllmer (seed 004's setting) or EDM (CTM's). Gradient accumulation:
 --global_bsz / (--bsz x processes) rounds. Sample the student with `sample.py --num_steps 1|2|4`; compare it with its
-teacher with compare.py. The run folder is laid out as diffusion_train.py's.
+teacher with compare.py. The run folder, resume, evaluation (--eval_interval: FD of the EMA student's one-step
+samples, best checkpoint, --only_test) and --delete are those of every training script (utils/run.py).
 """
 
-import dataclasses
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from tqdm import tqdm
 
 from losses import get_diffusion_loss
 from losses.characteristic import (
@@ -38,33 +37,16 @@ from losses.characteristic import (
     sample_jumps,
 )
 from modelling import build_denoiser
+from sampling import diffusion_images
 from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, time_grid
-from utils.ckpt import (
-    build_from_snapshot,
-    check_replicas_agree,
-    check_resume_compatible,
-    load_snapshot,
-    open_resume_state,
-    save_snapshot,
-    save_training_state,
-    tensors_sha256,
-    unwrap,
-)
+from utils.ckpt import build_from_snapshot, load_snapshot, tensors_sha256
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, build_dataset, make_loader, step_seed
+from utils.dist import unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.tracking import (
-    KimgClock,
-    RunningMeans,
-    SkipCounter,
-    peak_memory_gb,
-    progress,
-    step_optimizer,
-    tracker_config,
-    trim_stats,
-    write_log,
-)
+from utils.run import Run, RunConfig
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, peak_memory_gb, progress, step_optimizer
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -79,21 +61,20 @@ RESUME_KEYS = (
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     teacher: str = field(default="", metadata={"help": "diffusion_train.py snapshot, or its run folder (newest)"})
     dataset: str | None = field(default=None, metadata={"choices": DATASETS, "help": "default: the teacher's"})
     data_dir: str | None = field(default=None, metadata={"help": "default: the teacher's"})
     download: bool = True
     img_size: int | None = field(default=None, metadata={"help": "default: the teacher's; must match it"})
-    bsz: int = field(default=64, metadata={"help": "images per process per accumulation round"})
-    global_bsz: int = field(default=0, metadata={"help": "images per optimizer step; 0 = bsz x processes"})
-    n_steps: int = 2000
+    bsz: int = field(default=64, metadata={"min": 1, "help": "images per process per accumulation round"})
+    global_bsz: int = field(default=0, metadata={"min": 0, "help": "images per optimizer step; 0 = bsz x processes"})
     optimizer: str = field(default="RAdam", metadata={"choices": ["Adam", "AdamW", "RAdam"]})
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
-    lr_rampup_steps: int = field(default=200, metadata={"help": "linear learning-rate warm-up, in optimizer steps"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm, 0 = none"})
+    lr_rampup_steps: int = field(default=200, metadata={"min": 0, "help": "linear lr warm-up, in optimizer steps"})
+    grad_clip: float = field(default=1.0, metadata={"min": 0, "help": "max gradient norm, 0 = none"})
     ema_decay: float = field(default=0.999, metadata={"help": "target/EMA decay, min(decay, (1+k)/(10+k)) at step k"})
     ema: bool = field(default=True, metadata={"help": "snapshots hold the EMA weights (else the raw student's)"})
     loss: str = field(
@@ -101,7 +82,7 @@ class Config:
     )
     lpips_weights: str = field(default="", metadata={"help": "torchvision vgg16-397923af.pth (else torch hub cache)"})
     lpips_resize: int = field(default=224, metadata={"help": "LPIPS input size (seed 004: 224), 0 = native"})
-    num_steps: int = field(default=20, metadata={"help": "teacher time-grid points N"})
+    num_steps: int = field(default=20, metadata={"min": 2, "help": "teacher time-grid points N"})
     rho: float | None = field(default=None, metadata={"help": "grid exponent; default the teacher's (Föllmer 1)"})
     t_min: float | None = field(default=None, metadata={"help": "grid end; default Föllmer 1e-3, EDM 0.002"})
     t_max: float | None = field(default=None, metadata={"help": "grid start; default Föllmer 0.999, EDM 80"})
@@ -110,40 +91,21 @@ class Config:
     )
     teacher_solver: str = field(default="deis", metadata={"choices": list(ODE_SOLVERS)})
     jump_weighting: str = field(default="weighted", metadata={"choices": list(JUMP_WEIGHTINGS)})
-    max_jump: int = field(default=0, metadata={"help": "longest teacher jump in grid steps; 0 = N - 1"})
+    max_jump: int = field(default=0, metadata={"min": 0, "help": "longest teacher jump in grid steps; 0 = N - 1"})
     max_weight: float = field(default=1e4, metadata={"help": "clamp of the adaptive DSM weight"})
     loss_kwargs: dict = field(
         default_factory=dict, metadata={"help": 'JSON for the DSM term; default Föllmer {"eps0": 1e-3}'}
     )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the student"})
-    mixed_precision: str | None = field(
-        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
-    )
-    log_dir: str = "logs"
-    log_name: str = field(default="", metadata={"help": "default: <teacher run>_characteristic"})
-    workdir: str = field(default="", metadata={"help": "run folder (seed 004's flag); overrides log_dir/log_name"})
-    loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
+    n_steps: int = 2000
     log_interval: int = 50
-    sample_interval: int = field(default=500, metadata={"help": "steps between one-step sample grids; 0 = none"})
+    sample_interval: int = 500
     checkpoint_interval: int = 500
-    keep_states: int = field(default=2, metadata={"help": "training states kept (>= 2)"})
-    resume: str = field(default="", metadata={"help": "'latest' or a path to a run folder or state folder"})
-    seed: int = 0
-    max_skipped_steps: int = 20
 
 
 def check_config(cfg: Config) -> None:
+    cfg.check()
     if not cfg.teacher:
         raise UserError("--teacher is required: a diffusion_train.py snapshot or run folder")
-    for name in ("bsz", "n_steps", "log_interval", "checkpoint_interval"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.num_steps < 2:
-        raise UserError(f"--num_steps must be >= 2 (grid points), got {cfg.num_steps}")
-    if min(cfg.sample_interval, cfg.global_bsz, cfg.max_jump, cfg.lr_rampup_steps, cfg.grad_clip) < 0:
-        raise UserError("--sample_interval, --global_bsz, --max_jump, --lr_rampup_steps, --grad_clip must be >= 0")
-    if cfg.keep_states < 2:
-        raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
     if cfg.lr <= 0 or not 0 <= cfg.ema_decay < 1 or not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UserError("--lr must be > 0; --ema_decay, --beta1, --beta2 in [0, 1)")
 
@@ -194,12 +156,7 @@ def main(cfg: Config) -> None:
     if not 0 < t_min < t_max < teacher.t_limit or rho <= 0:
         raise UserError(f"need 0 < --t_min < --t_max < {teacher.t_limit} and --rho > 0: got {t_min}, {t_max}, {rho}")
     teacher_run = Path(teacher_meta["path"]).parent.parent.name or "teacher"
-    run_dir = (
-        Path(cfg.workdir) if cfg.workdir else Path(cfg.log_dir) / (cfg.log_name or f"{teacher_run}_characteristic")
-    )
-    state, state_path = open_resume_state(cfg.resume, run_dir)
-    if state is not None and state["teacher_sha256"] != teacher_sha:
-        raise UserError(f"cannot resume: --teacher {teacher_meta['path']} is not the teacher this run started from")
+    run = Run(cfg, f"{teacher_run}_characteristic", RESUME_KEYS)
 
     # Accelerator.
     accelerator = Accelerator(
@@ -207,7 +164,7 @@ def main(cfg: Config) -> None:
         mixed_precision=cfg.mixed_precision,
         dynamo_backend="inductor" if cfg.compile else None,
         log_with=None if cfg.loggers == "none" else cfg.loggers,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        project_config=ProjectConfiguration(project_dir=str(run.dir), logging_dir=str(run.dir)),
     )
     device, is_main = accelerator.device, accelerator.is_main_process
     global_bsz = cfg.global_bsz or cfg.bsz * accelerator.num_processes
@@ -217,18 +174,14 @@ def main(cfg: Config) -> None:
             f"--global_bsz {global_bsz} is not a multiple of --bsz {cfg.bsz} x {accelerator.num_processes} process(es)"
         )
     cfg.global_bsz = global_bsz
-    if state is not None:
-        changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
-        accelerator.print(
-            f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else "")
-        )
-    start_step = state["step"] if state else 0
-    if start_step >= cfg.n_steps:
-        raise UserError(f"the training state is at step {start_step} already; pass --n_steps > {start_step} to go on")
+    run.open(accelerator)
 
     # Data: the teacher's training set (x0 of the interpolant, and labels for conditional teachers).
     with accelerator.main_process_first():
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
+    if cfg.only_test:
+        run.test(accelerator, dataset)
+        return
     if tuple(dataset.sample_shape) != teacher.sample_shape:
         raise UserError(
             f"--dataset {cfg.dataset} at --img_size {cfg.img_size} gives samples of shape "
@@ -239,7 +192,7 @@ def main(cfg: Config) -> None:
         raise UserError(f"the teacher is conditional on {n_classes} classes; {cfg.dataset} has {dataset.n_classes}")
     loader = iter(
         make_loader(
-            dataset, cfg.bsz, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step * rounds
+            dataset, cfg.bsz, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step * rounds
         )
     )
 
@@ -278,30 +231,13 @@ def main(cfg: Config) -> None:
     # Prepare.
     student, optimizer = accelerator.prepare(student, optimizer)
 
-    # Resume.
-    skipped = 0
-    if state is not None:
-        unwrap(student).load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["betas"] = (cfg.beta1, cfg.beta2)
-        ema.load_state_dict(state["ema"])
-        if accelerator.scaler is not None and state["scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        skipped = state["skipped"]
-        del state
-
-    if is_main:
-        for sub in ("grids", "snapshots", "states"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        trim_stats(run_dir / "stats.jsonl", start_step)
-    if cfg.loggers != "none":
-        accelerator.init_trackers("tb", config=tracker_config(dataclasses.asdict(cfg)))
-    accelerator.print(
-        f"{run_dir}: {accelerator.num_processes} process(es) on {device.type}, "
-        f"mixed precision {accelerator.mixed_precision}, {len(dataset)} training samples"
-    )
+    # Resume: the saved groups carry the old betas (lr is set every step); the teacher must be the same.
+    resumed = run.restore(student=student, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
+    if resumed and resumed["teacher_sha256"] != teacher_sha:
+        raise UserError(f"cannot resume: --teacher {teacher_meta['path']} is not the teacher this run started from")
+    for group in optimizer.param_groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
+    run.begin(accelerator, dataset)
 
     @torch.no_grad()
     def save_grids(step: int) -> None:
@@ -311,46 +247,15 @@ def main(cfg: Config) -> None:
         labels = torch.arange(n_classes).repeat_interleave(-(-n // n_classes))[:n].to(device) if n_classes else None
         for tag, source in (("raw", unwrap(student)), ("ema", target)):
             samples, _ = sample(source, StackedNoise(range(n)), labels, num_steps=1, t_max=t_max, device=device)
-            path = run_dir / "grids" / f"{tag}-{step:08d}.png"
+            path = run.dir / "grids" / f"{tag}-{step:08d}.png"
             save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
 
-    def save_checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        digest = check_replicas_agree(accelerator, unwrap(student))
-        if tensors_sha256(sorted(teacher.state_dict().items())) != teacher_sha:
-            raise RuntimeError("the teacher's weights changed during distillation")  # a bug, never a user error
-        if is_main:
-            train_state = {
-                "step": step,
-                "config": dataclasses.asdict(cfg),
-                "teacher_sha256": teacher_sha,
-                "skipped": skips.total,
-                "student": unwrap(student).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-            }
-            save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
-            save_snapshot(
-                run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",
-                kind="characteristic",
-                model_name=teacher_meta["model"],
-                model_kwargs=model_kwargs,
-                state_dict=(target if cfg.ema else unwrap(student)).state_dict(),
-                config=dataclasses.asdict(cfg),
-                step=step,
-                extra={"teacher": teacher_meta["path"], "teacher_sha256": teacher_sha},
-            )
-            tqdm.write(
-                f"step {step}: saved training state and snapshot; parameters identical on "
-                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
-            )
-        accelerator.wait_for_everyone()
-
     # Loop.
-    meters, clock = RunningMeans(), KimgClock(start_step, global_bsz)
-    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
-    pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=run_dir.name)
+    meters, clock = RunningMeans(), KimgClock(run.start_step, global_bsz)
+    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
+    pbar = progress(
+        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
+    )
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         lr = cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0) if cfg.lr_rampup_steps else cfg.lr
@@ -399,17 +304,38 @@ def main(cfg: Config) -> None:
                 "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
-            write_log(accelerator, run_dir, record)
+            run.log(accelerator, record)
 
-        # Save sample grids and checkpoints.
+        # Sample grids; evaluate the one-step EMA student; save checkpoints (also at a new best evaluation). The
+        # teacher never changes: its weights are checked against their hash at every checkpoint.
         if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
             save_grids(done)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps:
-            save_checkpoint(done)
+        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+            one_step = lambda model, seeds, labels, device: diffusion_images(model, seeds, labels, device, t_max=t_max)
+            run.evaluate(accelerator, done, one_step, target, n_classes)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+            if tensors_sha256(sorted(teacher.state_dict().items())) != teacher_sha:
+                raise RuntimeError("the teacher's weights changed during distillation")  # a bug, never a user error
+            snapshot = dict(
+                kind="characteristic", model=teacher_meta["model"], model_kwargs=model_kwargs,
+                module=target if cfg.ema else student,
+                extra={"teacher": teacher_meta["path"], "teacher_sha256": teacher_sha},
+            )  # fmt: skip
+            nets = dict(student=student, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
+            run.save(
+                accelerator, done, replicas=(student,), snapshot=snapshot, **nets,
+                teacher_sha256=teacher_sha, skipped=skips.total,
+            )  # fmt: skip
 
     accelerator.end_training()
+    run.close()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":
-    with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+    cli()

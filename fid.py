@@ -10,32 +10,32 @@ genzoo's classifier, works offline), `pixels` (FD on raw pixels, seed 004's MNIS
 Modes `ref` and `gen` shard the images over processes (torchrun / accelerate launch); the sums of features and of
 their outer products are all-reduced in float64, so the statistics equal the single-process ones. The .npz files
 hold `mu` and `sigma` (pytorch-fid's keys, so files are interchangeable) plus `count`, `detector` and a subset of
-features for KID and precision/recall. Data for `ref`: mnist, fashion_mnist (same lookup as the training scripts),
-cifar10 (torchvision's folder under --data_dir), celeba (--data_dir/celeba/img_align_celeba), or any image folder.
+features for KID and precision/recall. Data for `ref`: mnist, fashion_mnist, cifar10 (the binary batches), celeba or
+any image folder, found and decoded exactly as the training scripts find and decode them (utils/data.py: the same
+lookup, the same image reader, crop and filter, corrupt files skipped with a warning); `gen` reads a folder of
+generated images with the same reader, strictly (an unreadable file stops with one line).
 """
 
+import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from PIL import Image, UnidentifiedImageError
 
 from metrics.detectors import build_detector
-from metrics.stats import FeatureMoments, frechet_distance, kid, precision_recall
+from metrics.evaluate import dataset_batches, feature_statistics
+from metrics.stats import frechet_distance, kid, precision_recall
+from utils.ckpt import write_atomic
 from utils.cli import UserError, parse, user_errors
-from utils.data import MNIST_LIKE, build_dataset, celeba_files, centre_square
-from utils.tracking import progress
+from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, image_files
 
 # Statistics are sensitive to reduced precision: no TF32 in the detector pass (EDM and StyleGAN2-ADA do the same).
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 SCORE_NAMES = {"inception": "FID", "fmnist": "FD_cls", "pixels": "FD_pixels"}
 
 
@@ -61,157 +61,61 @@ class Config:
     pr_k: int = field(default=3, metadata={"help": "k of the k-NN balls for precision/recall"})
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files as uint8 (C, H, W); unreadable files are reported by name, not raised in a worker."""
-
-    def __init__(self, files: list[Path], mode: str | None, size: int | None):
-        self.files, self.mode, self.size = files, mode, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        try:
-            with Image.open(self.files[i]) as img:
-                img.load()
-                if self.mode is not None:
-                    img = img.convert(self.mode)
-                elif img.mode not in ("L", "RGB"):
-                    img = img.convert("RGB")
-                array = np.asarray(img)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            return f"{self.files[i]}: cannot read as an image ({type(e).__name__})"
-        tensor = torch.from_numpy(array.copy())
-        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        if self.size is not None and tuple(tensor.shape[1:]) != (self.size, self.size):
-            tensor = centre_square(tensor, self.size)  # the training scripts' crop and filter, so ref = training data
-        return tensor
+def read_sample_info(folder: Path) -> dict | None:
+    """sample.py's sample_info.json of a folder (None if it has none); a damaged one gives one line."""
+    path = folder / "sample_info.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        first, last = (int(s) for s in info["seeds"])
+        return {
+            "seeds": (first, last),
+            "n_classes": int(info.get("n_classes") or 0),
+            "class_label": info.get("class_label"),
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: damaged sample_info.json ({type(e).__name__}); rerun sample.py or delete the file")
 
 
-def list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise UserError(f"{folder}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return files
-
-
-def image_source(cfg: Config, detector) -> tuple[torch.utils.data.Dataset, list[str]]:
-    """The images of `ref` or `gen` mode, as a dataset of uint8 (C, H, W) and one name per image."""
-    mode = "RGB" if detector.name == "inception" else None  # pytorch-fid converts every image to RGB
+def image_source(cfg: Config) -> tuple[torch.utils.data.Dataset, list[int] | None]:
+    """The images of `ref` or `gen` mode, and for a conditional sample.py folder the intended class of each image."""
     if cfg.mode == "gen":
         if not cfg.img_folder:
             raise UserError("--mode gen needs --img_folder")
         folder = Path(cfg.img_folder)
-        files = list_images(folder)
-        info_path = folder / "sample_info.json"
-        if info_path.is_file():  # a sample.py folder: the files of its seed range only (not grid.png, not leftovers)
-            first, last = json.loads(info_path.read_text())["seeds"]
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder")
+        files, info = image_files(folder), read_sample_info(folder)
+        if info is not None:  # a sample.py folder: the files of its seed range only (not grid.png, not leftovers)
+            first, last = info["seeds"]
             files = [p for p in files if p.stem.isdigit() and first <= int(p.stem) <= last]
-        return ImageFiles(files, mode, None), [p.stem for p in files]
-    if cfg.data_name in MNIST_LIKE:
-        if cfg.img_size not in (28, 32):
-            raise UserError(f"--img_size for {cfg.data_name}: 28 (native) or 32 (zero-padded), got {cfg.img_size}")
-        # The training scripts' own loader, so the reference sees exactly their pixels (28 -> 32 by zero padding).
-        data = build_dataset(cfg.data_name, cfg.data_dir, cfg.img_size, cfg.split == "train", cfg.download)
-        return _TensorImages(data.images), []
-    if cfg.data_name == "cifar10":
-        import torchvision
-
-        try:
-            data = torchvision.datasets.CIFAR10(cfg.data_dir, train=cfg.split == "train", download=False)
-        except RuntimeError:
-            raise UserError(
-                f"cifar10 not found under --data_dir {cfg.data_dir!r}: put torchvision's "
-                "cifar-10-batches-py folder there (no download is attempted)"
-            )
-        return _TensorImages(torch.from_numpy(data.data).permute(0, 3, 1, 2)), []
+        if not files:
+            raise UserError(f"{folder}: no image files in it")
+        labels = None
+        if info is not None and info["n_classes"]:
+            fixed = info["class_label"]
+            labels = [fixed if fixed is not None else int(p.stem) % info["n_classes"] for p in files]
+        zeros = torch.zeros(len(files), dtype=torch.int64)
+        return ImageFileDataset(files, zeros, 0, None, strict=True), labels
     if not cfg.data_name:
         raise UserError("--mode ref needs --data_name (mnist, fashion_mnist, cifar10, celeba or an image folder)")
-    files = celeba_files(cfg.data_dir) if cfg.data_name == "celeba" else list_images(Path(cfg.data_name))
-    return ImageFiles(files, mode, cfg.img_size), []
+    if cfg.data_name in TOY_DATASETS:
+        raise UserError(f"--data_name {cfg.data_name}: 2-D points, not images")
+    # A dataset name, else a folder: the training scripts' own lookup and decoding, so ref = training pixels.
+    name, data_dir = (cfg.data_name, cfg.data_dir) if cfg.data_name in DATASETS else ("folder", cfg.data_name)
+    return build_dataset(name, data_dir, cfg.img_size, cfg.split == "train", cfg.download, in_memory=False), None
 
 
-class _TensorImages(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor):
-        self.images = images
+def compute_statistics(cfg: Config, accelerator: Accelerator, detector, dataset, labels: list[int] | None) -> dict:
+    """The dataset's images as uint8 (every process takes every world_size-th one) through the detector."""
+    rank, world = accelerator.process_index, accelerator.num_processes
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def batches():
+        for indices, images, _ in dataset_batches(dataset, rank, world, cfg.batch_size, num_workers=cfg.num_workers):
+            yield indices, images, None if labels is None else torch.tensor([labels[i] for i in indices])
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i]
-
-
-def intended_labels(folder: Path, names: list[str]) -> list[int] | None:
-    """Class of each generated image from sample.py's sample_info.json (--class_label, else seed mod n_classes)."""
-    info_path = folder / "sample_info.json"
-    if not info_path.is_file():
-        return None
-    info = json.loads(info_path.read_text())
-    n_classes = info.get("n_classes", 0)
-    if not n_classes or not all(name.isdigit() for name in names):
-        return None
-    return [info["class_label"] if info.get("class_label") is not None else int(n) % n_classes for n in names]
-
-
-def compute_statistics(cfg: Config, accelerator: Accelerator, detector, dataset, names: list[str]) -> dict:
-    labels = intended_labels(Path(cfg.img_folder), names) if cfg.mode == "gen" and hasattr(detector, "logits") else None
-    n = len(dataset)
-    # Every process takes every world_size-th image; a fixed subset of indices keeps its features for KID/PR.
-    my_indices = list(range(accelerator.process_index, n, accelerator.num_processes))
-    keep = set(torch.randperm(n, generator=torch.Generator().manual_seed(0))[: cfg.max_features].tolist())
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, my_indices),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        collate_fn=list,
-    )
-    moments, kept, correct, shape, position = None, [], 0, None, 0
-    for batch in progress(loader, accelerator.is_main_process, desc=f"{detector.name} features"):
-        for item in batch:
-            if isinstance(item, str):
-                raise UserError(item)
-            if shape is None:
-                shape = tuple(item.shape)
-            elif tuple(item.shape) != shape:
-                raise UserError(
-                    f"images of different sizes or channel counts: {shape} and {tuple(item.shape)}; "
-                    "resize them first (FID statistics need one input size)"
-                )
-        imgs = torch.stack(batch).to(accelerator.device)
-        with torch.no_grad():
-            feats = detector(imgs).double()
-            if labels is not None:
-                batch_labels = torch.tensor([labels[i] for i in my_indices[position : position + len(batch)]])
-                correct += (detector.logits(imgs).argmax(1).cpu() == batch_labels).sum().item()
-        if moments is None:
-            moments = FeatureMoments(feats.shape[1])
-        moments.update(feats)
-        for row, index in zip(feats.cpu(), my_indices[position : position + len(batch)], strict=True):
-            if index in keep:
-                kept.append((index, row.float().numpy()))
-        position += len(batch)
-    if moments is None:  # more processes than images: this rank saw none, but must still join the all-reduce
-        dim = detector.dim or int(np.prod(dataset[0].shape))
-        moments = FeatureMoments(dim)
-    moments.all_reduce(accelerator)
-    kept = sorted(gather_object(kept), key=lambda pair: pair[0])
-    correct = int(accelerator.reduce(torch.tensor(correct, device=accelerator.device), reduction="sum").item())
-    if moments.n < 2:
-        raise UserError(f"{moments.n} image(s): a covariance needs at least 2")
-    mu, sigma = moments.mean_cov()
-    stats = {
-        "mu": mu,
-        "sigma": sigma,
-        "count": np.int64(moments.n),
-        "detector": np.str_(detector.name),
-        "features": np.array([row for _, row in kept], dtype=np.float32).reshape(len(kept), moments.dim),
-    }
-    if labels is not None:
-        stats["accuracy"] = np.float64(correct / moments.n)
-    return stats
+    return feature_statistics(accelerator, detector, batches(), len(dataset), cfg.max_features)
 
 
 def load_stats(path: str, what: str) -> dict:
@@ -225,6 +129,9 @@ def load_stats(path: str, what: str) -> dict:
     if "mu" not in stats or "sigma" not in stats:
         raise UserError(f"--{what} {path}: no 'mu'/'sigma' arrays in it")
     stats["detector"] = str(stats.get("detector", "inception"))  # pytorch-fid's files are Inception statistics
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(f"--{what} {path}: mu {mu.shape} and sigma {sigma.shape} are not (d,) and (d, d) statistics")
     return stats
 
 
@@ -236,7 +143,10 @@ def report(cfg: Config) -> None:
             f"{cfg.stat_path} is {gen['detector']!r}"
         )
     if ref["mu"].shape != gen["mu"].shape:
-        raise UserError(f"statistics of different dimensions: {ref['mu'].shape[0]} vs {gen['mu'].shape[0]}")
+        raise UserError(
+            f"statistics of different dimensions: {cfg.ref_path} has mu {ref['mu'].shape}, "
+            f"{cfg.stat_path} has mu {gen['mu'].shape}"
+        )
     name = SCORE_NAMES.get(gen["detector"], "FD")
     counts = f"ref {int(ref.get('count', -1))} images, gen {int(gen.get('count', -1))} images"
     print(
@@ -268,15 +178,14 @@ def main(cfg: Config) -> None:
     detector_weights = cfg.inception_weights if cfg.detector == "inception" else cfg.detector_weights
     detector = build_detector(cfg.detector, detector_weights or None).to(accelerator.device)
     with accelerator.main_process_first():  # only one process downloads MNIST-family data
-        dataset, names = image_source(cfg, detector)
-    stats = compute_statistics(cfg, accelerator, detector, dataset, names)
+        dataset, labels = image_source(cfg)
+    stats = compute_statistics(cfg, accelerator, detector, dataset, labels)
     if accelerator.is_main_process:
         dest = Path(cfg.dest if cfg.dest.endswith(".npz") else cfg.dest + ".npz")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".tmp-{dest.name}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **stats)
-        os.replace(tmp, dest)  # atomic: a reader never sees half a file
+        buffer = io.BytesIO()
+        np.savez(buffer, **stats)
+        write_atomic(dest, buffer.getvalue())  # a reader never sees half a file
         extra = f", class accuracy {float(stats['accuracy']):.4f}" if "accuracy" in stats else ""
         print(
             f"wrote {dest}: {int(stats['count'])} images, {detector.name} features of dimension "
@@ -284,6 +193,11 @@ def main(cfg: Config) -> None:
         )
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+
+
 if __name__ == "__main__":
-    with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+    cli()

@@ -22,51 +22,30 @@ optimizer step with their weight multiplied by the interval (StyleGAN2, App. B).
 Data: `--dataset celeba` (aligned-and-cropped JPEGs in torchvision's layout), `folder` (any images, recursive, RGB,
 labelled by subfolder for --conditional) — both decoded on demand, corrupt files skipped with a warning count —
 or the in-memory sets (fashion_mnist, mnist, cifar10) resized to --img_size (MNIST-like 32 is zero-padded).
-The run folder is gan_mnist.py's: config.json, stats.jsonl, tb/, grids/, snapshots/ (for sample.py), states/.
+The run folder, resume, evaluation (--eval_interval, best checkpoint, --only_test) and --delete are gan_mnist.py's
+(utils/run.py).
 """
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration
-from tqdm import tqdm
 
 from losses import get_gan_loss, gradient_penalty, path_lengths, r1_penalty
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
 from modelling.progressive_gan import growth_at
-from utils.ckpt import (
-    check_replicas_agree,
-    check_resume_compatible,
-    gan_state,
-    load_gan_state,
-    open_resume_state,
-    save_snapshot,
-    save_training_state,
-    uncompiled,
-    unwrap,
-    zero_term,
-)
+from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, step_seed
+from utils.dist import uncompiled, unwrap, zero_term
 from utils.ema import EMA
 from utils.grid import save_grid
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
-from utils.tracking import (
-    KimgClock,
-    RunningMeans,
-    SkipCounter,
-    peak_memory_gb,
-    progress,
-    step_optimizer,
-    tracker_config,
-    trim_stats,
-    write_log,
-)
+from utils.run import Run, RunConfig
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, peak_memory_gb, progress, step_optimizer
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -88,7 +67,7 @@ RESUME_KEYS += ("sn_gen", "sn_disc", "optimizer", "r1_interval", "pl_interval", 
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     dataset: str = field(default="celeba", metadata={"choices": [d for d in DATASETS if d not in TOY_DATASETS]})
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download MNIST-like data"})
@@ -103,41 +82,27 @@ class Config:
     clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
     drift_penalty: float | None = field(default=None, metadata={"help": "ProGAN eps_drift * D(real)^2"})
     r1_gamma: float | None = field(default=None, metadata={"help": "R1 weight gamma (penalty gamma/2 ||grad||^2)"})
-    r1_interval: int | None = field(default=None, metadata={"help": "lazy R1: every k D steps, weight x k"})
+    r1_interval: int | None = field(default=None, metadata={"min": 1, "help": "lazy R1: every k D steps, weight x k"})
     pl_weight: float | None = field(default=None, metadata={"help": "path-length weight (style models)"})
-    pl_interval: int = field(default=4, metadata={"help": "lazy path length: every k G steps, weight x k"})
-    pl_batch_shrink: int = 2
+    pl_interval: int = field(default=4, metadata={"min": 1, "help": "lazy path length: every k G steps, weight x k"})
+    pl_batch_shrink: int = field(default=2, metadata={"min": 1})
     pl_decay: float = 0.01
     sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every D layer (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
     progressive_growing: bool = field(default=True, metadata={"help": "progressive_gan: grow from 4x4 with fade-in"})
     fade_kimg: float = field(default=800.0, metadata={"help": "growing: kimg per fade-in and per stable phase"})
-    batch_size: int = field(default=64, metadata={"help": "per process"})
-    n_steps: int = field(default=10000, metadata={"help": "discriminator steps"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
+    n_steps: int = field(default=10000, metadata={"min": 1, "help": "discriminator steps"})
     optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
     lr: float | None = None
     lr_d: float | None = field(default=None, metadata={"help": "D learning rate (TTUR); default --lr"})
     beta1: float | None = None
     beta2: float | None = None
-    train_g_interval: int = field(default=1, metadata={"help": "one G step every k D steps (WGAN n_critic)"})
+    train_g_interval: int = field(default=1, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
     ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"help": "half-life <= ratio x images seen; 0 = off"})
-    num_workers: int = field(default=4, metadata={"help": "decoding processes for celeba/folder data"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile G and D (regularisers stay eager)"})
-    mixed_precision: str | None = field(
-        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
-    )
-    log_dir: str = "logs"
-    log_name: str = field(default="", metadata={"help": "default: <dataset>_<model>_<method>[_cond]"})
-    loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
-    log_interval: int = 100
-    sample_interval: int = 1000
-    checkpoint_interval: int = 5000
-    keep_states: int = field(default=2, metadata={"help": "training states kept (>= 2)"})
-    resume: str = field(default="", metadata={"help": "'latest' or a path to a run folder or state folder"})
-    seed: int = 0
-    max_skipped_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
+    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
+    num_workers: int = field(default=4, metadata={"min": 0, "help": "decoding processes for celeba/folder data"})
 
 
 def gradient_penalised(cfg: Config) -> bool:
@@ -153,18 +118,11 @@ def resolve_config(cfg: Config) -> Config:
     for name in ("method", "drift_penalty", "r1_gamma", "r1_interval", "pl_weight", "lr", "beta1", "beta2"):
         if getattr(cfg, name) is None:
             setattr(cfg, name, defaults[name])
-    for name in ("batch_size", "n_steps", "train_g_interval", "log_interval", "sample_interval", "checkpoint_interval"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("r1_interval", "pl_interval", "pl_batch_shrink"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.keep_states < 2:
-        raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
+    cfg.check()  # the run fields, and every "min" bound (now that the model defaults are filled in)
     if cfg.lr <= 0 or cfg.lr_d <= 0:
         raise UserError(f"--lr and --lr_d must be > 0, got {cfg.lr}, {cfg.lr_d}")
-    if min(cfg.r1_gamma, cfg.pl_weight, cfg.drift_penalty, cfg.num_workers) < 0:
-        raise UserError("--r1_gamma, --pl_weight, --drift_penalty and --num_workers must be >= 0")
+    if min(cfg.r1_gamma, cfg.pl_weight, cfg.drift_penalty) < 0:
+        raise UserError("--r1_gamma, --pl_weight and --drift_penalty must be >= 0")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     if cfg.pl_weight > 0 and cfg.model not in STYLE_MODELS:
@@ -194,11 +152,7 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
 
 def main(cfg: Config) -> None:
     cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
-    log_name = cfg.log_name or f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}"
-    run_dir = Path(cfg.log_dir) / log_name
-    state, state_path = open_resume_state(cfg.resume, run_dir)
-    if state is not None:
-        changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
+    run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}", RESUME_KEYS)
     growing = cfg.model == "progressive_gan" and cfg.progressive_growing
     lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
 
@@ -208,7 +162,7 @@ def main(cfg: Config) -> None:
         mixed_precision=cfg.mixed_precision,
         dynamo_backend="inductor" if cfg.compile else None,
         log_with=None if cfg.loggers == "none" else cfg.loggers,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        project_config=ProjectConfiguration(project_dir=str(run.dir), logging_dir=str(run.dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=growing)],
     )
     device, is_main = accelerator.device, accelerator.is_main_process
@@ -216,26 +170,27 @@ def main(cfg: Config) -> None:
         accelerator.print(
             "note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32 (bf16 works)"
         )
-    if state is not None:
-        accelerator.print(
-            f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else "")
-        )
-    elif cfg.resume:
-        accelerator.print(f"--resume {cfg.resume}: no training state in {run_dir / 'states'}; starting from scratch")
-    start_step = state["step"] if state else 0
-    if start_step >= cfg.n_steps:
-        raise UserError(f"the training state is at step {start_step} already; pass --n_steps > {start_step} to go on")
+    run.open(accelerator)
 
     # Data.
     with accelerator.main_process_first():
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download, in_memory=False)
+    if cfg.only_test:
+        run.test(accelerator, dataset)
+        return
     if cfg.conditional and not dataset.n_classes:
         raise UserError(f"--conditional needs labelled data; {cfg.dataset} at {cfg.data_dir} has no classes")
     n_classes = dataset.n_classes if cfg.conditional else 0
     workers = cfg.num_workers if isinstance(dataset, ImageFileDataset) else 0  # in-memory data needs no decoding
     loader = iter(
         make_loader(
-            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step, workers
+            dataset,
+            cfg.batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            cfg.seed,
+            run.start_step,
+            workers,
         )
     )
 
@@ -258,30 +213,15 @@ def main(cfg: Config) -> None:
     # Prepare.
     gen, disc, optim_g, optim_d = accelerator.prepare(gen, disc, optim_g, optim_d)
 
-    # Resume.
-    skipped, pl_mean = 0, torch.zeros((), device=device)  # pl_mean: the path-length running mean `a`
-    if state is not None:
-        load_gan_state(state, gen, disc, optim_g, optim_d, ema, accelerator.scaler)
-        set_hyperparameters(optim_g, cfg.lr, betas, g_reg_interval)
-        set_hyperparameters(optim_d, cfg.lr_d, betas, d_reg_interval)
-        skipped, pl_mean = state["skipped"], state["pl_mean"].to(device)
-        del state
-
-    if is_main:
-        for sub in ("grids", "snapshots", "states"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        trim_stats(run_dir / "stats.jsonl", start_step)
-    if cfg.loggers != "none":
-        accelerator.init_trackers("tb", config=tracker_config(dataclasses.asdict(cfg)))
-    n_params = (
-        sum(p.numel() for p in unwrap(gen).parameters()) / 1e6,
-        sum(p.numel() for p in unwrap(disc).parameters()) / 1e6,
-    )
-    accelerator.print(
-        f"{run_dir}: {cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {cfg.method}, "
-        f"{accelerator.num_processes} process(es) on {device.type}, mixed precision {accelerator.mixed_precision}, "
-        f"{len(dataset)} training images"
+    # Resume (pl_mean: the path-length running mean `a`); the current lr and betas are applied again.
+    nets = dict(gen=gen, disc=disc, optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
+    resumed = run.restore(**nets)
+    set_hyperparameters(optim_g, cfg.lr, betas, g_reg_interval)
+    set_hyperparameters(optim_d, cfg.lr_d, betas, d_reg_interval)
+    pl_mean = resumed.get("pl_mean", torch.zeros(())).to(device)
+    n_params = [sum(p.numel() for p in unwrap(net).parameters()) / 1e6 for net in (gen, disc)]
+    run.begin(
+        accelerator, dataset, f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {cfg.method}"
     )
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
@@ -295,29 +235,7 @@ def main(cfg: Config) -> None:
         zs = torch.randn(rows * GRID_COLS, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         labels = torch.arange(n_classes).repeat_interleave(GRID_COLS).to(device) if n_classes else None
         for tag, source in [("raw", gen)] + ([("ema", ema.module)] if ema else []):
-            save_grid(eval_generator(source)(zs, labels), run_dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
-
-    def save_checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        digest = check_replicas_agree(accelerator, unwrap(gen), unwrap(disc))
-        if is_main:
-            nets = (gen, disc, optim_g, optim_d, ema, accelerator.scaler)
-            train_state = gan_state(step, dataclasses.asdict(cfg), skips.total, *nets, pl_mean=pl_mean.cpu())
-            save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
-            save_snapshot(
-                run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",
-                kind="gan",
-                model_name=cfg.model,
-                model_kwargs=gen_kwargs,
-                state_dict=eval_generator(ema.module if ema else gen).state_dict(),
-                config=dataclasses.asdict(cfg),
-                step=step,
-            )
-            tqdm.write(
-                f"step {step}: saved training state and snapshot; parameters identical on "
-                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
-            )
-        accelerator.wait_for_everyone()
+            save_grid(eval_generator(source)(zs, labels), run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
 
     def penalty_scale() -> float:
         # fp16: second-order terms are taken from gradients of the scaled output, then unscaled (PyTorch's AMP recipe)
@@ -325,9 +243,11 @@ def main(cfg: Config) -> None:
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
-    pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=log_name)
+    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
+    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
+    pbar = progress(
+        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
+    )
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         stats = {}
@@ -371,7 +291,7 @@ def main(cfg: Config) -> None:
                     p.clamp_(-cfg.clip_value, cfg.clip_value)
 
         # Lazy R1 (StyleGAN2): its own D step every r1_interval steps, weight multiplied by the interval. It runs
-        # through the eager DDP module so that its gradients are averaged (`zero_term`: see utils/ckpt.py).
+        # through the eager DDP module so that its gradients are averaged (`zero_term`: see utils/dist.py).
         if lazy_r1 and step % cfg.r1_interval == 0:
             critic = uncompiled(disc)
             r1 = r1_penalty(critic, reals, labels, scale=penalty_scale()).mean()
@@ -428,17 +348,30 @@ def main(cfg: Config) -> None:
                 "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
-            write_log(accelerator, run_dir, record)
+            run.log(accelerator, record)
 
-        # Save sample grids and checkpoints.
-        if is_main and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
+        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
             save_grids(done)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps:
-            save_checkpoint(done)
+        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+            run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), n_classes)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+            snapshot = dict(
+                kind="gan", model=cfg.model, model_kwargs=gen_kwargs, module=eval_generator(ema.module if ema else gen)
+            )
+            run.save(
+                accelerator, done, replicas=(gen, disc), snapshot=snapshot, **nets, skipped=skips.total, pl_mean=pl_mean
+            )
 
     accelerator.end_training()
+    run.close()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
 
 
 if __name__ == "__main__":
-    with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0], resolve=resolve_config))
+    cli()

@@ -10,50 +10,32 @@
     python gan_mnist.py ... --resume latest               # continue bit-exactly from logs/<log_name>/states
 
 `--batch_size` is per process. Every random draw of a step is seeded from (seed, rank, step) and the data order is
-a pure function of (seed, position), so a resumed run equals an uninterrupted one. Run folder logs/<log_name>/:
-config.json, stats.jsonl, tb/ (TensorBoard), grids/{raw,ema}-<step>.png, snapshots/snapshot-<step>.safetensors
-(what sample.py reads), states/state-<step>/ (full training state, the newest `--keep_states` kept).
+a pure function of (seed, position), so a resumed run equals an uninterrupted one. The run folder logs/<log_name>/
+(utils/run.py) holds config.json, stats.jsonl, tb/, grids/{raw,ema}-<step>.png, snapshots/ (what sample.py reads),
+states/ (full training states) and, with --eval_interval, eval/ and the best checkpoint:
+    python gan_mnist.py ... --eval_interval 1000 --eval_samples 1000     # FD_cls of the EMA G, best.safetensors kept
+    python gan_mnist.py ... --load logs/<name> --load_best --only_test   # score the best snapshot, no training
 """
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from tqdm import tqdm
 
 from losses import ganzo_targets, get_gan_loss, gradient_penalty, soft_real_targets
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
-from utils.ckpt import (
-    check_replicas_agree,
-    check_resume_compatible,
-    gan_state,
-    load_gan_state,
-    open_resume_state,
-    save_snapshot,
-    save_training_state,
-    unwrap,
-)
+from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
+from utils.dist import unwrap
 from utils.ema import EMA
 from utils.grid import save_grid
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
-from utils.tracking import (
-    KimgClock,
-    RunningMeans,
-    SkipCounter,
-    peak_memory_gb,
-    progress,
-    step_optimizer,
-    tracker_config,
-    trim_stats,
-    write_log,
-)
+from utils.run import Run, RunConfig
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, peak_memory_gb, progress, step_optimizer
 
 # Fast paths on GPUs, set once in plain sight. TF32 matmuls are fine for GAN training (not for FID statistics).
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -78,7 +60,7 @@ RESUME_KEYS = (
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     dataset: str = field(default="mnist", metadata={"choices": sorted(MNIST_LIKE)})
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
@@ -95,45 +77,27 @@ class Config:
     sn_gen: bool = field(default=False, metadata={"help": "spectral norm on every G layer (SA-GAN)"})
     soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
     noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
-    batch_size: int = field(default=64, metadata={"help": "per process"})
-    n_steps: int = field(default=10000, metadata={"help": "discriminator steps"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
+    n_steps: int = field(default=10000, metadata={"min": 1, "help": "discriminator steps"})
     optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    train_g_interval: int = field(default=1, metadata={"help": "one G step every k D steps (WGAN n_critic)"})
+    train_g_interval: int = field(default=1, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
     ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"help": "half-life <= ratio x images seen; 0 = off"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile G and D (the penalty stays eager)"})
-    mixed_precision: str | None = field(
-        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
-    )
-    log_dir: str = "logs"
-    log_name: str = field(default="", metadata={"help": "default: <dataset>_<model>_<method>[_cond]"})
-    loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
-    log_interval: int = 100
-    sample_interval: int = 1000
-    checkpoint_interval: int = 5000
-    keep_states: int = field(default=2, metadata={"help": "training states kept (>= 2)"})
-    resume: str = field(default="", metadata={"help": "'latest' or a path to a run folder or state folder"})
-    seed: int = 0
-    max_skipped_steps: int = field(default=20, metadata={"help": "stop after this many non-finite steps in a row"})
+    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def check_config(cfg: Config) -> None:
     """Refuse flag combinations that cannot work, before anything is written."""
+    cfg.check()
     if cfg.method != "gan" and (cfg.soft_labels or cfg.noisy_labels):
         raise UserError(f"--soft_labels/--noisy_labels apply to --method gan only, not {cfg.method}")
     if not 0 <= cfg.noisy_labels <= 1:
         raise UserError(f"--noisy_labels is a probability in [0, 1], got {cfg.noisy_labels}")
     if cfg.method == "wgan-gp" and cfg.disc_kwargs.get("norm", "none") == "batch":
         raise UserError("--method wgan-gp needs a critic without BatchNorm (the penalty is per sample)")
-    for name in ("batch_size", "n_steps", "train_g_interval", "log_interval", "sample_interval", "checkpoint_interval"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.keep_states < 2:
-        raise UserError("--keep_states must be >= 2: the newest state may be the one being written")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
 
@@ -162,11 +126,7 @@ def build_models(cfg: Config, n_classes: int):
 
 def main(cfg: Config) -> None:
     check_config(cfg)
-    log_name = cfg.log_name or f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}"
-    run_dir = Path(cfg.log_dir) / log_name
-    state, state_path = open_resume_state(cfg.resume, run_dir)
-    if state is not None:
-        changed = check_resume_compatible(state["config"], dataclasses.asdict(cfg), RESUME_KEYS)
+    run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}", RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
     accelerator = Accelerator(
@@ -174,29 +134,26 @@ def main(cfg: Config) -> None:
         mixed_precision=cfg.mixed_precision,
         dynamo_backend="inductor" if cfg.compile else None,
         log_with=None if cfg.loggers == "none" else cfg.loggers,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
+        project_config=ProjectConfiguration(project_dir=str(run.dir), logging_dir=str(run.dir)),
     )
     device, is_main = accelerator.device, accelerator.is_main_process
     if accelerator.mixed_precision == "fp16" and device.type == "cpu":
         accelerator.print(
             "note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32 (bf16 works)"
         )
-    if state is not None:
-        accelerator.print(
-            f"resuming from {state_path} (step {state['step']})" + (f"; changed: {changed}" if changed else "")
-        )
-    elif cfg.resume:
-        accelerator.print(f"--resume {cfg.resume}: no training state in {run_dir / 'states'}; starting from scratch")
-    start_step = state["step"] if state else 0
-    if start_step >= cfg.n_steps:
-        raise UserError(f"the training state is at step {start_step} already; pass --n_steps > {start_step} to go on")
+    run.open(accelerator)  # refuses an existing run without --resume/--delete; loads the state to resume from
 
     # Data.
     with accelerator.main_process_first():  # only one process downloads, the others then find the files
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
+    if cfg.only_test:
+        run.test(accelerator, dataset)
+        return
     n_classes = dataset.n_classes if cfg.conditional else 0
     loader = iter(
-        make_loader(dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, start_step)
+        make_loader(
+            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step
+        )
     )
 
     # Models. Same init on every rank; the EMA and the evaluation copy are made before prepare() wraps anything.
@@ -215,26 +172,11 @@ def main(cfg: Config) -> None:
     # Prepare.
     gen, disc, optim_g, optim_d = accelerator.prepare(gen, disc, optim_g, optim_d)
 
-    # Resume.
-    skipped = 0
-    if state is not None:
-        load_gan_state(state, gen, disc, optim_g, optim_d, ema, accelerator.scaler)
-        for optimizer in (optim_g, optim_d):  # the saved groups carry the old lr and betas
-            set_hyperparameters(optimizer, cfg.lr, (cfg.beta1, cfg.beta2))
-        skipped = state["skipped"]
-        del state
-
-    if is_main:
-        for sub in ("grids", "snapshots", "states"):
-            (run_dir / sub).mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        trim_stats(run_dir / "stats.jsonl", start_step)
-    if cfg.loggers != "none":
-        accelerator.init_trackers("tb", config=tracker_config(dataclasses.asdict(cfg)))
-    accelerator.print(
-        f"{run_dir}: {accelerator.num_processes} process(es) on {device.type}, "
-        f"mixed precision {accelerator.mixed_precision}, {len(dataset)} training images"
-    )
+    # Resume: the saved optimizer groups carry the old lr and betas, so the current flags are applied again.
+    resumed = run.restore(gen=gen, disc=disc, optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
+    for optimizer in (optim_g, optim_d):
+        set_hyperparameters(optimizer, cfg.lr, (cfg.beta1, cfg.beta2))
+    run.begin(accelerator, dataset)
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights with standing BatchNorm statistics: batch-independent outputs."""
@@ -247,44 +189,21 @@ def main(cfg: Config) -> None:
         zs = torch.randn(GRID_ROWS**2, cfg.z_dim, generator=rng).to(device)
         labels = torch.arange(n_classes).repeat_interleave(GRID_ROWS**2 // n_classes).to(device) if n_classes else None
         for tag, source in [("raw", gen)] + ([("ema", ema.module)] if ema else []):
-            save_grid(eval_generator(source)(zs, labels), run_dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_ROWS)
-
-    def save_checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        digest = check_replicas_agree(accelerator, unwrap(gen), unwrap(disc))
-        if is_main:
-            train_state = gan_state(
-                step, dataclasses.asdict(cfg), skips.total, gen, disc, optim_g, optim_d, ema, accelerator.scaler
-            )
-            save_training_state(run_dir / "states", step, train_state, keep=cfg.keep_states)
-            snapshot_gen = eval_generator(ema.module if ema else gen)
-            save_snapshot(
-                run_dir / "snapshots" / f"snapshot-{step:08d}.safetensors",
-                kind="gan",
-                model_name=cfg.model,
-                model_kwargs=gen_kwargs,
-                state_dict=snapshot_gen.state_dict(),
-                config=dataclasses.asdict(cfg),
-                step=step,
-            )
-            tqdm.write(
-                f"step {step}: saved training state and snapshot; parameters identical on "
-                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
-            )
-        accelerator.wait_for_everyone()
+            save_grid(eval_generator(source)(zs, labels), run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_ROWS)
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run_dir / "states", skipped)
-    pbar = progress(range(start_step, cfg.n_steps), is_main, initial=start_step, total=cfg.n_steps, desc=log_name)
+    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
+    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
+    pbar = progress(
+        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
+    )
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         reals, labels = next(loader)
         reals = reals.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if n_classes else None
         n = reals.shape[0]
-
         # Discriminator step: fakes come from the current G without building its graph.
         with torch.no_grad():
             fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
@@ -346,18 +265,30 @@ def main(cfg: Config) -> None:
                 "skipped": skips.total,
                 "mem_gb": peak_memory_gb(device),
             }
-            write_log(accelerator, run_dir, record)
+            run.log(accelerator, record)
 
-        # Save sample grids and checkpoints.
-        if is_main and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
+        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
             save_grids(done)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps:
-            save_checkpoint(done)
+        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+            run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), n_classes)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+            snapshot = dict(
+                kind="gan", model=cfg.model, model_kwargs=gen_kwargs, module=eval_generator(ema.module if ema else gen)
+            )
+            nets = dict(gen=gen, disc=disc, optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
+            run.save(accelerator, done, replicas=(gen, disc), snapshot=snapshot, **nets, skipped=skips.total)
 
     # Final save happened at the last step; close the trackers.
     accelerator.end_training()
+    run.close()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":
-    with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+    cli()

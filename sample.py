@@ -37,12 +37,12 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from modelling import build_denoiser, build_generator
 from modelling.precond import EDMDenoiser
-from sampling.diffusion import SOLVERS, StackedNoise, sample
+from sampling import SNAPSHOT_KINDS
+from sampling.diffusion import SOLVERS
 from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
-from utils.grid import save_grid, save_png, save_scatter, to_uint8
+from utils.grid import check_finite, save_grid, save_png, save_scatter, to_uint8
 from utils.tracking import progress
 
 
@@ -101,14 +101,6 @@ def truncation_settings(generator, cfg: Config) -> dict:
     return dict(truncation=cfg.truncation, truncation_cutoff=cfg.truncation_cutoff)
 
 
-@torch.no_grad()
-def gan_images(generator, seeds: list[int], labels: torch.Tensor | None, device, cfg: Config):
-    """One latent per seed from that seed's own RNG; one network evaluation (NFE = 1). In eval mode the style
-    generators use their stored noise maps, so image k depends on its seed only."""
-    zs = torch.stack([torch.randn(generator.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    return generator(zs.to(device), labels, **truncation_settings(generator, cfg)), 1
-
-
 def solver_settings(denoiser, cfg: Config) -> dict:
     """The sampler keyword arguments for this denoiser; flags of the other method are refused."""
     edm = isinstance(denoiser, EDMDenoiser)
@@ -141,22 +133,6 @@ def solver_settings(denoiser, cfg: Config) -> dict:
     return settings
 
 
-@torch.no_grad()
-def diffusion_images(denoiser, seeds: list[int], labels: torch.Tensor | None, device, cfg: Config):
-    """Latents and every later noise draw come from each seed's own generator (EDM's StackedRandomGenerator)."""
-    images, nfe = sample(denoiser, StackedNoise(seeds), labels, device=device, **solver_settings(denoiser, cfg))
-    return images.float(), nfe
-
-
-# Snapshot kind -> (builder, sampler). Characteristic generators are two-time denoisers: the diffusion sampler runs
-# them with its "characteristic" solver.
-SAMPLERS = {
-    "gan": (build_generator, gan_images),
-    "diffusion": (build_denoiser, diffusion_images),
-    "characteristic": (build_denoiser, diffusion_images),
-}
-
-
 def main(cfg: Config) -> None:
     if not cfg.checkpoint:
         raise UserError("--checkpoint is required (a run folder such as logs/mnist_dcgan, or a snapshot file)")
@@ -164,9 +140,10 @@ def main(cfg: Config) -> None:
         raise UserError(f"--batch_size and --grid_size must be >= 1, got {cfg.batch_size}, {cfg.grid_size}")
     seeds = seed_list(cfg)
     meta, state_dict = load_snapshot(cfg.checkpoint)
-    if meta["kind"] not in SAMPLERS:
-        raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} has no sampler; valid: {sorted(SAMPLERS)}")
-    build, sample_fn = SAMPLERS[meta["kind"]]
+    if meta["kind"] not in SNAPSHOT_KINDS:
+        valid = sorted(SNAPSHOT_KINDS)
+        raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} has no sampler; valid: {valid}")
+    build, sample_fn = SNAPSHOT_KINDS[meta["kind"]]
 
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # CPU-only torchrun: shard over gloo
     device = accelerator.device
@@ -191,7 +168,8 @@ def main(cfg: Config) -> None:
             labels = torch.tensor([cfg.class_label if cfg.class_label is not None else s % n_classes for s in batch])
             labels = labels.to(device)
         start = time.perf_counter()
-        images, nfe = sample_fn(model, batch, labels, device, cfg)
+        images, nfe = sample_fn(model, batch, labels, device, **settings)
+        check_finite(images, f"the samples of seeds {batch[0]}..{batch[-1]}")  # never a silent black PNG
         if device.type != "cpu":
             torch.accelerator.synchronize()  # time the work, not its queueing
         seconds += time.perf_counter() - start
@@ -247,6 +225,11 @@ def main(cfg: Config) -> None:
         )
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+
+
 if __name__ == "__main__":
-    with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+    cli()

@@ -111,6 +111,11 @@ def main(cfg: Config) -> None:
         )
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+
+
 if __name__ == "__main__":
-    with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+    cli()

@@ -4,7 +4,7 @@ only decides how t is drawn and how pixels are reduced, each as its paper does."
 
 import torch
 
-from utils.ckpt import unwrap
+from utils.dist import unwrap
 
 
 def _weighted_error(denoiser, images: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:

@@ -8,6 +8,7 @@
 - `fmnist`: genzoo's Fashion-MNIST classifier (modelling/classifier.py, trained by train_detector.py), its 128-d
   penultimate layer; shipped in detectors/ and checked against its SHA-256 so numbers are comparable across machines.
 - `pixels`: raw pixels scaled to [0, 1], flattened (the protocol of seed 004's MNIST table).
+- `points`: the coordinates of 2-D toy samples (the in-loop `fd_points` metric of the training scripts).
 """
 
 from pathlib import Path
@@ -138,6 +139,18 @@ class PixelDetector(nn.Module):
         return imgs.flatten(1).float() / 255
 
 
+class PointDetector(nn.Module):
+    """2-D toy data: the coordinates themselves are the features (FD of the sample cloud, in float64)."""
+
+    name, dim = "points", None
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        return points.flatten(1).double()
+
+
+DETECTORS = ["fmnist", "inception", "pixels", "points"]
+
+
 def build_detector(name: str, weights: str | None = None) -> nn.Module:
     if name == "inception":
         return load_inception(weights)
@@ -145,4 +158,6 @@ def build_detector(name: str, weights: str | None = None) -> nn.Module:
         return load_classifier(weights)
     if name == "pixels":
         return PixelDetector()
-    raise UserError(f"unknown detector {name!r}; valid: ['fmnist', 'inception', 'pixels']")
+    if name == "points":
+        return PointDetector()
+    raise UserError(f"unknown detector {name!r}; valid: {DETECTORS}")

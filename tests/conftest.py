@@ -52,3 +52,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def cli_error(cli, argv: list[str], capsys) -> str:
+    """Run a script's `cli(argv)` in-process and return its one error line: exit code 2, exactly one "error:" line
+    on stderr, and no exception other than the SystemExit that `user_errors` turns a UserError into."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli(argv)
+    assert stop.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]

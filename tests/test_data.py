@@ -63,9 +63,15 @@ def test_lookup_order_data_dir_then_system_then_download(tmp_path, monkeypatch):
 
 
 def test_missing_data_names_the_three_ways(tmp_path, monkeypatch):
+    import torchvision
+
+    def unreachable(*args, **kwargs):  # the network, not the code under test: fail as an offline download does
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://..., got URLError")
+
     monkeypatch.setattr(data, "SYSTEM_DIRS", [str(tmp_path / "nowhere")])
+    monkeypatch.setattr(torchvision.datasets, "MNIST", unreachable)
     with pytest.raises(UserError) as err:
-        load_mnist_like("mnist", str(tmp_path / "empty"), download=True)  # no network here: the download fails
+        load_mnist_like("mnist", str(tmp_path / "empty"), download=True)
     message = str(err.value)
     assert "(1)" in message and "(2)" in message and "(3)" in message and "download failed" in message
     assert "\n" not in message
@@ -217,19 +223,71 @@ def test_folder_labels_channels_and_centre_crop(tmp_path):
     assert ds.n_classes == 0 and ds.labels.tolist() == [0] * 5 and ds.classes is None
 
 
-@pytest.mark.parametrize("content", ["garbage", "truncated"])
-def test_folder_corrupt_image_names_the_file(tmp_path, content):
-    _save(tmp_path / "a" / "ok.png", torch.zeros(8, 8, dtype=torch.uint8), "L")
+def _corrupt_bytes(content: str) -> bytes:
     if content == "garbage":
-        payload = b"this is not an image"
-    else:
-        buffer = io.BytesIO()
-        Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()).save(buffer, format="PNG")
-        payload = buffer.getvalue()[: len(buffer.getvalue()) // 2]
-    (tmp_path / "a" / "broken.png").write_bytes(payload)
-    with pytest.raises(UserError) as err:
-        build_dataset("folder", str(tmp_path), 8)
-    assert "broken.png" in str(err.value) and "\n" not in str(err.value)
+        return b"this is not an image"
+    buffer = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]  # truncated
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated"])
+def test_folder_corrupt_image_is_skipped_and_named(tmp_path, content, capsys):
+    """In memory and on demand alike: a corrupt file is skipped with one warning naming it, never fatal."""
+    _save(tmp_path / "a" / "ok.png", torch.full((8, 8), 7, dtype=torch.uint8), "L")
+    (tmp_path / "a" / "broken.png").write_bytes(_corrupt_bytes(content))
+    in_memory = build_dataset("folder", str(tmp_path), 8)
+    assert len(in_memory) == 1 and (in_memory.images == 7).all()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: skipped" in line]
+    assert len(warnings) == 1 and "broken.png" in warnings[0] and "(1 unreadable so far)" in warnings[0]
+    on_demand = build_dataset("folder", str(tmp_path), 8, in_memory=False)
+    images, _ = on_demand[[0, 1]]  # broken.png sorts first: the next readable file stands in for it
+    assert len(on_demand) == 2 and (images == 7 / 127.5 - 1).all()
+
+
+def test_replacement_of_a_corrupt_image_takes_its_own_label(tmp_path):
+    """The file that stands in for an unreadable one brings its own label, not the unreadable file's class."""
+    _save(tmp_path / "a" / "1.png", torch.full((8, 8), 10, dtype=torch.uint8), "L")
+    (tmp_path / "a" / "2.png").write_bytes(b"corrupt")
+    _save(tmp_path / "b" / "1.png", torch.full((8, 8), 200, dtype=torch.uint8), "L")
+    ds = build_dataset("folder", str(tmp_path), 8, in_memory=False)
+    assert ds.labels.tolist() == [0, 0, 1]
+    images, labels = ds[[0, 1, 2]]  # a/2.png is replaced by b/1.png (class 1)
+    assert labels.tolist() == [0, 1, 1]
+    assert images[1].eq(200 / 127.5 - 1).all()
+
+
+def test_one_image_reader_for_every_mode(tmp_path):
+    """16-bit grey is scaled (not clipped), 1-bit grey and palette images decode, hidden ._ files are ignored,
+    and a decompression bomb is refused with one line."""
+    wide = (torch.arange(64, dtype=torch.int32).reshape(8, 8) * 1000).numpy().astype("uint16")
+    Image.fromarray(wide).save(tmp_path / "wide.png")  # a 16-bit greyscale PNG
+    assert Image.open(tmp_path / "wide.png").mode.startswith("I")
+    assert data.read_image(tmp_path / "wide.png").tolist()[0][7][7] == round(63000 / 257)
+    Image.new("1", (4, 4), 1).save(tmp_path / "bit.png")
+    assert (
+        data.read_image(tmp_path / "bit.png").shape == (1, 4, 4)
+        and (data.read_image(tmp_path / "bit.png") == 255).all()
+    )
+    Image.new("P", (4, 4), 3).save(tmp_path / "palette.png")
+    assert data.read_image(tmp_path / "palette.png").shape == (3, 4, 4)
+    (tmp_path / "._wide.png").write_bytes(b"resource fork")
+    assert [p.name for p in data.image_files(tmp_path)] == ["bit.png", "palette.png", "wide.png"]
+    Image.new("L", (64, 64)).save(tmp_path / "bomb.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 64 * 64 // 4  # more than twice the limit: PIL raises DecompressionBombError
+        with pytest.raises(UserError, match="bomb.png.*DecompressionBombError"):
+            data.read_image(tmp_path / "bomb.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_empty_idx_files_give_one_line(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", torch.zeros(0, 28, 28, dtype=torch.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", torch.zeros(0, dtype=torch.uint8))
+    with pytest.raises(UserError, match="holds no items"):
+        load_mnist_like("mnist", str(tmp_path), download=False)
 
 
 def test_folder_empty_missing_or_unset(tmp_path):

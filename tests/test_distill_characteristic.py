@@ -122,7 +122,8 @@ def test_bad_teachers_and_flags_are_refused(tmp_path, teacher, student):
     meta, weights = load_snapshot(teacher)
     weights = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
     save_snapshot(other, "diffusion", meta["model"], meta["model_kwargs"], weights, meta["config"], meta["step"])
-    argv = ("--teacher", other, "--workdir", root / "resumed", "--resume", "latest", "--n_steps", "6")
+    argv = ("--teacher", other, "--workdir", root / "resumed", "--resume", "latest", "--n_steps", "6", "--bsz", "4")
+    argv += ("--num_steps", "6")  # the run's own settings: only the teacher differs
     cfg = parse(distill_characteristic.Config, [str(a) for a in argv])
     with pytest.raises(UserError, match="not the teacher this run started from"):
         distill_characteristic.main(cfg)

@@ -116,7 +116,7 @@ def test_resume_refuses_another_setup_and_keeps_states(tmp_path, mnist_dir):
     )
     assert_one_line_error(result, "cannot resume", "method: saved 'gan' vs now 'hinge'")
     result = train(mnist_dir, tmp_path, "--log_name", "r", "--n_steps", "4", ok=False)  # forgot --resume
-    assert_one_line_error(result, "already holds training states", "--resume latest")
+    assert_one_line_error(result, "already holds a run (training states", "--resume latest", "--delete")
     after = {p.name: (p / "tensors.safetensors").read_bytes() for p in states.iterdir()}
     assert before == after
 
@@ -307,8 +307,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, mnist_dir, case):
 def test_missing_and_corrupt_data(tmp_path, mnist_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_script("gan_mnist.py", "--data_dir", empty, "--dataset", "mnist", "--log_dir", tmp_path, ok=False)
-    assert_one_line_error(result, "mnist not found", "(1)", "(2)", "(3)", "download failed")
+    result = run_script(
+        "gan_mnist.py", "--data_dir", empty, "--dataset", "mnist", "--no-download", "--log_dir", tmp_path, ok=False
+    )
+    assert_one_line_error(result, "mnist not found", "(1)", "(2)", "(3)", "not tried")
     result = run_script(
         "gan_mnist.py",
         "--data_dir",
@@ -344,5 +346,5 @@ def test_real_fashion_mnist_from_the_system_copy(tmp_path):
         "--log_interval",
         "3",
     )
-    assert "60000 training images" in result.stdout
+    assert "60000 training samples" in result.stdout
     assert read_stats(tmp_path / "fashion_mnist_dcgan_gan")[-1]["step"] == 3

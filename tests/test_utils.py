@@ -17,10 +17,9 @@ from utils.ckpt import (
     resolve_state,
     save_snapshot,
     save_training_state,
-    unwrap,
-    weights_digest,
 )
 from utils.cli import UserError, parse
+from utils.dist import unwrap, weights_digest
 from utils.ema import EMA, ema_beta
 from utils.grid import save_grid, to_uint8
 
@@ -192,6 +191,33 @@ def test_config_file_errors(tmp_path):
         parse(_Cfg, ["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(UserError, match="JSON"):
         parse(_Cfg, ["--kwargs", "{not json"])
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("lr: [0.1, 0.2]\n", "lr takes a single value, got [0.1, 0.2]"),
+        ("1: 2\n", "expected a mapping of option names to values"),
+        ("kwargs: [1]\n", "kwargs takes a single value"),
+        ("ema: maybe\n", "ema takes true or false, got 'maybe'"),
+        ("lr: .nan\n", "is not a finite number"),
+        ("lr: .inf\n", "is not a finite number"),
+    ],
+)
+def test_config_file_values_of_the_wrong_kind_give_one_line(tmp_path, text, fragment):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        parse(_Cfg, ["--config", str(path)])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flags_are_never_abbreviated_and_nan_is_refused():
+    with pytest.raises(UserError, match="unrecognized arguments: --me"):
+        parse(_Cfg, ["--me", "hinge"])
+    for text in ("nan", "-inf", "1e999"):
+        with pytest.raises(UserError, match="not a finite number"):
+            parse(_Cfg, [f"--lr={text}"])
 
 
 def test_dry_run_prints_resolved_config_and_exits():

@@ -1,12 +1,15 @@
-"""Checkpoint I/O: small snapshots for sampling, full training states for exact resume. Nothing here unpickles.
+"""Checkpoint file I/O: small snapshots for sampling, full training states for exact resume, pretrained weight
+files. Nothing here unpickles; the DDP side of checkpointing (unwrap, replica check) is utils/dist.py.
 
 Snapshot: one `.safetensors` file with the (EMA) generator weights; its header metadata holds the format tag, the
 model name and kwargs, the run's resolved config and the step, as JSON strings. `sample.py`/`fid.py` read only this.
+Written to a temp file, fsynced and renamed, so a reader never sees half of one.
 
 Training state: a folder `state-<step>/` with `tensors.safetensors` (every tensor of every model, optimizer and EMA)
 and `meta.json` (the rest of the tree: step, optimizer hyperparameters, scaler, config), written into a hidden temp
 folder, fsynced, marked `COMPLETE` last and renamed into place; only marked folders are ever loaded, and pruning
 (keep >= 2) runs only after a save has completed (torchtitan's rule: the newest may be the one being written).
+Files get the permissions of any other file the user writes (0644 under umask 022), not a temp file's 0600.
 """
 
 import hashlib
@@ -25,62 +28,9 @@ from utils.cli import UserError
 SNAPSHOT_FORMAT = "genzoo-snapshot-v1"
 STATE_FORMAT = "genzoo-state-v1"
 _STATE_RE = re.compile(r"^state-(\d+)$")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any order, to reach the plain module."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def gan_state(step, config, skipped, gen, disc, optim_g, optim_d, ema, scaler, **extra) -> dict:
-    """The full training state of a GAN script (gan_mnist.py, gan_celeba.py) for `save_training_state`; `extra`
-    holds a script's own entries (e.g. the path-length running mean)."""
-    return {
-        "step": step,
-        "config": config,
-        "skipped": skipped,
-        "gen": unwrap(gen).state_dict(),
-        "disc": unwrap(disc).state_dict(),
-        "optim_g": optim_g.state_dict(),
-        "optim_d": optim_d.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        **extra,
-    }
-
-
-def load_gan_state(state: dict, gen, disc, optim_g, optim_d, ema, scaler) -> None:
-    """Restore what `gan_state` saved into freshly prepared networks, optimizers, EMA and GradScaler. The caller
-    re-applies lr/betas afterwards (the saved optimizer groups carry the old ones)."""
-    unwrap(gen).load_state_dict(state["gen"])
-    unwrap(disc).load_state_dict(state["disc"])
-    optim_g.load_state_dict(state["optim_g"])
-    optim_d.load_state_dict(state["optim_d"])
-    if ema is not None:
-        if state["ema"] is None:
-            raise UserError("cannot resume with --ema: the training state was made without an EMA")
-        ema.load_state_dict(state["ema"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-
-
-def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip only torch.compile's wrapper (accelerate compiles last, around DDP): the eager, still DDP-synchronised
-    module, for second-order gradients (R1, path length), which compiled graphs do not support."""
-    return getattr(model, "_orig_mod", model)
-
-
-def zero_term(module: torch.nn.Module) -> torch.Tensor:
-    """0 * (sum of all parameters): added to a regulariser's loss, it gives every parameter a (zero) gradient, so
-    DDP's reducer, which waits for all of them, also completes when the regulariser ignores some (R1 and the
-    last bias, path length and the ToRGB biases). StyleGAN2-ADA adds 0 * output for the same reason."""
-    return 0 * sum(p.sum() for p in module.parameters())
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file; safetensors and mkstemp give 0600
 
 
 # Tree <-> (tensors, JSON): tensors go to safetensors under their path; everything else stays JSON with tags
@@ -111,7 +61,7 @@ def _decode(obj, tensors: dict):
     return obj
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -119,8 +69,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_training_state(states_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Atomically write `state` (a tree of dicts/lists/tensors/scalars) as `states_dir/state-<step>`, then prune."""
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a small file so that a reader sees the old content or the new, never a mix: temp file, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_training_state(
+    states_dir: str | Path, step: int, state: dict, keep: int = 2, protect: tuple[int, ...] = ()
+) -> Path:
+    """Atomically write `state` (a tree of dicts/lists/tensors/scalars) as `states_dir/state-<step>`, then prune
+    all but the newest `keep` and the steps in `protect` (the best one)."""
     states_dir = Path(states_dir)
     states_dir.mkdir(parents=True, exist_ok=True)
     final = states_dir / f"state-{step:08d}"
@@ -133,18 +101,24 @@ def save_training_state(states_dir: str | Path, step: int, state: dict, keep: in
         save_file(tensors, tmp / "tensors.safetensors")
         (tmp / "meta.json").write_text(json.dumps(meta))
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            f.chmod(FILE_MODE)
+            _fsync(f)
         (tmp / "COMPLETE").write_text("ok\n")  # written last: its presence means the folder is whole
-        _fsync_dir(tmp)
+        _fsync(tmp)
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(states_dir)
+            # Replace an existing state without a moment in which neither exists: set the old one aside under a
+            # name no reader picks (not state-*), rename the new one in, then delete the old.
+            old = states_dir / f".old-state-{step:08d}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(states_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_states(states_dir, keep)
+    prune_states(states_dir, keep, protect)
     return final
 
 
@@ -161,12 +135,14 @@ def list_states(states_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_states(states_dir: Path, keep: int) -> None:
+def prune_states(states_dir: Path, keep: int, protect: tuple[int, ...] = ()) -> None:
     keep = max(keep, 2)
-    for _, path in list_states(states_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    for p in states_dir.glob(".tmp-state-*"):  # leftovers of a crashed save (only one process ever writes)
-        shutil.rmtree(p, ignore_errors=True)
+    for step, path in list_states(states_dir)[:-keep]:
+        if step not in protect:
+            shutil.rmtree(path, ignore_errors=True)
+    for pattern in (".tmp-state-*", ".old-state-*"):  # leftovers of a crashed save (only one process ever writes)
+        for p in states_dir.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_state(resume: str, run_dir: Path) -> Path | None:
@@ -195,41 +171,9 @@ def load_training_state(path: str | Path) -> dict:
         if meta.get("format") != STATE_FORMAT:
             raise UserError(f"{path}: not a genzoo training state (format {meta.get('format')!r})")
         tensors = load_file(path / "tensors.safetensors")
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise UserError(f"{path}: unreadable training state ({type(e).__name__}: {e})")
-    return _decode(meta["tree"], tensors)
-
-
-def check_resume_compatible(saved_cfg: dict, cfg: dict, keys: tuple[str, ...]) -> list[str]:
-    """Refuse to resume if an identity key (model, method, ...) changed; return the other changed keys."""
-    changed = {k for k in cfg if k in saved_cfg and saved_cfg[k] != cfg[k]}
-    fatal = sorted(changed & set(keys))
-    if fatal:
-        detail = ", ".join(f"{k}: saved {saved_cfg[k]!r} vs now {cfg[k]!r}" for k in fatal)
-        raise UserError(f"cannot resume: the training state was made with a different setup ({detail})")
-    return sorted(changed - {"resume"})
-
-
-def open_resume_state(resume: str, run_dir: Path) -> tuple[dict | None, Path | None]:
-    """The training state a run starts from, after the refusals every training script applies: a folder that holds
-    states needs --resume, and a state from another run may not be resumed into a folder with states of its own
-    (pruning and stats trimming would then act on those unrelated states)."""
-    own_states = list_states(run_dir / "states")
-    if not resume:
-        if own_states:
-            raise UserError(
-                f"{run_dir} already holds training states; pass --resume latest or choose another --log_name"
-            )
-        return None, None
-    state_path = resolve_state(resume, run_dir)
-    if state_path is None:
-        return None, None
-    if own_states and state_path.parent.resolve() != (run_dir / "states").resolve():
-        raise UserError(
-            f"--resume {resume} is from another run, but {run_dir} holds training states of its own; "
-            "choose another --log_name"
-        )
-    return load_training_state(state_path), state_path
+        return _decode(meta["tree"], tensors)
+    except (OSError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
 def save_snapshot(
@@ -242,7 +186,8 @@ def save_snapshot(
     step: int,
     extra: dict | None = None,
 ) -> None:
-    """Write weights + metadata to one safetensors file, atomically (temp file, then rename)."""
+    """Write weights + metadata to one safetensors file, atomically (temp file, fsync, rename; the temp file is
+    removed if anything fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -255,16 +200,27 @@ def save_snapshot(
         "extra": json.dumps(extra or {}),  # e.g. a classifier's test accuracy
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        tmp.chmod(FILE_MODE)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def list_snapshots(run_dir: str | Path) -> list[Path]:
+    """A run folder's step snapshots, oldest first (not best.safetensors, not temp files)."""
+    return sorted((Path(run_dir) / "snapshots").glob("snapshot-*.safetensors"))
 
 
 def find_snapshot(path: str | Path) -> Path:
     """A snapshot file, or a run folder -> its newest snapshot."""
     path = Path(path)
     if path.is_dir():
-        snaps = sorted((path / "snapshots").glob("snapshot-*.safetensors"))
+        snaps = list_snapshots(path)
         if not snaps:
             raise UserError(f"{path}: no snapshots/snapshot-*.safetensors in this folder (not a genzoo run folder?)")
         return snaps[-1]
@@ -284,22 +240,50 @@ def load_snapshot(path: str | Path) -> tuple[dict, dict]:
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a genzoo snapshot (cannot read it as safetensors: {e})")
+    return _decode_header(metadata, path), state_dict
+
+
+def _decode_header(metadata: dict, path: Path) -> dict:
+    """The snapshot header with its JSON fields decoded; an edited or cut header gives one line."""
     meta = dict(metadata)
-    for key in ("model_kwargs", "config", "extra"):
-        meta[key] = json.loads(meta.get(key, "{}"))
-    meta["step"] = int(meta["step"])
+    try:
+        for key in ("model_kwargs", "config", "extra"):
+            meta[key] = json.loads(meta.get(key, "{}"))
+            if not isinstance(meta[key], dict):
+                raise TypeError(f"{key} is not a JSON object")
+        meta["step"] = int(meta["step"])
+        for key in ("kind", "model"):
+            if not isinstance(meta[key], str):
+                raise TypeError(f"{key} is not a string")
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise UserError(f"{path}: damaged genzoo snapshot header ({type(e).__name__}: {detail})")
     meta["path"] = str(path)
-    return meta, state_dict
+    return meta
 
 
 def build_from_snapshot(meta: dict, state_dict: dict, build) -> torch.nn.Module:
-    """`build(meta["model"], **meta["model_kwargs"])` with the snapshot's weights loaded strictly; a snapshot that
-    does not fit its model (edited metadata, another version) gives one line."""
+    """`build(meta["model"], **meta["model_kwargs"])` with the snapshot's weights loaded strictly. The model is first
+    built on the meta device (no memory) and compared with the weights, so edited kwargs (another width, a huge
+    layer) or another version give one line instead of an allocation or a traceback."""
+
+    def mismatch(detail: str) -> UserError:
+        return UserError(f"{meta['path']}: snapshot does not match model {meta['model']!r}: {detail}")
+
     try:
-        model = build(meta["model"], **meta["model_kwargs"])
-        model.load_state_dict(state_dict)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"{meta['path']}: snapshot does not match model {meta['model']!r}: {str(e).splitlines()[0]}")
+        with torch.device("meta"):
+            skeleton = build(meta["model"], **meta["model_kwargs"])
+    except Exception as e:  # unknown name, bad kwargs: whatever the constructor raises, a user's file caused it
+        raise mismatch(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if expected != found:
+        missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]}"
+        raise mismatch(detail + (f" (e.g. {wrong[0]}: {found[wrong[0]]} vs {expected[wrong[0]]})" if wrong else ""))
+    model = build(meta["model"], **meta["model_kwargs"])
+    model.load_state_dict(state_dict)
     return model
 
 
@@ -352,24 +336,3 @@ def tensors_sha256(named_tensors) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def weights_digest(*modules: torch.nn.Module, buffers: bool = True) -> int:
-    """A 63-bit hash of every parameter (and buffer), bit-exact: equal digests mean identical weights."""
-    named = [
-        (f"{i}.{name}", t)
-        for i, module in enumerate(modules)
-        for name, t in list(module.named_parameters()) + (list(module.named_buffers()) if buffers else [])
-    ]
-    return int(tensors_sha256(named)[:16], 16) >> 1
-
-
-def check_replicas_agree(accelerator, *modules: torch.nn.Module) -> int:
-    """All processes must hold bit-identical parameters (NVIDIA's check_ddp_consistency); raise if not.
-    Buffers are left out: BatchNorm running statistics are updated from each rank's own batch and DDP
-    re-broadcasts rank 0's at the next forward, so they legitimately differ between forwards."""
-    digest = weights_digest(*modules, buffers=False)
-    digests = accelerator.gather(torch.tensor([digest], dtype=torch.int64, device=accelerator.device)).tolist()
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"processes hold different weights (digests {digests}): DDP replicas diverged")
-    return digest

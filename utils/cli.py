@@ -4,12 +4,18 @@
 `metadata={"choices": ...}` -> choices), lets `--config file.yaml|file.json` set defaults that explicit flags
 override, and handles `--dry_run` (print the resolved config, exit 0). Bad input raises `UserError`, which
 `user_errors()` turns into one line on stderr and exit code 2: no traceback for a user's mistake.
+
+Field metadata: "help", "choices", "aliases" (more flag names), "min" (inclusive lower bound, checked by
+`check_bounds`), "allow_inf" (a float that may be inf; NaN is never accepted). A subclass may redeclare a field with
+another default only: the metadata is looked up along the class hierarchy (`field_metadata`). Flags are never
+abbreviated (`--conf x.yaml` is an error, not a silent `--config_xyz`).
 """
 
 import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -27,11 +33,17 @@ def user_errors(prog: str | None = None):
     try:
         yield
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it in the traceback
+            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
 class _OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):  # argparse prints the whole usage block; one line is easier to read in a log
         raise UserError(f"{message} (see --help)")
 
@@ -42,28 +54,61 @@ def _base_type(kind):
     return args[0] if args else kind
 
 
+def field_metadata(config_cls, name: str) -> dict:
+    """The metadata of field `name`: its own, else that of the nearest base class that declares it (a subclass
+    that only changes a default keeps the base's help, choices and bounds)."""
+    for cls in getattr(config_cls, "__mro__", [type(config_cls)]):
+        fields = getattr(cls, "__dataclass_fields__", {})
+        if name in fields and fields[name].metadata:
+            return dict(fields[name].metadata)
+    return {}
+
+
+def _finite_float(allow_inf: bool):
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}")
+        if math.isnan(value) or (math.isinf(value) and not allow_inf):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+
+    return convert
+
+
 def make_parser(config_cls, description: str | None = None) -> argparse.ArgumentParser:
     parser = _OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML or JSON file of defaults; explicit flags override it")
     parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
-        kind = hints[f.name]
+        kind, meta = hints[f.name], field_metadata(config_cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = dict(default=default, help=f.metadata.get("help", " "))
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
+        kwargs = dict(default=default, help=meta.get("help", " "))
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is dict:
             kwargs["type"] = _json_dict
         elif typing.get_origin(kind) is list:  # list[int]: --flag 1 2 4
             kwargs["type"], kwargs["nargs"] = typing.get_args(kind)[0], "+"
+        elif _base_type(kind) is float:
+            kwargs["type"] = _finite_float(meta.get("allow_inf", False))
         else:
             kwargs["type"] = _base_type(kind)
-        names = [f"--{f.name}"] + [f"--{alias}" for alias in f.metadata.get("aliases", ())]
+        names = [f"--{f.name}"] + [f"--{alias}" for alias in meta.get("aliases", ())]
         parser.add_argument(*names, dest=f.name, **kwargs)
     return parser
+
+
+def check_bounds(cfg) -> None:
+    """Refuse values below a field's "min" metadata (None means unset and is not checked)."""
+    for f in dataclasses.fields(cfg):
+        low, value = field_metadata(type(cfg), f.name).get("min"), getattr(cfg, f.name)
+        if low is not None and value is not None and value < low:
+            raise UserError(f"--{f.name} must be >= {low}, got {value}")
 
 
 def _json_dict(text: str) -> dict:
@@ -87,7 +132,7 @@ def load_config_file(path: str) -> dict:
         raise UserError(f"--config {path}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})")
     if data is None:
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise UserError(f"--config {path}: expected a mapping of option names to values")
     return data
 
@@ -104,15 +149,29 @@ def parse(config_cls, argv: list[str] | None = None, description: str | None = N
         if unknown:
             raise UserError(f"--config {config_path}: unknown option(s) {unknown}; valid: {sorted(valid)}")
         # Values from the file go through the same type conversion and choices as the flags.
+        hints = typing.get_type_hints(config_cls)
         file_argv, none_values = [], {}
         for key, value in file_values.items():
+            is_list = typing.get_origin(hints[key]) is list
             if value is None:  # e.g. mixed_precision: null in a saved config.json
                 none_values[key] = None
+            elif isinstance(value, list) != is_list or (is_list and not value):
+                kind = "a non-empty list" if is_list else "a single value"
+                raise UserError(f"--config {config_path}: {key} takes {kind}, got {value!r}")
+            elif (hints[key] is bool) != isinstance(value, bool):
+                kind = "true or false" if hints[key] is bool else f"a {_base_type(hints[key]).__name__} value"
+                raise UserError(f"--config {config_path}: {key} takes {kind}, got {value!r}")
             elif isinstance(value, bool):
                 file_argv.append(f"--{key}" if value else f"--no-{key}")
+            elif is_list:
+                file_argv += [f"--{key}", *map(str, value)]
             else:
                 file_argv += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-        parser.set_defaults(**vars(parser.parse_args(file_argv)) | none_values)
+        try:
+            file_args = parser.parse_args(file_argv)
+        except UserError as e:
+            raise UserError(f"--config {config_path}: {e}")
+        parser.set_defaults(**vars(file_args) | none_values)
     args = parser.parse_args(argv)
     dry_run = args.dry_run
     values = {k: v for k, v in vars(args).items() if k not in ("config", "dry_run")}

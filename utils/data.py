@@ -60,6 +60,8 @@ def read_idx(path: Path) -> torch.Tensor:
         numel *= d
     if len(data) - header != numel:
         raise UserError(f"{path}: IDX header announces {shape} = {numel} bytes but the file holds {len(data) - header}")
+    if numel == 0:
+        raise UserError(f"{path}: the IDX file holds no items (shape {shape})")
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -222,7 +224,7 @@ _GRAY_MODES = {"L", "1", "I;16", "I;16L", "I;16B", "I"}
 _WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I"}
 
 
-def _image_files(root: Path) -> list[Path]:
+def image_files(root: Path) -> list[Path]:
     """Image files under `root`, sorted by path parts. Hidden files and folders are skipped: macOS copies leave
     `._name.jpg` resource forks that are not images."""
     files = []
@@ -233,14 +235,17 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).parts)
 
 
-def _load_image(path: Path, size: int) -> torch.Tensor:
-    """uint8 (C, size, size), C = 1 for grayscale modes, else 3: the centre square, resized with `_resize`
-    (torch bilinear with antialiasing, the same filter as the MNIST and CIFAR paths)."""
+def read_image(path: Path, size: int | None = None, channels: int | None = None) -> torch.Tensor:
+    """The one image reader of genzoo (training data, fid.py's reference and generated images): uint8 (C, H, W).
+
+    C is `channels` if given, else 1 for grayscale modes (8-, 16- and 1-bit) and 3 for everything else (palette,
+    RGBA, CMYK ... converted as PIL converts to RGB). 16-bit grey is mapped onto 0..255 (PIL's convert("L") would
+    clip it). With `size`, the centre square resized to size x size (`centre_square`). Anything unreadable (not an
+    image, truncated, a decompression bomb) raises one UserError line naming the file."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here and is reported by name
             if img.mode in _WIDE_GRAY_MODES:
-                # 16-bit range (what a 16-bit grayscale PNG holds) onto 0..255; PIL's convert("L") would clip
                 wide = np.asarray(img).astype(np.float64) / 257.0
                 pixels = wide.round().clip(0, 255).astype(np.uint8)[None]
             elif img.mode in _GRAY_MODES:
@@ -251,7 +256,12 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         detail = str(e).splitlines()[0] if str(e) else ""
         raise UserError(f"{path}: cannot read this image ({type(e).__name__}: {detail}); remove or replace it")
-    return centre_square(torch.from_numpy(pixels.copy()), size)
+    image = torch.from_numpy(pixels.copy())
+    if channels == 3 and image.shape[0] == 1:
+        image = image.expand(3, -1, -1)  # gray -> RGB repeats the channel, as PIL's convert does
+    elif channels == 1 and image.shape[0] == 3:
+        image = torch.from_numpy(np.asarray(Image.fromarray(pixels.transpose(1, 2, 0)).convert("L")).copy())[None]
+    return centre_square(image, size) if size is not None else image
 
 
 def centre_square(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -261,6 +271,19 @@ def centre_square(pixels: torch.Tensor, size: int) -> torch.Tensor:
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     return _resize(pixels[None, :, top : top + side, left : left + side], size)[0]
+
+
+def image_channels(files: list[Path]) -> int:
+    """1 if every file is grayscale, else 3 (read from the headers only; stops at the first colour image).
+    Files whose header cannot be read are left to the decoder, which reports them."""
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in _GRAY_MODES:
+                    return 3
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue
+    return 1
 
 
 def _folder_labels(root: Path, files: list[Path]) -> tuple[list[str], torch.Tensor]:
@@ -280,40 +303,39 @@ def _folder_files(data_dir: str | None) -> tuple[Path, list[Path]]:
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"--data_dir {data_dir}: no such folder")
-    files = _image_files(root)
+    files = image_files(root)
     if not files:
         raise UserError(f"--data_dir {data_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
     return root, files
 
 
-def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset:
-    """Every image under `data_dir` (recursively), centre-cropped to a square and resized to `img_size`, in memory;
-    an unreadable file stops with one line naming it. Labels as `_folder_labels`. One channel if every image is
-    grayscale, else all are converted to RGB."""
-    root, files = _folder_files(data_dir)
-    images = [_load_image(f, img_size) for f in files]
-    if any(im.shape[0] == 3 for im in images):
-        images = [im.expand(3, -1, -1) for im in images]  # gray -> RGB repeats the channel, as PIL's convert does
-    classes, labels = _folder_labels(root, files)
-    return ImageTensorDataset(torch.stack(images).contiguous(), labels, len(classes), classes or None)
-
-
 class ImageFileDataset(torch.utils.data.Dataset):
     """Images decoded from their files on demand (datasets too large to hold in memory: CelebA is 2.5 GB at 64x64
-    and 40 GB at 256x256), always RGB, centre square resized like `_load_image`. Indexing with a list returns a
-    batch in [-1, 1].
+    and 40 GB at 256x256) with `read_image`: 1 channel if every file is grayscale, else RGB; the centre square
+    resized to `img_size` (None: as stored, for generated images). Indexing with a list returns a batch in [-1, 1]
+    and its labels.
 
-    Corrupt files are skipped, not fatal: an unreadable image is replaced by the next readable file in the list
-    (deterministic, so resume stays exact), and each one is reported once per process with a running count on
-    stderr. At construction the first readable file is looked for, so a folder of unreadable files stops at once
-    with one line."""
+    Corrupt files are skipped, not fatal: an unreadable image is replaced by the next readable file in the list,
+    with that file's own label (deterministic, so resume stays exact), and each one is reported once per process
+    with a running count on stderr. `strict=True` (generated images, which must all be there) raises instead. At
+    construction the first readable file is looked for, so a folder of unreadable files stops at once."""
 
-    def __init__(self, files: list[Path], labels: torch.Tensor, n_classes: int, img_size: int, classes=None):
+    def __init__(
+        self,
+        files: list[Path],
+        labels: torch.Tensor,
+        n_classes: int,
+        img_size: int | None,
+        classes: list[str] | None = None,
+        channels: int | None = None,
+        strict: bool = False,
+    ):
         self.files, self.labels, self.n_classes, self.classes = files, labels, n_classes, classes
-        self.img_size, self.sample_shape = img_size, (3, img_size, img_size)
-        self.skipped: set[int] = set()
+        self.img_size, self.strict, self.skipped = img_size, strict, set()
+        self.channels = channels or image_channels(files)
+        self.sample_shape = (self.channels, img_size, img_size) if img_size else None
         for i in range(min(len(files), 100)):
-            if self._decode(i, report=False) is not None:
+            if self._decode(i, report=strict) is not None:  # strict: the first unreadable file says why
                 return
         raise UserError(f"none of the first {min(len(files), 100)} images can be read, e.g. {files[0]}")
 
@@ -322,32 +344,47 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
     def _decode(self, i: int, report: bool = True) -> torch.Tensor | None:
         try:
-            image = _load_image(self.files[i], self.img_size)
+            return read_image(self.files[i], self.img_size, self.channels)
         except UserError as e:
+            if self.strict and report:
+                raise
             if report and i not in self.skipped:
                 self.skipped.add(i)
                 # tqdm.write: a line of its own even while a progress bar is drawn on the same stream
                 tqdm.write(f"warning: skipped {e} ({len(self.skipped)} unreadable so far)", file=sys.stderr)
             return None
-        return image.expand(3, -1, -1)
+
+    def read(self, i: int) -> tuple[int, torch.Tensor]:
+        """(index actually read, uint8 image): item i, or the next readable one if it is unreadable."""
+        for j in range(i, i + len(self.files)):
+            image = self._decode(j % len(self.files))
+            if image is not None:
+                return j % len(self.files), image
+        raise UserError("no readable image left in the dataset")
 
     def __getitem__(self, indices):
-        images = []
-        for i in indices:
-            for j in range(i, i + len(self.files)):  # the next readable file stands in for an unreadable one
-                image = self._decode(j % len(self.files))
-                if image is not None:
-                    break
-            else:
-                raise UserError("no readable image left in the dataset")
-            images.append(image)
-        return to_signed_unit(torch.stack(images)), self.labels[indices]
+        read = [self.read(i) for i in indices]
+        shapes = sorted({tuple(image.shape) for _, image in read})
+        if len(shapes) > 1:  # only without img_size (generated images are read as stored)
+            raise UserError(f"images of different sizes or channel counts: {shapes}; resize them to one size first")
+        sources = torch.tensor([j for j, _ in read], dtype=torch.int64)
+        return to_signed_unit(torch.stack([image for _, image in read])), self.labels[sources]
 
 
 def image_file_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
     root, files = _folder_files(data_dir)
     classes, labels = _folder_labels(root, files)
     return ImageFileDataset(files, labels, len(classes), img_size, classes or None)
+
+
+def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset:
+    """Every readable image under `data_dir` (recursively), decoded once by `ImageFileDataset` and held in memory;
+    unreadable files are skipped with the same warning. Labels as `_folder_labels`."""
+    files = image_file_dataset(data_dir, img_size)
+    decoded = [files._decode(i) for i in range(len(files))]
+    readable = [i for i, image in enumerate(decoded) if image is not None]
+    images = torch.stack([decoded[i] for i in readable]).contiguous()
+    return ImageTensorDataset(images, files.labels[readable], files.n_classes, files.classes)
 
 
 # ---------------------------------------------------------------------------------------------------- CelebA
@@ -359,7 +396,7 @@ def celeba_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
     or the bare folder, without torchvision's MD5 check of the annotation files (an images-only copy works).
     All 202,599 images, no labels (seed 003 trains unconditionally); centre square, then resized."""
     files = celeba_files(data_dir)
-    return ImageFileDataset(files, torch.zeros(len(files), dtype=torch.int64), 0, img_size)
+    return ImageFileDataset(files, torch.zeros(len(files), dtype=torch.int64), 0, img_size, channels=3)
 
 
 def celeba_files(data_dir: str | None) -> list[Path]:

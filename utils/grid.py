@@ -7,9 +7,18 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from utils.cli import UserError
+
+
+def check_finite(samples: torch.Tensor, what: str = "the generated samples") -> None:
+    """A diverged model outputs NaN/inf, which quantise to black pixels without a word: stop with one line."""
+    if not torch.isfinite(samples).all():
+        raise UserError(f"{what} contain non-finite values (NaN/inf): the model has diverged")
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) float in [-1, 1] -> uint8 of the same shape."""
+    """(N, C, H, W) float in [-1, 1] -> uint8 of the same shape; non-finite input is refused (`check_finite`)."""
+    check_finite(images)
     return (images.float() * 127.5 + 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -27,6 +36,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
 
 def save_scatter(points: torch.Tensor, path: str | Path, extent: float = 5.0, size: int = 256) -> None:
     """Save 2-D points (N, 2) as a size x size greyscale density image over [-extent, extent]², y up."""
+    check_finite(points)
     xy = points.detach().float().cpu()
     ij = ((xy + extent) / (2 * extent) * size).floor().long()
     inside = ((ij >= 0) & (ij < size)).all(dim=1)

@@ -1,8 +1,7 @@
-"""Progress bookkeeping: loss means without a host sync per step, the status line, stats.jsonl, peak memory, the
-kimg clock and the non-finite-step policy every training loop shares."""
+"""Progress bookkeeping: loss means without a host sync per step, the status line, peak memory, the kimg clock and
+the non-finite-step policy every training loop shares (stats.jsonl and TensorBoard: utils/run.py `Run.log`)."""
 
 import json
-import os
 import resource
 import sys
 import time
@@ -46,11 +45,6 @@ def peak_memory_gb(device: torch.device) -> float:
     return rss_kb / 2**20 if sys.platform != "darwin" else rss_kb / 2**30
 
 
-def append_jsonl(path: str | Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def status_line(record: dict) -> str:
     """`step 1000/5000 kimg 32.0 sec/kimg 1.23 loss/d 1.234 ...` from a stats record."""
     parts = [f"step {record['step']}/{record['n_steps']}", f"kimg {record['kimg']:.1f}"]
@@ -63,30 +57,6 @@ def progress(iterable, enabled: bool = True, **kwargs) -> tqdm:
     return tqdm(
         iterable, disable=not enabled, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30, **kwargs
     )
-
-
-def write_log(accelerator, run_dir: Path, record: dict) -> None:
-    """One log step: a stats.jsonl row and the status line on the main process; TensorBoard scalars through
-    Accelerate (every process calls it, Accelerate writes on the main one)."""
-    if accelerator.is_main_process:
-        append_jsonl(run_dir / "stats.jsonl", record)
-        tqdm.write(status_line(record))
-    accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=record["step"])
-
-
-def trim_stats(path: Path, last_step: int) -> None:
-    """Keep only rows up to the step a run (re)starts from: a resumed run recomputes the rest exactly."""
-    if path.exists():
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    rows.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):  # e.g. a line cut by a crash
-                continue
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text("".join(row + "\n" for row in rows))
-        os.replace(tmp, path)
 
 
 def tracker_config(cfg: dict) -> dict:

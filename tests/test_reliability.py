@@ -1,0 +1,416 @@
+"""Reliability: every training family is SIGKILLed again and again (inside checkpoint writes, between their renames,
+at training steps, and at a random moment) and resumed with `--resume latest` until it finishes; the result must be
+bit-identical to an uninterrupted run: weights, optimizer and EMA states, every stats.jsonl row, every evaluation.
+Then a table of bad inputs, each of which must end with one line, exit code 2, no traceback, and leave an earlier
+run folder byte for byte as it was.
+
+Fault points (tests/faults.py kills the process at the n-th call of a function):
+- utils.ckpt:save_file    inside a safetensors write (the snapshot's, or a state's tensors), before any rename
+- utils.ckpt:_fsync        inside a training-state write, after some files are written, before COMPLETE/rename
+- utils.ckpt:save_training_state   after the snapshot (and the best copy) are in place, before the state exists
+- utils.tracking:step_optimizer    in the middle of a training step (between D and G updates for the GANs)
+- a SIGKILL from outside at a random moment (seeded plan; the moment itself is wall-clock)
+"""
+
+import hashlib
+import importlib
+import json
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gan_mnist
+from tests.conftest import REPO, cli_error, read_stats, run, run_script
+from tests.idx import write_idx
+from utils.ckpt import list_states, load_snapshot, load_training_state, save_snapshot
+
+# Each attempt resumes the previous one; with a checkpoint every 2 steps, 16 steps reach every fault point.
+FAULTS = [
+    ("utils.tracking:step_optimizer", 5),  # mid-run, in a training step (between D and G updates for the GANs)
+    ("utils.ckpt:save_file", 3),  # the 2nd checkpoint's snapshot, half written
+    ("utils.ckpt:_fsync", 7),  # the 2nd checkpoint's state: some files written, not yet marked COMPLETE
+    ("utils.ckpt:save_training_state", 2),  # the 2nd checkpoint: snapshot (and best copy) in place, state missing
+]
+TOY_NET = '{"width": 32, "depth": 2, "emb_channels": 16}'
+# fmt: off
+FAMILIES = {
+    "gan_mnist": ("gan_mnist.py", [
+        "--dataset", "mnist", "--batch_size", "8", "--gen_kwargs", '{"base_dim": 8}', "--disc_kwargs",
+        '{"base_dim": 8}', "--z_dim", "16", "--method", "wgan-gp", "--ema", "--conditional", "--n_steps", "16",
+        "--eval_interval", "4", "--eval_samples", "16",
+    ]),
+    "gan_celeba": ("gan_celeba.py", [
+        "--dataset", "mnist", "--img_size", "16", "--model", "stylegan2", "--gen_kwargs",
+        '{"channel_base": 64, "channel_max": 8, "w_dim": 8, "n_mlp": 2}', "--disc_kwargs",
+        '{"channel_base": 64, "channel_max": 8}', "--z_dim", "8", "--batch_size", "4", "--num_workers", "0",
+        "--r1_interval", "2", "--pl_interval", "2", "--ema", "--n_steps", "16",
+    ]),
+    "diffusion_train": ("diffusion_train.py", [
+        "--dataset", "gaussians", "--model", "mlp", "--method", "follmer", "--net_kwargs", TOY_NET,
+        "--batch_size", "32", "--n_steps", "16", "--eval_interval", "4", "--eval_samples", "64",
+    ]),
+    "distill_characteristic": ("distill_characteristic.py", [
+        "--bsz", "16", "--global_bsz", "32", "--num_steps", "4", "--n_steps", "16", "--lr_rampup_steps", "2",
+        "--eval_interval", "8", "--eval_samples", "64",
+    ]),
+}
+# fmt: on
+COMMON = ["--checkpoint_interval", "2", "--log_interval", "1", "--sample_interval", "6", "--loggers", "none"]
+TIMING = {"sec_per_kimg", "mem_gb"}  # wall-clock fields of a stats row
+
+
+@pytest.fixture(scope="module")
+def toy_teacher(tmp_path_factory) -> Path:
+    log_dir = tmp_path_factory.mktemp("toy_teacher")
+    run_script("diffusion_train.py", "--dataset", "gaussians", "--model", "mlp", "--method", "follmer",
+               "--net_kwargs", TOY_NET, "--batch_size", "32", "--n_steps", "4", "--log_dir", log_dir,
+               "--log_name", "t", "--loggers", "none", "--sample_interval", "0")  # fmt: skip
+    return log_dir / "t"
+
+
+def family_args(name: str, run_dir: Path, mnist_dir: Path, toy_teacher: Path) -> list[str]:
+    script, args = FAMILIES[name]
+    data = ["--teacher", str(toy_teacher)] if name == "distill_characteristic" else ["--data_dir", str(mnist_dir)]
+    return [str(REPO / script), *data, "--no-download", *args, *COMMON, "--workdir", str(run_dir)]
+
+
+def finished_run(run_dir: Path, n_steps: int) -> dict:
+    """Everything of a finished run that must not depend on how often it was interrupted."""
+    state = load_training_state(list_states(run_dir / "states")[-1][1])
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ("workdir", "resume")}
+    _, snapshot = load_snapshot(run_dir)
+    rows = [{k: v for k, v in row.items() if k not in TIMING} for row in read_stats(run_dir)]
+    evals = {p.name: json.loads(p.read_text())["value"] for p in sorted((run_dir / "eval").glob("step-*.json"))}
+    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").exists() else None
+    assert state["step"] == n_steps
+    return {"state": state, "snapshot": snapshot, "rows": rows, "evals": evals, "best": best}
+
+
+def assert_same(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}.{i}")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, mnist_dir, toy_teacher, family):
+    n_steps = int(FAMILIES[family][1][FAMILIES[family][1].index("--n_steps") + 1])
+    straight = tmp_path / "straight"
+    run_script(*family_args(family, straight, mnist_dir, toy_teacher))
+    reference = finished_run(straight, n_steps)
+
+    # The same run, killed at every fault point in turn (each attempt resumes the previous one), then once at a
+    # random moment, then resumed to the end.
+    crashed = tmp_path / "crashed"
+    cmd = family_args(family, crashed, mnist_dir, toy_teacher) + ["--resume", "latest"]
+    for target, n in FAULTS:
+        result = run([sys.executable, "-m", "tests.faults", target, str(n), *cmd])
+        assert result.returncode == -signal.SIGKILL, f"{target} #{n} was not reached:\n{result.stderr[-3000:]}"
+        for _, state in list_states(crashed / "states"):  # whatever survived a kill is complete and loadable
+            load_training_state(state)
+    plan = random.Random(f"{family}-kill")
+    victim = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(plan.uniform(3.0, 8.0))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    result = run_script(*cmd)
+    assert "resuming from" in result.stdout
+    assert not list(crashed.rglob(".tmp-*")) and not list(crashed.rglob(".old-state-*"))
+    assert_same(reference, finished_run(crashed, n_steps))
+    if family == "gan_mnist":  # the abandoned timelines were set aside, never deleted
+        assert (crashed / "abandoned").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_input_ctx(tmp_path_factory, mnist_dir) -> dict:
+    """A finished gan_mnist run (the folder every bad input must leave untouched) and crafted bad files."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    gan_mnist.cli([
+        "--data_dir", str(mnist_dir), "--no-download", "--log_dir", str(root), "--log_name", "run", "--batch_size",
+        "8", "--gen_kwargs", '{"base_dim": 8}', "--disc_kwargs", '{"base_dim": 8}', "--z_dim", "16", "--n_steps",
+        "4", "--checkpoint_interval", "2", "--loggers", "none", "--sample_interval", "0", "--conditional",
+    ])  # fmt: skip
+    run_dir = root / "run"
+    files = root / "files"
+    files.mkdir()
+    # IDX data: corrupt, empty; an RGB image folder; an empty folder.
+    shutil.copytree(mnist_dir, files / "corrupt_idx")
+    (files / "corrupt_idx" / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    (files / "empty_idx").mkdir()
+    write_idx(files / "empty_idx" / "train-images-idx3-ubyte", torch.zeros(0, 28, 28, dtype=torch.uint8))
+    write_idx(files / "empty_idx" / "train-labels-idx1-ubyte", torch.zeros(0, dtype=torch.uint8))
+    (files / "rgb").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(files / "rgb" / f"{i}.png")
+    (files / "empty_folder").mkdir()
+    # Checkpoint-like files: a crafted pickle, a truncated state, a snapshot with an edited header.
+    (files / "evil.pth").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    cut = files / "cut_run" / "states" / "state-00000002"
+    shutil.copytree(run_dir / "states" / "state-00000002", cut)
+    (cut / "tensors.safetensors").write_bytes((cut / "tensors.safetensors").read_bytes()[:1000])
+    meta, weights = load_snapshot(run_dir)
+    huge = meta["model_kwargs"] | {"base_dim": 10**6}
+    save_snapshot(files / "huge.safetensors", meta["kind"], meta["model"], huge, weights, meta["config"], 4)
+    nan_weights = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v for k, v in weights.items()}
+    save_snapshot(files / "nan.safetensors", meta["kind"], meta["model"], meta["model_kwargs"], nan_weights, {}, 4)
+    # Config files; statistics files; sample folders.
+    (files / "unknown.yaml").write_text("learning_rate: 0.1\n")
+    (files / "list.yaml").write_text("lr: [0.1, 0.2]\n")
+    np.savez(files / "ref3.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(files / "gen4.npz", mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(files / "skew.npz", mu=np.zeros(3), sigma=np.eye(4))
+    (files / "samples").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(files / "samples" / "000000.png")
+    (files / "samples" / "sample_info.json").write_text('{"seeds": [0, ')
+    (files / "broken_samples").mkdir()
+    (files / "broken_samples" / "000000.png").write_bytes(b"\x89PNG cut")
+    return {"run": run_dir, "root": root, "files": files, "mnist": mnist_dir, "digest": tree_digest(run_dir)}
+
+
+def _gan(ctx, *args):
+    return ["--data_dir", str(ctx["mnist"]), "--no-download", "--log_dir", str(ctx["root"]), "--batch_size", "8",
+            "--gen_kwargs", '{"base_dim": 8}', "--disc_kwargs", '{"base_dim": 8}', "--z_dim", "16",
+            "--loggers", "none", "--conditional", *args]  # fmt: skip
+
+
+# (script, argv from the context, fragment of the one error line). Every case is a distinct way to get it wrong.
+BAD_INPUTS = {
+    "missing-data": (
+        "gan_mnist",
+        lambda c: _gan(c, "--log_name", "x", "--data_dir", str(c["files"] / "nowhere")),
+        "mnist not found",
+    ),
+    "corrupt-idx": (
+        "gan_mnist",
+        lambda c: _gan(c, "--log_name", "x", "--data_dir", str(c["files"] / "corrupt_idx")),
+        "train-images-idx3-ubyte.gz: cannot read",
+    ),
+    "empty-idx": (
+        "gan_mnist",
+        lambda c: _gan(c, "--log_name", "x", "--data_dir", str(c["files"] / "empty_idx")),
+        "holds no items",
+    ),
+    "empty-folder": (
+        "diffusion_train",
+        lambda c: ["--dataset", "folder", "--data_dir", str(c["files"] / "empty_folder"), "--log_dir", str(c["root"])],
+        "no image files",
+    ),
+    "wrong-channels-for-metric": (
+        "diffusion_train",
+        lambda c: [
+            "--dataset",
+            "folder",
+            "--data_dir",
+            str(c["files"] / "rgb"),
+            "--img_size",
+            "8",
+            "--log_dir",
+            str(c["root"]),
+            "--eval_interval",
+            "1",
+            "--eval_metric",
+            "fd_cls",
+            "--net_kwargs",
+            '{"model_channels": 8, "channel_mult": [1]}',
+        ],
+        "fd_cls takes 1-channel 28 or 32 px images",
+    ),
+    "existing-run": ("gan_mnist", lambda c: _gan(c, "--log_name", "run"), "already holds a run"),
+    "resume-other-method": (
+        "gan_mnist",
+        lambda c: _gan(c, "--log_name", "run", "--resume", "latest", "--n_steps", "6", "--method", "hinge"),
+        "method: saved 'gan' vs now 'hinge'",
+    ),
+    "resume-done": (
+        "gan_mnist",
+        lambda c: _gan(c, "--log_name", "run", "--resume", "latest", "--n_steps", "4"),
+        "pass --n_steps > 4",
+    ),
+    "resume-into-other-run": (
+        "gan_mnist",
+        lambda c: _gan(c, "--log_name", "run", "--resume", str(c["files"] / "cut_run"), "--n_steps", "6"),
+        "is from another run",
+    ),
+    "truncated-state": (
+        "gan_mnist",
+        lambda c: _gan(
+            c,
+            "--log_name",
+            "cut",
+            "--resume",
+            str(c["files"] / "cut_run" / "states" / "state-00000002"),
+            "--n_steps",
+            "6",
+        ),
+        "unreadable training state",
+    ),
+    "resume-pickle": (
+        "gan_mnist",
+        lambda c: _gan(c, "--log_name", "y", "--resume", str(c["files"] / "evil.pth")),
+        "not a complete genzoo training state",
+    ),
+    "teacher-from-another-family": (
+        "distill_characteristic",
+        lambda c: ["--teacher", str(c["run"]), "--workdir", str(c["root"] / "z")],
+        "the teacher must be a diffusion_train.py snapshot",
+    ),
+    "sample-pickle": ("sample", lambda c: ["--checkpoint", str(c["files"] / "evil.pth")], "not a genzoo snapshot"),
+    "sample-huge-kwargs": (
+        "sample",
+        lambda c: ["--checkpoint", str(c["files"] / "huge.safetensors")],
+        "does not match model",
+    ),
+    "sample-nan-weights": (
+        "sample",
+        lambda c: ["--checkpoint", str(c["files"] / "nan.safetensors"), "--out_dir", str(c["root"] / "nan_out")],
+        "non-finite values",
+    ),
+    "unknown-config-key": (
+        "gan_mnist",
+        lambda c: ["--config", str(c["files"] / "unknown.yaml")],
+        "unknown option(s) ['learning_rate']",
+    ),
+    "list-in-config": ("gan_mnist", lambda c: ["--config", str(c["files"] / "list.yaml")], "lr takes a single value"),
+    "nan-lr": ("gan_mnist", lambda c: ["--lr", "nan"], "'nan' is not a finite number"),
+    "abbreviated-flag": ("gan_mnist", lambda c: ["--conf", "x.yaml"], "unrecognized arguments: --conf"),
+    "log-name-escape": ("gan_mnist", lambda c: ["--log_name", "../run"], "must be a folder name inside --log_dir"),
+    "log-name-absolute": ("gan_mnist", lambda c: ["--log_name", str(c["run"])], "must be a folder name inside"),
+    "infinite-lr": ("gan_mnist", lambda c: ["--lr", "inf"], "'inf' is not a finite number"),
+    "too-few-eval-samples": ("gan_mnist", lambda c: ["--eval_samples", "1"], "--eval_samples must be >= 2"),
+    "diverging-lr": (
+        "gan_mnist",
+        lambda c: _gan(
+            c,
+            "--log_name",
+            "nan",
+            "--lr",
+            "1e30",
+            "--n_steps",
+            "20",
+            "--max_skipped_steps",
+            "2",
+            "--sample_interval",
+            "0",
+        ),
+        "non-finite gradients",
+    ),
+    "fid-shapes": (
+        "fid",
+        lambda c: [
+            "--mode",
+            "fid",
+            "--ref_path",
+            str(c["files"] / "ref3.npz"),
+            "--stat_path",
+            str(c["files"] / "gen4.npz"),
+        ],
+        "has mu (3,)",
+    ),
+    "fid-skewed-stats": (
+        "fid",
+        lambda c: [
+            "--mode",
+            "fid",
+            "--ref_path",
+            str(c["files"] / "ref3.npz"),
+            "--stat_path",
+            str(c["files"] / "skew.npz"),
+        ],
+        "are not (d,) and (d, d) statistics",
+    ),
+    "truncated-sample-info": (
+        "fid",
+        lambda c: [
+            "--mode",
+            "gen",
+            "--img_folder",
+            str(c["files"] / "samples"),
+            "--detector",
+            "pixels",
+            "--dest",
+            str(c["root"] / "g"),
+        ],
+        "damaged sample_info.json",
+    ),
+    "corrupt-generated-image": (
+        "fid",
+        lambda c: [
+            "--mode",
+            "gen",
+            "--img_folder",
+            str(c["files"] / "broken_samples"),
+            "--detector",
+            "pixels",
+            "--dest",
+            str(c["root"] / "g"),
+        ],
+        "cannot read this image",
+    ),
+    "detector-weights-of-a-gan": (
+        "fid",
+        lambda c: [
+            "--mode",
+            "gen",
+            "--img_folder",
+            str(c["files"] / "samples"),
+            "--detector",
+            "fmnist",
+            "--detector_weights",
+            str(c["run"] / "snapshots" / "snapshot-00000004.safetensors"),
+            "--dest",
+            str(c["root"] / "g"),
+        ],
+        "not a classifier",
+    ),
+    "missing-inception": (
+        "gan_mnist",
+        lambda c: _gan(
+            c,
+            "--log_name",
+            "fid",
+            "--eval_interval",
+            "1",
+            "--eval_metric",
+            "fid",
+            "--eval_weights",
+            str(c["files"] / "nowhere.pth"),
+        ),
+        "no such file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_loses_nothing(bad_input_ctx, case, capsys):
+    script, argv, fragment = BAD_INPUTS[case]
+    line = cli_error(importlib.import_module(script).cli, argv(bad_input_ctx), capsys)
+    assert fragment in line, line
+    assert tree_digest(bad_input_ctx["run"]) == bad_input_ctx["digest"]  # the earlier run is byte for byte intact

@@ -1,0 +1,483 @@
+"""The life of one training run on disk, written once for every training script: the run folder, refusing or
+resuming it, config and code version, logs, checkpoints, evaluation and the best checkpoint.
+
+A script builds its `Accelerator`, calls `prepare`/`backward`/`step`, owns the step counter and decides when to log,
+evaluate and save; `Run` does the filesystem side:
+
+    run = Run(cfg, default_name, RESUME_KEYS)   # the folder: logs/<log_name>, or --workdir
+    accelerator = Accelerator(..., project_config=ProjectConfiguration(project_dir=str(run.dir), ...))
+    run.open(accelerator)                       # refuse / --delete / lock / load the state to resume (run.start_step)
+    ... data, models, optimizers, accelerator.prepare(...)
+    extras = run.restore(gen=gen, optim_g=optim_g, ema=ema, scaler=accelerator.scaler)   # {} on a fresh start
+    run.begin(accelerator, dataset)             # folders, config.json, code version, stats, trackers, evaluator
+    for step in range(run.start_step, cfg.n_steps): ...
+        run.log(accelerator, record)
+        run.evaluate(accelerator, done, sample_fn, model, n_classes)   # sets run.new_best
+        run.save(accelerator, done, replicas=(gen, disc), snapshot=dict(...), gen=gen, optim_g=optim_g, ...)
+
+Run folder: config.json, stats.jsonl, tb/, grids/, snapshots/snapshot-<step>.safetensors (+ best.safetensors),
+states/state-<step>/ (newest --keep_states, plus the best step's, never pruned), eval/step-<step>.json and
+eval/ref-<metric>.npz, best.json, test/*.json (--only_test), code/launch-<step>.{json,diff} (the code that ran),
+abandoned/ (artefacts of a timeline given up by resuming an older state), .lock (held while a process trains).
+"""
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+
+import torch
+from tqdm import tqdm
+
+from utils.ckpt import (
+    list_snapshots,
+    list_states,
+    load_snapshot,
+    load_training_state,
+    resolve_state,
+    save_snapshot,
+    save_training_state,
+    write_atomic,
+)
+from utils.cli import UserError, check_bounds
+from utils.dist import check_replicas_agree, unwrap
+from utils.tracking import status_line, tracker_config
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_METRIC_CHOICES = ["auto", "fd_cls", "fd_pixels", "fid", "fd_points"]
+# Fields that steer how a run starts, not what it trains: never a reason to refuse or report a resume.
+_CONTROL_FIELDS = {"resume", "load_best", "only_test", "delete"}
+
+
+@dataclass
+class RunConfig:
+    """The run fields every training script shares; a script's `Config` extends it (and may redeclare a field
+    with another default: the metadata below still applies, see utils.cli.field_metadata)."""
+
+    n_steps: int = field(default=10000, metadata={"min": 1, "help": "optimizer steps in total"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the trained networks"})
+    mixed_precision: str | None = field(
+        default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
+    )
+    log_dir: str = "logs"
+    log_name: str = field(default="", metadata={"help": "run folder name inside --log_dir (default per script)"})
+    workdir: str = field(default="", metadata={"help": "run folder (seed 004's flag); overrides log_dir/log_name"})
+    loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
+    log_interval: int = field(default=100, metadata={"min": 1})
+    sample_interval: int = field(default=1000, metadata={"min": 0, "help": "steps between sample grids; 0 = none"})
+    checkpoint_interval: int = field(default=5000, metadata={"min": 1})
+    keep_states: int = field(default=2, metadata={"min": 2, "help": "newest training states kept (>= 2)"})
+    eval_interval: int = field(default=0, metadata={"min": 0, "help": "steps between evaluations; 0 = none"})
+    eval_metric: str = field(default="auto", metadata={"choices": EVAL_METRIC_CHOICES, "help": "see README"})
+    eval_samples: int = field(default=1000, metadata={"min": 2, "help": "generated samples per evaluation"})
+    eval_weights: str = field(default="", metadata={"help": "fid: the Inception file; fd_cls: another classifier"})
+    resume: str = field(
+        default="",
+        metadata={"aliases": ("load",), "help": "'latest', a run folder or a state folder (--load: GPM's name)"},
+    )
+    load_best: bool = field(default=False, metadata={"help": "resume from (or --only_test) the best step"})
+    only_test: bool = field(default=False, metadata={"help": "evaluate the run's newest (--load_best: best) snapshot"})
+    delete: bool = field(default=False, metadata={"help": "delete an existing run folder and start over"})
+    seed: int = 0
+    max_skipped_steps: int = field(default=20, metadata={"min": 1, "help": "non-finite steps in a row that stop"})
+
+    def check(self) -> None:
+        """Refuse run fields that cannot work, before anything is read or written."""
+        check_bounds(self)
+        if self.delete and (self.resume or self.load_best or self.only_test):
+            raise UserError(
+                "--delete starts over: it cannot be combined with --resume/--load, --load_best or --only_test"
+            )
+        name = PurePath(self.log_name)
+        if name.is_absolute() or ".." in name.parts:
+            raise UserError(
+                f"--log_name {self.log_name!r} must be a folder name inside --log_dir (no '..', not absolute)"
+            )
+
+
+def run_folder(cfg: RunConfig, default_name: str) -> Path:
+    return Path(cfg.workdir) if cfg.workdir else Path(cfg.log_dir) / (cfg.log_name or default_name)
+
+
+def capture(**stateful) -> dict:
+    """A training-state tree from live objects: modules (unwrapped), optimizers, EMA, GradScaler by their
+    state_dict(); tensors moved to the CPU; plain values as they are; None stays None."""
+    tree = {}
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.nn.Module):
+            tree[name] = unwrap(obj).state_dict()
+        elif hasattr(obj, "state_dict"):
+            tree[name] = obj.state_dict()
+        elif isinstance(obj, torch.Tensor):
+            tree[name] = obj.detach().cpu()
+        else:
+            tree[name] = obj
+    return tree
+
+
+def code_version(root: Path = REPO) -> tuple[dict, str]:
+    """What code is running: the git commit and `git diff HEAD` (plus hashes of untracked .py files) in a checkout,
+    else a SHA-256 over every .py file of the project. GPM zips its sources; a commit and a diff say the same."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+
+    def digest(files) -> str:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD")
+        untracked = [root / line for line in git("ls-files", "--others", "--exclude-standard").splitlines()]
+        untracked = sorted(f for f in untracked if f.suffix == ".py" and f.is_file())
+        return {"git_commit": commit, "modified": bool(diff), "untracked_py": {
+            str(f.relative_to(root)): digest([f]) for f in untracked}}, diff  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        files = sorted(p for p in root.rglob("*.py") if not any(part.startswith(".") for part in p.parts))
+        return {"files_sha256": digest(files), "n_files": len(files)}, ""
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, default_name: str, resume_keys: tuple[str, ...]):
+        cfg.check()
+        self.cfg, self.resume_keys = cfg, resume_keys
+        self.dir = run_folder(cfg, default_name)
+        self.state: dict | None = None  # the training state to resume from, until restore() consumes it
+        self.start_step = 0
+        self.best: dict | None = None  # {"step", "metric", "value"} of the best evaluation so far
+        self.new_best = False  # set by evaluate() when the step it scored is the best so far; save() clears it
+        self.config: dict = {}
+        self._evaluator = None
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------------------------------------- start
+    def open(self, accelerator) -> None:
+        """Refuse what must not happen to the folder, honour --delete, lock it against a second run, set an
+        abandoned timeline aside, and load the training state to resume from (into `self.state`)."""
+        cfg, is_main = self.cfg, accelerator.is_main_process
+        if cfg.only_test:
+            return  # reads a finished (or running) run; writes only test/*.json
+        if is_main:
+            self._lock()
+            self._remove_temporaries()
+        content = self._content()
+        state_path = None
+        if not cfg.delete:
+            if not cfg.resume and not cfg.load_best:
+                if content:
+                    raise UserError(
+                        f"{self.dir} already holds a run ({', '.join(content)}); pass --resume latest to continue "
+                        "it, --delete to start over, or choose another --log_name"
+                    )
+            else:
+                state_path = self._state_to_resume()
+                own = state_path is None or state_path.parent.resolve() == (self.dir / "states").resolve()
+                if not own and content:
+                    raise UserError(
+                        f"--resume {cfg.resume} is from another run, but {self.dir} holds a run of its own "
+                        f"({', '.join(content)}); choose another --log_name"
+                    )
+        accelerator.wait_for_everyone()  # every process has checked before the main one changes anything
+        if is_main and cfg.delete and content:
+            for entry in self.dir.iterdir():
+                if entry.name != ".lock":
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            accelerator.print(f"--delete: removed the earlier run in {self.dir}")
+        if state_path is not None:
+            self.state = load_training_state(state_path)
+            self.start_step = self.state["step"]
+            changed = self._check_compatible(self.state["config"])
+            if self.start_step >= cfg.n_steps:
+                raise UserError(
+                    f"the training state is at step {self.start_step} already; pass --n_steps > {self.start_step} "
+                    "to go on"
+                )
+        elif cfg.resume:
+            accelerator.print(
+                f"--resume {cfg.resume}: no training state in {self.dir / 'states'}; starting from scratch"
+            )
+        # Continuing from a step of this folder (step 0 after a crash before the first checkpoint) abandons what
+        # was written after it.
+        if is_main and (cfg.resume or cfg.load_best) and content and (state_path is None or own):
+            self._set_aside_after(self.start_step, self.state.get("run", {}).get("best") if self.state else None)
+        accelerator.wait_for_everyone()
+        if state_path is not None:
+            accelerator.print(
+                f"resuming from {state_path} (step {self.start_step})" + (f"; changed: {changed}" if changed else "")
+            )
+
+    def _lock(self) -> None:
+        """One training process per folder (a POSIX lock, released by the OS when the process ends, even by
+        SIGKILL): a second run on the same folder is refused instead of interleaving checkpoints."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{self.dir} is in use by another training process (pid {holder}); wait for it or stop it")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _remove_temporaries(self) -> None:
+        """Temp files of a write that a killed process never finished (we hold the lock: nobody else writes)."""
+        for pattern in (".tmp-*", "*/.tmp-*", "states/.old-state-*"):
+            for path in self.dir.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the folder (the OS does it anyway when the process ends)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _content(self) -> list[str]:
+        """What in the folder belongs to an earlier run and must not be trimmed or overwritten silently."""
+        found = []
+        if list_states(self.dir / "states"):
+            found.append("training states")
+        if list_snapshots(self.dir) or (self.dir / "snapshots" / "best.safetensors").exists():
+            found.append("snapshots")
+        stats = self.dir / "stats.jsonl"
+        if stats.is_file() and stats.stat().st_size:
+            found.append("stats.jsonl")
+        for sub, what in (("eval", "evaluations"), ("test", "test results"), ("grids", "sample grids")):
+            if any((self.dir / sub).glob("*.json" if sub != "grids" else "*.png")):
+                found.append(what)
+        return found
+
+    def _state_to_resume(self) -> Path | None:
+        cfg = self.cfg
+        if not cfg.load_best:
+            return resolve_state(cfg.resume, self.dir)
+        source = self.dir if cfg.resume in ("", "latest") else Path(cfg.resume)
+        best = read_best(source)
+        if best is None:
+            raise UserError(f"--load_best: {source} has no best.json (it was trained without --eval_interval)")
+        path = source / "states" / f"state-{best['step']:08d}"
+        if not (path / "COMPLETE").is_file():
+            raise UserError(f"--load_best: the state of the best step {best['step']} is missing from {path.parent}")
+        return path
+
+    def _check_compatible(self, saved_cfg: dict) -> list[str]:
+        """Refuse to resume if an identity key (model, method, ...) changed; return the other changed keys."""
+        cfg = dataclasses.asdict(self.cfg)
+        changed = {k for k in cfg if k in saved_cfg and saved_cfg[k] != cfg[k]} - _CONTROL_FIELDS
+        fatal = sorted(changed & set(self.resume_keys))
+        if fatal:
+            detail = ", ".join(f"{k}: saved {saved_cfg[k]!r} vs now {cfg[k]!r}" for k in fatal)
+            raise UserError(f"cannot resume: the training state was made with a different setup ({detail})")
+        return sorted(changed)
+
+    def _set_aside_after(self, step: int, best: dict | None) -> None:
+        """Resuming at `step` abandons whatever the folder holds from later steps (states, snapshots, grids,
+        evaluations, stats rows, a later best): move it to abandoned/, so that `--resume latest` can never pick
+        it up again and nothing is lost. After a crash this is what was written after the last state."""
+        aside = self.dir / "abandoned" / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step:08d}"
+        moved = 0
+
+        def move(path: Path) -> None:
+            nonlocal moved
+            target = aside / path.relative_to(self.dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved += 1
+
+        for s, path in list_states(self.dir / "states"):
+            if s > step:
+                move(path)
+        for sub, pattern in (("snapshots", "snapshot-*.safetensors"), ("grids", "*-*.png"), ("eval", "step-*.json")):
+            for path in sorted((self.dir / sub).glob(pattern)):
+                digits = path.stem.rsplit("-", 1)[-1]
+                if digits.isdigit() and int(digits) > step:
+                    move(path)
+        stats = self.dir / "stats.jsonl"
+        if stats.is_file():
+            keep, drop = [], []
+            for line in stats.read_text().splitlines():
+                try:
+                    (keep if json.loads(line)["step"] <= step else drop).append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):  # a line cut by a crash
+                    drop.append(line)
+            if drop:
+                aside.mkdir(parents=True, exist_ok=True)
+                (aside / "stats.jsonl").write_text("".join(row + "\n" for row in drop))
+                write_atomic(stats, "".join(row + "\n" for row in keep))
+                moved += 1
+        current = read_best(self.dir)
+        if current is not None and current != best:  # the best of the abandoned timeline: back to the state's own
+            for path in (self.dir / "best.json", self.dir / "snapshots" / "best.safetensors"):
+                if path.exists():
+                    move(path)
+            if best is not None:
+                self.best = best
+                self._write_best(self.dir / "snapshots" / f"snapshot-{best['step']:08d}.safetensors")
+        if moved:
+            tqdm.write(f"moved {moved} artefact(s) of the abandoned timeline after step {step} to {aside}")
+
+    # ----------------------------------------------------------------------------------------------- restore
+    def restore(self, **stateful) -> dict:
+        """Load the resumed state into the (prepared) objects named as in `save`; return the other saved entries
+        (plain values, tensors) for the script. {} on a fresh start."""
+        if self.state is None:
+            return {}
+        state, self.state = self.state, None  # dropped here: it holds a CPU copy of every tensor
+        for name, obj in stateful.items():
+            if obj is None:
+                continue  # e.g. a run resumed without --ema
+            if state.get(name) is None:
+                if name == "scaler":
+                    continue  # fp32 -> fp16: the GradScaler starts afresh
+                raise UserError(f"cannot resume: the training state has no {name!r} (it was made without it)")
+            try:
+                (unwrap(obj) if isinstance(obj, torch.nn.Module) else obj).load_state_dict(state[name])
+            except (RuntimeError, KeyError, ValueError, TypeError) as e:
+                raise UserError(f"cannot resume: the saved {name!r} does not fit ({str(e).splitlines()[0]})")
+        self.best = state.get("run", {}).get("best")
+        return {k: v for k, v in state.items() if k not in stateful and k not in ("step", "config", "run")}
+
+    def begin(self, accelerator, dataset=None, summary: str = "") -> None:
+        """Start writing: the evaluator (its reference statistics, and a refusal of an --eval_metric that does not
+        fit the data) first, then folders, config.json, the code version and the trackers."""
+        cfg = self.cfg
+        self.config = dataclasses.asdict(cfg)
+        if cfg.eval_interval:
+            self._evaluator = self._make_evaluator(accelerator, dataset, self.dir)
+        if accelerator.is_main_process:
+            for sub in ("grids", "snapshots", "states", "code"):
+                (self.dir / sub).mkdir(parents=True, exist_ok=True)
+            write_atomic(self.dir / "config.json", json.dumps(self.config, indent=2))
+            version, diff = code_version()
+            version |= {"start_step": self.start_step, "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            write_atomic(self.dir / "code" / f"launch-{self.start_step:08d}.json", json.dumps(version, indent=2))
+            if diff:
+                write_atomic(self.dir / "code" / f"launch-{self.start_step:08d}.diff", diff)
+        if cfg.loggers != "none":
+            accelerator.init_trackers("tb", config=tracker_config(self.config))
+        accelerator.print(f"{self.dir}: " + (summary + ", " if summary else "") + (
+            f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
+            f"{accelerator.mixed_precision}" + (f", {len(dataset)} training samples" if dataset is not None else "")
+        ))  # fmt: skip
+
+    def _make_evaluator(self, accelerator, dataset, run_dir: Path):
+        from metrics.evaluate import Evaluator, resolve_metric
+
+        if dataset is None:
+            raise UserError("this script has no training data to evaluate against; --eval_interval is not available")
+        metric = resolve_metric(self.cfg.eval_metric, tuple(dataset.sample_shape))
+        ref_path = run_dir / "eval" / f"ref-{metric}.npz"
+        return Evaluator(accelerator, metric, self.cfg.eval_samples, dataset, ref_path, self.cfg.eval_weights)
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def log(self, accelerator, record: dict) -> None:
+        """One log step: a stats.jsonl row and the status line on the main process; TensorBoard scalars through
+        Accelerate (every process calls it, Accelerate writes on the main one)."""
+        if accelerator.is_main_process:
+            with open(self.dir / "stats.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            tqdm.write(status_line(record))
+        accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=record["step"])
+
+    def evaluate(self, accelerator, step: int, sample_fn, model, n_classes: int) -> dict:
+        """Score `model` (every process generates its share of the seeds), write eval/step-<step>.json, and set
+        `new_best` if it beats every earlier evaluation of this timeline (the script then saves a checkpoint)."""
+        result = {"step": step} | self._evaluator(sample_fn, model, n_classes)
+        value = result["value"]
+        self.new_best = value == value and (self.best is None or value < self.best["value"])  # NaN is never best
+        if self.new_best:
+            self.best = {"step": step, "metric": result["metric"], "value": value}
+        if accelerator.is_main_process:
+            (self.dir / "eval").mkdir(exist_ok=True)
+            write_atomic(self.dir / "eval" / f"step-{step:08d}.json", json.dumps(result, indent=2))
+            extra = f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+            tqdm.write(
+                f"step {step}: {result['metric']} {value:.4f} on {result['n_samples']} samples{extra} "
+                f"({result['seconds']:.1f} s)"
+                + (" - new best" if self.new_best else f" (best {self.best['value']:.4f} at step {self.best['step']})")
+            )
+        accelerator.log({f"eval/{result['metric']}": value}, step=step)
+        return result
+
+    def save(self, accelerator, step: int, *, replicas, snapshot: dict, **state) -> None:
+        """Checkpoint `step`: check that every process holds the same weights, then (main process) the snapshot
+        (`snapshot`: kind, model, model_kwargs, module, optional extra), the best copy if this step is the best,
+        and the training state of `state` (see `capture`), each written atomically; old states are rotated, the
+        best one kept."""
+        accelerator.wait_for_everyone()
+        digest = check_replicas_agree(accelerator, *replicas)
+        if accelerator.is_main_process:
+            path = self.dir / "snapshots" / f"snapshot-{step:08d}.safetensors"
+            save_snapshot(
+                path, snapshot["kind"], snapshot["model"], snapshot["model_kwargs"],
+                unwrap(snapshot["module"]).state_dict(), self.config, step, snapshot.get("extra"),
+            )  # fmt: skip
+            if self.new_best:
+                self._write_best(path)
+            tree = {"step": step, "config": self.config, "run": {"best": self.best}, **capture(**state)}
+            protect = (self.best["step"],) if self.best else ()
+            save_training_state(self.dir / "states", step, tree, keep=self.cfg.keep_states, protect=protect)
+            tqdm.write(
+                f"step {step}: saved training state and snapshot; parameters identical on "
+                f"{accelerator.num_processes} process(es) (digest {digest:016x})"
+            )
+        self.new_best = False
+        accelerator.wait_for_everyone()
+
+    def _write_best(self, snapshot_path: Path) -> None:
+        """snapshots/best.safetensors = a copy of the best step's snapshot; best.json says which step it is."""
+        if snapshot_path.is_file():
+            write_atomic(self.dir / "snapshots" / "best.safetensors", snapshot_path.read_bytes())
+        write_atomic(self.dir / "best.json", json.dumps(self.best, indent=2))
+
+    # ------------------------------------------------------------------------------------------ --only_test
+    def test(self, accelerator, dataset) -> dict:
+        """--only_test: evaluate the newest snapshot (--load_best: the best) of the run folder (--resume/--load
+        naming a run folder, else this one) with the evaluation settings, without training; write test/*.json."""
+        from sampling import SNAPSHOT_KINDS
+        from utils.ckpt import build_from_snapshot
+
+        cfg = self.cfg
+        source = Path(cfg.resume) if cfg.resume not in ("", "latest") else self.dir
+        target = source / "snapshots" / "best.safetensors" if cfg.load_best else source
+        if cfg.load_best and not target.is_file():
+            raise UserError(f"--only_test --load_best: {source} has no snapshots/best.safetensors")
+        meta, weights = load_snapshot(target)
+        if meta["kind"] not in SNAPSHOT_KINDS:
+            raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} cannot be evaluated here")
+        build, sample_fn = SNAPSHOT_KINDS[meta["kind"]]
+        model = build_from_snapshot(meta, weights, build).to(accelerator.device).eval()
+        evaluator = self._make_evaluator(accelerator, dataset, source)
+        result = {"snapshot": meta["path"], "step": meta["step"]}
+        result |= evaluator(sample_fn, model, getattr(model, "n_classes", 0))
+        if accelerator.is_main_process:
+            (source / "test").mkdir(parents=True, exist_ok=True)
+            name = f"{'best' if cfg.load_best else 'last'}-step-{meta['step']:08d}-{result['metric']}.json"
+            write_atomic(source / "test" / name, json.dumps(result, indent=2))
+            extra = f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+            print(f"{meta['path']} (step {meta['step']}): {result['metric']} {result['value']:.4f} on "
+                  f"{result['n_samples']} samples{extra}; wrote {source / 'test' / name}")  # fmt: skip
+        return result
+
+
+def read_best(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "best.json"
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+        return {"step": int(best["step"]), "metric": str(best["metric"]), "value": float(best["value"])}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: damaged ({type(e).__name__}); restore it from the eval/ files or delete it")
