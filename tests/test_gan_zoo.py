@@ -1,6 +1,8 @@
 """Unit tests of the GAN architecture zoo (modelling/{nvidia_ops,progressive_gan,stylegan,stylegan2,sagan}.py) and
 its regularisers (R1, WGAN-GP, path length), against closed forms, finite differences and plain re-implementations."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -244,6 +246,27 @@ def test_modulated_conv_equals_per_sample_demodulated_weights():
     assert out.square().mean().item() == pytest.approx(1.04, abs=0.06)
     up = ModulatedConv2d(4, 5, 3, w_dim=6, res=16, up=True)
     assert up(torch.randn(2, 4, 8, 8), torch.randn(2, 6)).shape == (2, 5, 16, 16)
+
+
+def test_to_rgb_scales_the_styles_once_by_one_over_sqrt_fan_in():
+    """StyleGAN2's ToRGB (StyleGAN2-ADA ToRGBLayer): out_o = sum_i weight_oi * (A(w)_i / sqrt(C_in)) * x_i + bias_o,
+    raw N(0, 1) weight, no demodulation, no noise, no activation. Written out with einsum, not the layer's code."""
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(6, 3, 1, w_dim=5, res=8, rgb=True).double()
+    layer.bias.data.normal_()
+    x, w = torch.randn(2, 6, 8, 8, dtype=torch.double), torch.randn(2, 5, dtype=torch.double)
+    styles = layer.affine(w) / math.sqrt(6)  # (N, C_in)
+    expected = torch.einsum("oi,ni,nihw->nohw", layer.weight[:, :, 0, 0], styles, x) + layer.bias[None, :, None, None]
+    assert torch.allclose(layer(x, w), expected)
+    # Scale at C_in = 512: for unit-variance inputs E[out^2 | weight, styles] = mean_{n,o} sum_i weight_oi^2 s_ni^2
+    # / C_in, about mean(s^2) = O(1); a second 1 / sqrt(C_in) makes it 512x smaller.
+    wide = ModulatedConv2d(512, 3, 1, w_dim=8, res=4, rgb=True)
+    x, w = torch.randn(64, 512, 4, 4), torch.randn(64, 8)
+    with torch.no_grad():
+        s2 = wide.affine(w).square()  # (N, C_in)
+        expected_moment = (wide.weight[:, :, 0, 0].square() @ s2.T / 512).mean()
+        assert wide(x, w).square().mean().item() == pytest.approx(expected_moment.item(), rel=0.1)
+    assert expected_moment.item() > 0.5
 
 
 # ------------------------------------------------------------------------------------------------ SA-GAN
