@@ -17,7 +17,8 @@ weights; snapshots sample at the stage they were taken). Images always have the 
 current output (nearest) and D average-pools its input to the current resolution, which is NVIDIA's `lod` scheme,
 so the data pipeline, grids and samplers never change size. `fade_reals` cross-fades the reals the same way.
 Deviations: StyleGAN2-ADA's gain convention (see `nvidia_ops`; equivalent for LReLU); D's optional blur (StyleGAN's
-discriminator is this one with `blur_filter=[1, 2, 1]`); unconditional only.
+discriminator is this one with `blur_filter=[1, 2, 1]`: blur -> conv3 -> 2x2 average pool); unconditional only.
+Conv + 2x2 average pool runs as one stride-2 conv with the box-filtered kernel (`nvidia_ops.EqualizedConv2d`).
 """
 
 import torch
@@ -128,7 +129,7 @@ class Discriminator(Growing):
         channel_base: int = 32768,
         channel_max: int = 512,
         mbstd_group: int = 4,
-        blur_filter: list[int] | None = None,  # StyleGAN: [1, 2, 1] before every downsampling
+        blur_filter: list[int] | None = None,  # StyleGAN: [1, 2, 1] before every downsampling conv
         n_classes: int = 0,
     ):
         if n_classes:

@@ -1,5 +1,7 @@
 """StyleGAN generator: mapping network, AdaIN, noise inputs, style mixing and truncation. The discriminator is
-Progressive GAN's with a [1, 2, 1] blur before every downsampling (`progressive_gan.Discriminator`).
+Progressive GAN's with a [1, 2, 1] blur before every downsampling conv: blur -> conv3 -> 2x2 average pool (NVIDIA's
+blur2d + conv2d_downscale2d; away from the borders a [1, 3, 3, 1] blur and a stride-2 conv), in
+`progressive_gan.Discriminator`.
 
 Paper: Karras et al. 2019, "A Style-Based Generator Architecture for Generative Adversarial Networks",
 arXiv 1812.04948. Reference code read for facts: gau-nernst/gan (2023) `modelling/stylegan.py`; StyleGAN2-ADA

@@ -131,10 +131,10 @@ class Discriminator(nn.Module):
             main = nn.ModuleList(
                 [
                     EqualizedConv2d(ch[i], ch[i], 3),
-                    EqualizedConv2d(ch[i], ch[i - 1], 3, down=2, blur_filter=[1, 3, 3, 1]),
+                    EqualizedConv2d(ch[i], ch[i - 1], 3, down=2, blur_filter=[1, 3, 3, 1], down_mode="stride"),
                 ]
             )
-            skip = EqualizedConv2d(ch[i], ch[i - 1], 1, bias=False, down=2, blur_filter=[1, 3, 3, 1])
+            skip = EqualizedConv2d(ch[i], ch[i - 1], 1, False, down=2, blur_filter=[1, 3, 3, 1], down_mode="stride")
             self.blocks.append(nn.ModuleDict({"main": main, "skip": skip}))
         self.epilogue = DiscriminatorEpilogue(ch[0], mbstd_group)
 

@@ -159,8 +159,45 @@ def test_resampling_filters_keep_constants_and_sizes():
     assert up.shape == (1, 2, 16, 16) and torch.allclose(up[..., 2:-2, 2:-2], torch.ones(1, 2, 12, 12))
     down = downsample2d(ones, f)
     assert down.shape == (1, 2, 4, 4) and torch.allclose(down[..., 1:-1, 1:-1], torch.ones(1, 2, 2, 2))
-    conv = EqualizedConv2d(2, 3, 3, down=2, blur_filter=[1, 3, 3, 1])
+    conv = EqualizedConv2d(2, 3, 3, down=2, blur_filter=[1, 3, 3, 1], down_mode="stride")
     assert conv(torch.randn(2, 2, 8, 8)).shape == (2, 3, 4, 4)
+
+
+def _blur(x: torch.Tensor, taps: list[float], pad: tuple[int, int]) -> torch.Tensor:
+    """Depthwise 2-D FIR filter (outer product of `taps`, sum 1) after zero padding (before, after) on both axes."""
+    t = torch.tensor(taps, dtype=x.dtype)
+    f = (t[:, None] * t[None, :] / t.sum() ** 2).expand(x.shape[1], 1, len(taps), len(taps))
+    return F.conv2d(F.pad(x, pad * 2), f, groups=x.shape[1])
+
+
+@pytest.mark.parametrize("name", ["progressive_gan", "stylegan", "stylegan2"])
+def test_discriminators_downsample_as_their_papers(name):
+    """16x16 -> 8x8 in each NVIDIA discriminator, written with plain torch ops. ProGAN: conv3 -> 2x2 average pool.
+    StyleGAN: blur [1, 2, 1] -> conv3 -> 2x2 average pool, each stage zero-padded to "same" size (NVIDIA's blur2d,
+    then conv2d_downscale2d). StyleGAN2 (StyleGAN2-ADA conv2d_resample): blur [1, 3, 3, 1] with pads 2 (conv3)
+    or 1 (the 1x1 skip), then a stride-2 "valid" conv."""
+    torch.manual_seed(0)
+    disc = build_discriminator(name, img_size=16, img_channels=3, **NV).double()
+    if name == "stylegan2":
+        cases = [(disc.blocks[0]["main"][1], [1, 3, 3, 1], (2, 2)), (disc.blocks[0]["skip"], [1, 3, 3, 1], (1, 1))]
+    else:
+        cases = [
+            (disc.blocks[2][1], [1, 2, 1] if name == "stylegan" else [1], (1, 1) if name == "stylegan" else (0, 0))
+        ]
+    for down, taps, pad in cases:
+        c_in, k = down.weight.shape[1], down.weight.shape[-1]
+        x = torch.randn(2, c_in, 16, 16, dtype=torch.double)
+        weight, bias = down.weight / math.sqrt(c_in * k * k), down.bias
+        if name == "stylegan2":
+            expected = F.conv2d(_blur(x, taps, pad), weight, bias, stride=2)
+        else:
+            expected = F.avg_pool2d(F.conv2d(_blur(x, taps, pad), weight, bias, padding=k // 2), 2)
+        assert down(x).shape == (2, down.weight.shape[0], 8, 8)
+        assert torch.allclose(down(x), expected)
+    if name == "stylegan":  # away from the borders: a [1, 3, 3, 1] blur, then a stride-2 conv (arXiv 1812.04948)
+        strided = F.conv2d(_blur(x, [1, 3, 3, 1], (1, 2)), weight, bias, stride=2, padding=1)
+        assert torch.allclose(strided[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1])
+        assert not torch.allclose(strided, expected)  # the borders differ: StyleGAN zero-pads after the blur
 
 
 # ------------------------------------------------------------------------------------------------ Progressive GAN
