@@ -185,6 +185,8 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
         # A per-sample gradient penalty is invalid with batch statistics: the penalised critic has no BatchNorm.
         gen_kwargs["spectral_norm"] = cfg.sn_gen
         disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if gradient_penalised(cfg) else "batch")
+    if cfg.model == "progressive_gan":  # without growing, only the full-resolution toRGB/fromRGB are built
+        gen_kwargs["growing"] = disc_kwargs["growing"] = cfg.progressive_growing
     gen_kwargs, disc_kwargs = gen_kwargs | cfg.gen_kwargs, disc_kwargs | cfg.disc_kwargs
     try:
         return build_generator(cfg.model, **gen_kwargs), gen_kwargs, build_discriminator(cfg.model, **disc_kwargs)

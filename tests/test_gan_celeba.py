@@ -198,22 +198,35 @@ def test_seed_003_commands_run_as_written(tmp_path, celeba_root):
     assert list((tmp_path / "celeba_progressive_gan" / "tb").rglob("events.out.tfevents.*"))
 
 
-DDP_CASES = {
+DDP_CASES = {  # every --model; tiny nets, 2 steps of 2 x 4 images
+    "dcgan": ("dcgan", []),
+    "sagan": ("sagan", []),
+    # A growing network leaves its future levels unused: DDP runs with find_unused_parameters. 6 images per phase
+    # at 8 images per step: step 1 fades level 1 in.
+    "progressive_gan-growing": ("progressive_gan", ["--fade_kimg", "0.006"]),
+    # Without growing only the full-resolution toRGB/fromRGB exist, so every parameter gets a gradient.
+    "progressive_gan-fixed": ("progressive_gan", ["--no-progressive_growing"]),
+    "stylegan": ("stylegan", []),  # R1 every step, in the D loss
     # Lazy R1 and path length run through the eager DDP module (gradients averaged), under bf16 autocast.
-    "stylegan2": ["--r1_interval", "2", "--pl_interval", "2", "--mixed_precision", "bf16"],
-    # A growing network leaves its future levels unused: DDP runs with find_unused_parameters.
-    "progressive_gan": ["--fade_kimg", "0.008"],
+    "stylegan2": ("stylegan2", ["--r1_interval", "2", "--pl_interval", "2", "--mixed_precision", "bf16"]),
 }
 
 
-@pytest.mark.parametrize("model", sorted(DDP_CASES))
-def test_two_processes_with_torchrun(tmp_path, image_dir, model):
+@pytest.mark.parametrize("case", sorted(DDP_CASES))
+def test_two_processes_with_torchrun(tmp_path, image_dir, case):
     """DDP over gloo; the checkpoint checks that the replicas hold identical weights and stops the run if not."""
+    model, extra = DDP_CASES[case]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = ["--log_name", "ddp", "--n_steps", "4", "--checkpoint_interval", "4", "--log_interval", "2"]
-    result = train(image_dir, tmp_path, model, *args, *DDP_CASES[model], launcher=launcher)
+    args = ["--log_name", "ddp", "--n_steps", "2", "--checkpoint_interval", "2", "--log_interval", "2"]
+    result = train(image_dir, tmp_path, model, *args, *extra, launcher=launcher)
     assert "parameters identical on 2 process(es)" in result.stdout
-    assert read_stats(tmp_path / "ddp")[-1]["kimg"] == pytest.approx(4 * 8 / 1000)
+    rows = read_stats(tmp_path / "ddp")
+    assert rows[-1]["kimg"] == pytest.approx(2 * 8 / 1000) and np.isfinite(rows[-1]["loss/g"])
+    if case == "progressive_gan-growing":
+        assert rows[-1]["growth"] == pytest.approx(1 / 6)  # mean over the logged steps 0 (0.0) and 1 (1/3)
+    if case == "progressive_gan-fixed":  # the snapshot records growing=False, and sample.py rebuilds it that way
+        run_script("sample.py", "--checkpoint", tmp_path / "ddp", "--n_samples", "2", "--out_dir", tmp_path / "s")
+        assert json.loads((tmp_path / "s" / "sample_info.json").read_text())["n_images"] == 2
 
 
 def test_bad_flags_are_refused(tmp_path):

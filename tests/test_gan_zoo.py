@@ -56,9 +56,9 @@ def test_every_model_builds_forwards_and_backwards_with_documented_shapes(name):
     scores.sum().backward()
     for net in (gen, disc):
         missing = [n for n, p in net.named_parameters() if p.grad is None]
-        # Only ProGAN-style nets leave parameters unused when fully grown: the lower levels' toRGB/fromRGB.
+        # Only a growing ProGAN leaves parameters unused when fully grown: the lower levels' toRGB/fromRGB.
         assert all(m.split(".")[0] in ("to_rgb", "from_rgb") for m in missing), missing
-        assert not missing or name in ("progressive_gan", "stylegan")
+        assert not missing or name == "progressive_gan"
     with pytest.raises(ValueError, match="img_size"):
         build_generator(name, img_size=12, img_channels=1, z_dim=8, **TINY[name])
 
@@ -230,6 +230,29 @@ def test_growth_schedule_and_fade_in():
     )
     with pytest.raises(ValueError, match="growth"):
         disc.set_growth(2.5)
+
+
+def test_progan_without_growing_builds_and_uses_only_the_full_resolution_levels():
+    """growing=False: no lower-level toRGB/fromRGB, so every parameter gets a gradient (DDP needs that); with the
+    growing network's weights it computes the same function as that network fully grown."""
+    torch.manual_seed(0)
+    kw = dict(img_size=16, img_channels=3, **NV)
+    grown_g, grown_d = build_generator("progressive_gan", z_dim=8, **kw), build_discriminator("progressive_gan", **kw)
+    fixed_g = build_generator("progressive_gan", z_dim=8, growing=False, **kw)
+    fixed_d = build_discriminator("progressive_gan", growing=False, **kw)
+    for grown, fixed, rgb in ((grown_g, fixed_g, "to_rgb"), (grown_d, fixed_d, "from_rgb")):
+        dropped = set(grown.state_dict()) - set(fixed.state_dict())
+        assert dropped == {f"{rgb}.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+        fixed.load_state_dict({k: v for k, v in grown.state_dict().items() if k not in dropped})
+    zs = torch.randn(4, 8)
+    fakes = fixed_g(zs)
+    assert torch.equal(fakes, grown_g(zs)) and torch.equal(fixed_d(fakes), grown_d(fakes))
+    fixed_d(fixed_g(zs)).sum().backward()
+    assert all(p.grad is not None for net in (fixed_g, fixed_d) for p in net.parameters())
+    # StyleGAN's D is built without growing; a fixed network refuses a lower stage.
+    assert not any(k.startswith("from_rgb.0") for k in build_discriminator("stylegan", **kw).state_dict())
+    with pytest.raises(ValueError, match="growing=False"):
+        fixed_g.set_growth(1.5)
 
 
 # ------------------------------------------------------------------------------------------------ StyleGAN family
