@@ -286,6 +286,23 @@ def test_truncation_is_for_sampling_only_and_style_mixing_mixes(name):
     assert distinct and distinct == list(range(distinct[0], gen.num_ws))  # layers from the crossover on
 
 
+@pytest.mark.parametrize("name", ["stylegan", "stylegan2"])
+def test_w_avg_tracks_the_main_latents_only(name):
+    """w_avg <- w_avg + (1 - 0.995) (mean_n w_n - w_avg) over the main latents of a training-mode call; the
+    style-mixing latents do not update it (StyleGAN2-ADA's skip_w_avg_update for the mixing mapping)."""
+    torch.manual_seed(0)
+    gen = build_generator(name, img_size=16, z_dim=8, mixing_prob=1.0, **NV, **STYLE_G)
+    gen.mapping.w_avg.normal_()
+    w_avg, zs = gen.mapping.w_avg.clone(), torch.randn(4, 8)
+    with torch.no_grad():
+        main = gen.mapping.eval()(zs)  # eval mode: no update
+    gen.mapping.train()
+    assert torch.equal(gen.mapping.w_avg, w_avg)
+    ws = gen.make_ws(zs)
+    assert not torch.equal(ws[:, -1], ws[:, 0])  # the mixing latents were used ...
+    assert torch.allclose(gen.mapping.w_avg, w_avg + 0.005 * (main.mean(0) - w_avg))  # ... and left w_avg alone
+
+
 def test_modulated_conv_equals_per_sample_demodulated_weights():
     torch.manual_seed(0)
     layer = ModulatedConv2d(4, 5, 3, w_dim=6, res=8).double()
