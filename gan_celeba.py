@@ -108,7 +108,7 @@ class Config:
     pl_interval: int = field(default=4, metadata={"help": "lazy path length: every k G steps, weight x k"})
     pl_batch_shrink: int = 2
     pl_decay: float = 0.01
-    sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every D layer (SN-GAN)"})
+    sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm in D, no BatchNorm (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
     progressive_growing: bool = field(default=True, metadata={"help": "progressive_gan: grow from 4x4 with fade-in"})
     fade_kimg: float = field(default=800.0, metadata={"help": "growing: kimg per fade-in and per stable phase"})
@@ -183,8 +183,10 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
     gen_kwargs, disc_kwargs = common | dict(z_dim=cfg.z_dim), dict(common)
     if cfg.model == "dcgan":
         # A per-sample gradient penalty is invalid with batch statistics: the penalised critic has no BatchNorm.
+        # SN-GAN's critic has spectral norm and no BatchNorm either. --disc_kwargs '{"norm": ...}' overrides both.
         gen_kwargs["spectral_norm"] = cfg.sn_gen
-        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if gradient_penalised(cfg) else "batch")
+        no_bn = gradient_penalised(cfg) or cfg.sn_disc
+        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if no_bn else "batch")
     if cfg.model == "progressive_gan":  # without growing, only the full-resolution toRGB/fromRGB are built
         gen_kwargs["growing"] = disc_kwargs["growing"] = cfg.progressive_growing
     gen_kwargs, disc_kwargs = gen_kwargs | cfg.gen_kwargs, disc_kwargs | cfg.disc_kwargs

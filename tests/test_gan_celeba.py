@@ -229,6 +229,25 @@ def test_two_processes_with_torchrun(tmp_path, image_dir, case):
         assert json.loads((tmp_path / "s" / "sample_info.json").read_text())["n_images"] == 2
 
 
+def test_sn_disc_drops_batchnorm_unless_a_norm_is_asked_for():
+    """SN-GAN's critic is spectrally normalised with no BatchNorm (the recipe in the README of gau-nernst/gan);
+    an explicit --disc_kwargs norm still wins."""
+    import torch
+
+    from gan_celeba import Config, build_models, resolve_config
+
+    def disc_layers(**kwargs):
+        cfg = resolve_config(Config(model="dcgan", img_size=16, **kwargs))
+        _, _, disc = build_models(cfg, img_channels=3, n_classes=0)
+        convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+        n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
+        return n_bn, all(hasattr(c, "parametrizations") for c in convs)
+
+    assert disc_layers() == (1, False)
+    assert disc_layers(sn_disc=True) == (0, True)
+    assert disc_layers(sn_disc=True, disc_kwargs={"norm": "batch"}) == (1, True)
+
+
 def test_bad_flags_are_refused(tmp_path):
     """Flag combinations that cannot work are refused before anything is written (in-process: the same UserError
     the script prints as one line, which the subprocess case at the end checks)."""
