@@ -394,12 +394,15 @@ def main(cfg: Config) -> None:
             loss_g = loss_fn.g_loss(d_fakes).mean()
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
-            g_applied, _ = step_optimizer(accelerator, optim_g, gen)
+            pl_due = cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0
+            if not (pl_due and cfg.pl_interval == 1):  # at interval 1 the path-length gradient joins this step
+                g_applied, _ = step_optimizer(accelerator, optim_g, gen)
             stats["loss/g"] = loss_g
 
-            # Lazy path-length regularisation (StyleGAN2): every pl_interval G steps, on a smaller batch, with the
-            # running mean `a` averaged over processes so that every rank keeps the same value.
-            if cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0:
+            # Path-length regularisation (StyleGAN2): every pl_interval G steps, on a smaller batch, with the
+            # running mean `a` averaged over processes so that every rank keeps the same value. Lazy (interval k > 1):
+            # its own step, weight x k; k = 1: its gradient is added to the G step's, one step (as R1 in the D loss).
+            if pl_due:
                 generator = uncompiled(gen)
                 n_pl = max(1, n // cfg.pl_batch_shrink)
                 # ws enter as an input: outputs of a prepared model are converted copies under mixed precision
@@ -409,7 +412,8 @@ def main(cfg: Config) -> None:
                 pl_mean = torch.lerp(pl_mean, accelerator.reduce(lengths.detach().mean(), "mean"), cfg.pl_decay)
                 pl_penalty = (lengths - pl_mean).square().mean()
                 loss_pl = cfg.pl_weight * cfg.pl_interval * pl_penalty + zero_term(generator)
-                optim_g.zero_grad(set_to_none=True)
+                if cfg.pl_interval > 1:
+                    optim_g.zero_grad(set_to_none=True)
                 accelerator.backward(loss_pl)
                 pl_applied, _ = step_optimizer(accelerator, optim_g, gen)
                 g_applied = g_applied and pl_applied

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import assert_one_line_error, read_stats, run_script
@@ -165,6 +166,26 @@ def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_d
         assert float(split["pl_mean"]) > 0  # the path-length running mean was updated and carried over
 
 
+def test_regularisers_due_every_step_join_the_main_step(tmp_path, image_dir):
+    """--r1_interval 1 / --pl_interval 1: R1 and path length are part of the D and G steps (StyleGAN2-ADA's "both"
+    phases): one Adam step per network per iteration at the full lr, not a second step for the regulariser. With
+    a negligible path-length weight the networks then follow a run without path length (every step reseeds the
+    RNG, so the penalty's extra draws change nothing else)."""
+    args = ["--r1_interval", "1", "--pl_interval", "1", "--n_steps", "3", "--log_interval", "3"]
+    train(image_dir, tmp_path, "stylegan2", "--log_name", "pl", *args, "--pl_weight", "1e-30")
+    train(image_dir, tmp_path, "stylegan2", "--log_name", "no_pl", *args, "--pl_weight", "0")
+    pl, no_pl = (load_training_state(tmp_path / name / "states" / "state-00000003") for name in ("pl", "no_pl"))
+    for optim in ("optim_g", "optim_d"):
+        assert {float(s["step"]) for s in pl[optim]["state"].values()} == {3.0}, optim
+        assert pl[optim]["param_groups"][0]["lr"] == 2e-3  # no lazy-regularisation scaling
+    for net in ("gen", "disc"):
+        for key, value in pl[net].items():
+            if key != "mapping.w_avg":  # the penalty's own latents move the truncation centre
+                assert torch.allclose(value, no_pl[net][key], rtol=1e-5, atol=1e-7), key
+    row = read_stats(tmp_path / "pl")[-1]
+    assert row["penalty/pl"] > 0 and row["penalty/r1"] > 0 and float(pl["pl_mean"]) > 0
+
+
 @pytest.fixture(scope="module")
 def celeba_root(tmp_path_factory) -> Path:
     """CelebA in torchvision's layout: <root>/celeba/img_align_celeba/*.jpg, 178 x 218 like the real files."""
@@ -232,8 +253,6 @@ def test_two_processes_with_torchrun(tmp_path, image_dir, case):
 def test_sn_disc_drops_batchnorm_unless_a_norm_is_asked_for():
     """SN-GAN's critic is spectrally normalised with no BatchNorm (the recipe in the README of gau-nernst/gan);
     an explicit --disc_kwargs norm still wins."""
-    import torch
-
     from gan_celeba import Config, build_models, resolve_config
 
     def disc_layers(**kwargs):
