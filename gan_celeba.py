@@ -38,7 +38,7 @@ from tqdm import tqdm
 from losses import get_gan_loss, gradient_penalty, path_lengths, r1_penalty
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
-from modelling.progressive_gan import growth_at
+from modelling.progressive_gan import growth_at, stage_changed
 from utils.ckpt import (
     check_replicas_agree,
     check_resume_compatible,
@@ -337,10 +337,17 @@ def main(cfg: Config) -> None:
         stats = {}
         if growing:
             # The stage is a pure function of the images seen: resuming mid-fade re-enters it exactly.
-            growth = growth_at(step * images_per_step, cfg.fade_kimg * 1000, unwrap(gen).depth)
+            prev_growth, growth = (
+                growth_at(s * images_per_step, cfg.fade_kimg * 1000, unwrap(gen).depth) for s in (step - 1, step)
+            )
             for net in (unwrap(gen), unwrap(disc)) + ((ema.module,) if ema else ()):
                 net.set_growth(growth)
             stats["growth"] = torch.tensor(growth, device=device)  # stacked with the losses: same device
+            # Adam's moments restart when a level starts or finishes fading in (NVIDIA's reset_opt_for_new_lod),
+            # decided from the schedule alone, so a resumed run resets at the same steps.
+            if stage_changed(prev_growth, growth):
+                for optim in (optim_g, optim_d):
+                    optim.state.clear()
         reals, labels = next(loader)
         reals = reals.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if n_classes else None

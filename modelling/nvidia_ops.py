@@ -41,11 +41,22 @@ def lrelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class EqualizedLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bias_init: float = 0.0, lr_mul=1.0):
+    """Equalized-LR dense layer: runtime weight = param * gain * lr_mul / sqrt(in_features), bias * lr_mul. `gain`
+    is relative to this file's convention (sqrt(2) lives in `lrelu`): NVIDIA's gain g here is g / sqrt(2)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bias_init: float = 0.0,
+        lr_mul: float = 1.0,
+        gain: float = 1.0,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init) / lr_mul)) if bias else None
-        self.weight_gain, self.lr_mul = lr_mul / math.sqrt(in_features), lr_mul
+        self.weight_gain, self.lr_mul = gain * lr_mul / math.sqrt(in_features), lr_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias * self.lr_mul if self.bias is not None else None

@@ -6,8 +6,8 @@ Reference code read for facts: gau-nernst/gan (2023) `modelling/progressive_gan.
 NVIDIA's `process_reals`/`lod` logic as described in the StyleGAN2-ADA reference notes.
 
 Layout, for resolution r the channels are min(channel_base / r, channel_max) (paper: base 32768, max 512):
-  G: z -> PixelNorm -> dense to (C, 4, 4) -> conv3 -> [nearest 2x, conv3, conv3] per resolution -> toRGB 1x1
-     (linear, no tanh); PixelNorm after every conv, LReLU 0.2 everywhere.
+  G: z -> PixelNorm -> dense to (C, 4, 4) (gain sqrt(2)/4, as NVIDIA's code) -> conv3 -> [nearest 2x, conv3, conv3]
+     per resolution -> toRGB 1x1 (linear, no tanh); PixelNorm after every conv, LReLU 0.2 everywhere.
   D: fromRGB 1x1 -> [conv3, conv3, 2x2 average pool] per resolution -> minibatch stddev -> conv3 -> dense over the
      4x4 map -> dense to 1. Output (N,).
 Growing: `set_growth(g)` with g in [0, depth], depth = log2(img_size / 4). Levels 0..floor(g) are stable; a
@@ -16,12 +16,16 @@ reads (1 - alpha) * fromRGB_old(avgpool(x)) + alpha * block_new(fromRGB_new(x)).
 weights; snapshots sample at the stage they were taken). Images always have the full `img_size`: G upsamples its
 current output (nearest) and D average-pools its input to the current resolution, which is NVIDIA's `lod` scheme,
 so the data pipeline, grids and samplers never change size. `fade_reals` cross-fades the reals the same way.
+The training script resets both optimizers' state whenever a level starts or finishes fading in (`stage_changed`,
+NVIDIA's `reset_opt_for_new_lod`).
 `growing=False` builds the full-resolution network only (no lower-level toRGB/fromRGB, which would otherwise sit
 unused and stop DDP, whose reducer waits for every parameter's gradient); StyleGAN's D is built that way.
 Deviations: StyleGAN2-ADA's gain convention (see `nvidia_ops`; equivalent for LReLU); D's optional blur (StyleGAN's
 discriminator is this one with `blur_filter=[1, 2, 1]`: blur -> conv3 -> 2x2 average pool); unconditional only.
 Conv + 2x2 average pool runs as one stride-2 conv with the box-filtered kernel (`nvidia_ops.EqualizedConv2d`).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +53,13 @@ def growth_at(nimg: float, fade_nimg: float, depth: int) -> float:
         return 0.0
     level, within = divmod(phases, 2)
     return min(float(depth), level + min(within, 1.0))
+
+
+def stage_changed(prev_growth: float, growth: float) -> bool:
+    """Whether a level started or finished fading in between two stages: floor or ceil of the stage changed.
+    NVIDIA resets the optimizers' state then (`reset_opt_for_new_lod`, on the same test of its `lod`); as a
+    function of two stages of the schedule it gives a resumed run the same resets as an uninterrupted one."""
+    return math.floor(prev_growth) != math.floor(growth) or math.ceil(prev_growth) != math.ceil(growth)
 
 
 class Growing(nn.Module):
@@ -103,7 +114,9 @@ class Generator(Growing):
         super().__init__(depth, growing)
         self.img_size, self.img_channels, self.z_dim, self.n_classes = img_size, img_channels, z_dim, 0
         self.norm = PixelNorm()
-        self.dense = EqualizedLinear(z_dim, ch[0] * 16)
+        # NVIDIA's gain sqrt(2)/4 for this layer (sqrt(2) is in `lrelu`): same images at init (PixelNorm follows),
+        # but its equalized learning rate and the weight of its bias differ from a gain-sqrt(2) layer.
+        self.dense = EqualizedLinear(z_dim, ch[0] * 16, gain=0.25)
         self.conv4 = EqualizedConv2d(ch[0], ch[0], 3)
         self.blocks = nn.ModuleList([nn.Identity()])  # level 0 is dense + conv4
         for i in range(1, depth + 1):

@@ -127,32 +127,25 @@ def test_corrupt_images_are_skipped_with_a_count(tmp_path):
     assert_one_line_error(result, "none of the first 1 images")
 
 
-RESUME_CASES = {
-    # fade_kimg 0.008 = 2 steps of 4 images per phase: steps 0-1 at 4x4, 2-3 fade 8x8 in; the split at step 3
-    # lands mid-fade-in.
-    "progressive_gan": ["--fade_kimg", "0.008", "--n_steps", "6"],
+RESUME_CASES = {  # (arguments, the step at which the first run stops and the second one resumes)
+    # fade_kimg 0.012 = 3 steps of 4 images per phase: steps 0-3 at 4x4, 4-5 fade 8x8 in (alpha 1/3, 2/3), 6-7
+    # stable at 8x8. The split at step 5 lands mid-fade-in, between the optimizer resets of steps 4 and 6.
+    "progressive_gan": (["--fade_kimg", "0.012", "--n_steps", "8"], 5),
     # Lazy R1 every 2 D steps and path length every 2 G steps: the split at step 3 is between regularised steps.
-    "stylegan2": ["--r1_interval", "2", "--pl_interval", "2", "--n_steps", "5"],
+    "stylegan2": (["--r1_interval", "2", "--pl_interval", "2", "--n_steps", "5"], 3),
 }
 
 
 @pytest.mark.parametrize("model", sorted(RESUME_CASES))
 def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_dir, model):
-    args = RESUME_CASES[model] + [
-        "--ema",
-        "--checkpoint_interval",
-        "3",
-        "--log_interval",
-        "1",
-        "--sample_interval",
-        "100",
-    ]
+    case_args, split_step = RESUME_CASES[model]
+    args = case_args + ["--ema", "--checkpoint_interval", split_step, "--log_interval", "1", "--sample_interval", 100]
     n_steps = int(args[args.index("--n_steps") + 1])
     train(image_dir, tmp_path, model, "--log_name", "straight", *args)
-    # A second run stopped at step 3 (one state), then a new process resumes it.
-    train(image_dir, tmp_path, model, "--log_name", "split", *args, "--n_steps", "3")
+    # A second run stopped at the split (one state), then a new process resumes it.
+    train(image_dir, tmp_path, model, "--log_name", "split", *args, "--n_steps", split_step)
     result = train(image_dir, tmp_path, model, "--log_name", "split", *args, "--resume", "latest")
-    assert "resuming from" in result.stdout
+    assert "resuming from" in result.stdout and f"(step {split_step})" in result.stdout
     straight = load_training_state(tmp_path / "straight" / "states" / f"state-{n_steps:08d}")
     split = load_training_state(tmp_path / "split" / "states" / f"state-{n_steps:08d}")
     for key in ("gen", "disc", "optim_g", "optim_d", "ema", "pl_mean", "skipped", "step"):
@@ -160,8 +153,13 @@ def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_d
     losses = [[r["loss/d"] for r in read_stats(tmp_path / name)] for name in ("straight", "split")]
     assert losses[0] == losses[1]
     if model == "progressive_gan":
-        assert [r["growth"] for r in read_stats(tmp_path / "split")][:4] == [0.0, 0.0, 0.0, 0.5]
+        growth = [r["growth"] for r in read_stats(tmp_path / "split")]
+        assert growth == pytest.approx([0.0, 0.0, 0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0])
         assert float(split["gen"]["growth"]) == 1.0
+        # Adam restarted when level 1 began fading in (step 4) and when it became stable (step 6): two steps since,
+        # for every parameter in use (NVIDIA's reset_opt_for_new_lod).
+        for optim in ("optim_g", "optim_d"):
+            assert {float(s["step"]) for s in split[optim]["state"].values()} == {2.0}, optim
     else:
         assert float(split["pl_mean"]) > 0  # the path-length running mean was updated and carried over
 

@@ -21,7 +21,7 @@ from modelling.nvidia_ops import (
     upfirdn2d,
     upsample2d,
 )
-from modelling.progressive_gan import growth_at
+from modelling.progressive_gan import growth_at, stage_changed
 from modelling.sagan import SelfAttention
 from modelling.stylegan2 import ModulatedConv2d
 from utils.optim import make_optimizer
@@ -230,6 +230,27 @@ def test_growth_schedule_and_fade_in():
     )
     with pytest.raises(ValueError, match="growth"):
         disc.set_growth(2.5)
+
+
+def test_optimizer_resets_when_a_level_starts_and_ends_fading_in():
+    """NVIDIA's reset_opt_for_new_lod: reset when floor or ceil of the stage changes between two steps, i.e. when a
+    level starts fading in and when it becomes stable; not while alpha moves, nor within a stable phase."""
+    stages = [growth_at(n, 10, 2) for n in range(0, 60, 5)]
+    assert stages == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0]
+    assert [i for i in range(1, len(stages)) if stage_changed(stages[i - 1], stages[i])] == [3, 4, 7, 8]
+    assert not stage_changed(0.25, 0.75) and stage_changed(0.75, 1.25) and not stage_changed(2.0, 2.0)
+
+
+def test_progan_first_dense_layer_has_gain_sqrt2_over_4():
+    """ProGAN's G starts with a dense layer of gain sqrt(2)/4 (NVIDIA's networks.py), not the He gain sqrt(2). In
+    our convention the sqrt(2) sits in `lrelu`, so for unit-norm-per-feature inputs (PixelNorm'd z) the layer's
+    pre-activation has variance (1/4)^2 at init, with N(0, 1) weights and zero bias."""
+    torch.manual_seed(0)
+    gen = build_generator("progressive_gan", img_size=8, z_dim=512, channel_base=256, channel_max=32)
+    zs = PixelNorm()(torch.randn(256, 512))
+    with torch.no_grad():
+        assert gen.dense(zs).var().item() == pytest.approx(1 / 16, rel=0.05)
+        assert gen.conv4(torch.randn(256, 32, 4, 4))[..., 1:-1, 1:-1].var().item() == pytest.approx(1.0, rel=0.05)
 
 
 def test_progan_without_growing_builds_and_uses_only_the_full_resolution_levels():
