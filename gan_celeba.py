@@ -36,7 +36,7 @@ from accelerate.utils import ProjectConfiguration
 from losses import get_gan_loss, gradient_penalty, path_lengths, r1_penalty
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
-from modelling.progressive_gan import growth_at
+from modelling.progressive_gan import growth_at, stage_changed
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, step_seed
@@ -87,7 +87,7 @@ class Config(RunConfig):
     pl_interval: int = field(default=4, metadata={"min": 1, "help": "lazy path length: every k G steps, weight x k"})
     pl_batch_shrink: int = field(default=2, metadata={"min": 1})
     pl_decay: float = 0.01
-    sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every D layer (SN-GAN)"})
+    sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm in D, no BatchNorm (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
     progressive_growing: bool = field(default=True, metadata={"help": "progressive_gan: grow from 4x4 with fade-in"})
     fade_kimg: float = field(default=800.0, metadata={"help": "growing: kimg per fade-in and per stable phase"})
@@ -141,8 +141,12 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
     gen_kwargs, disc_kwargs = common | dict(z_dim=cfg.z_dim), dict(common)
     if cfg.model == "dcgan":
         # A per-sample gradient penalty is invalid with batch statistics: the penalised critic has no BatchNorm.
+        # SN-GAN's critic has spectral norm and no BatchNorm either. --disc_kwargs '{"norm": ...}' overrides both.
         gen_kwargs["spectral_norm"] = cfg.sn_gen
-        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if gradient_penalised(cfg) else "batch")
+        no_bn = gradient_penalised(cfg) or cfg.sn_disc
+        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if no_bn else "batch")
+    if cfg.model == "progressive_gan":  # without growing, only the full-resolution toRGB/fromRGB are built
+        gen_kwargs["growing"] = disc_kwargs["growing"] = cfg.progressive_growing
     gen_kwargs, disc_kwargs = gen_kwargs | cfg.gen_kwargs, disc_kwargs | cfg.disc_kwargs
     try:
         return build_generator(cfg.model, **gen_kwargs), gen_kwargs, build_discriminator(cfg.model, **disc_kwargs)
@@ -253,10 +257,17 @@ def main(cfg: Config) -> None:
         stats = {}
         if growing:
             # The stage is a pure function of the images seen: resuming mid-fade re-enters it exactly.
-            growth = growth_at(step * images_per_step, cfg.fade_kimg * 1000, unwrap(gen).depth)
+            prev_growth, growth = (
+                growth_at(s * images_per_step, cfg.fade_kimg * 1000, unwrap(gen).depth) for s in (step - 1, step)
+            )
             for net in (unwrap(gen), unwrap(disc)) + ((ema.module,) if ema else ()):
                 net.set_growth(growth)
             stats["growth"] = torch.tensor(growth, device=device)  # stacked with the losses: same device
+            # Adam's moments restart when a level starts or finishes fading in (NVIDIA's reset_opt_for_new_lod),
+            # decided from the schedule alone, so a resumed run resets at the same steps.
+            if stage_changed(prev_growth, growth):
+                for optim in (optim_g, optim_d):
+                    optim.state.clear()
         reals, labels = next(loader)
         reals = reals.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if n_classes else None
@@ -310,12 +321,15 @@ def main(cfg: Config) -> None:
             loss_g = loss_fn.g_loss(d_fakes).mean()
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
-            g_applied, _ = step_optimizer(accelerator, optim_g, gen)
+            pl_due = cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0
+            if not (pl_due and cfg.pl_interval == 1):  # at interval 1 the path-length gradient joins this step
+                g_applied, _ = step_optimizer(accelerator, optim_g, gen)
             stats["loss/g"] = loss_g
 
-            # Lazy path-length regularisation (StyleGAN2): every pl_interval G steps, on a smaller batch, with the
-            # running mean `a` averaged over processes so that every rank keeps the same value.
-            if cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0:
+            # Path-length regularisation (StyleGAN2): every pl_interval G steps, on a smaller batch, with the
+            # running mean `a` averaged over processes so that every rank keeps the same value. Lazy (interval k > 1):
+            # its own step, weight x k; k = 1: its gradient is added to the G step's, one step (as R1 in the D loss).
+            if pl_due:
                 generator = uncompiled(gen)
                 n_pl = max(1, n // cfg.pl_batch_shrink)
                 # ws enter as an input: outputs of a prepared model are converted copies under mixed precision
@@ -325,7 +339,8 @@ def main(cfg: Config) -> None:
                 pl_mean = torch.lerp(pl_mean, accelerator.reduce(lengths.detach().mean(), "mean"), cfg.pl_decay)
                 pl_penalty = (lengths - pl_mean).square().mean()
                 loss_pl = cfg.pl_weight * cfg.pl_interval * pl_penalty + zero_term(generator)
-                optim_g.zero_grad(set_to_none=True)
+                if cfg.pl_interval > 1:
+                    optim_g.zero_grad(set_to_none=True)
                 accelerator.backward(loss_pl)
                 pl_applied, _ = step_optimizer(accelerator, optim_g, gen)
                 g_applied = g_applied and pl_applied

@@ -73,7 +73,7 @@ class Config(RunConfig):
     method: str = field(default="gan", metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"]})
     gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
     clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
-    sn_disc: bool = field(default=False, metadata={"help": "spectral norm on every D layer (SN-GAN)"})
+    sn_disc: bool = field(default=False, metadata={"help": "spectral norm on every D layer, no BatchNorm (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "spectral norm on every G layer (SA-GAN)"})
     soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
     noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
@@ -108,13 +108,14 @@ def build_models(cfg: Config, n_classes: int):
         | cfg.gen_kwargs
     )
     # The WGAN-GP critic has no BatchNorm by default: a per-sample gradient penalty is invalid with batch statistics.
+    # Neither has SN-GAN's (spectral norm instead). An explicit --disc_kwargs '{"norm": ...}' overrides both.
     disc_kwargs = (
         dict(
             img_size=cfg.img_size,
             img_channels=1,
             n_classes=n_classes,
             spectral_norm=cfg.sn_disc,
-            norm="none" if cfg.method == "wgan-gp" else "batch",
+            norm="none" if cfg.method == "wgan-gp" or cfg.sn_disc else "batch",
         )
         | cfg.disc_kwargs
     )

@@ -22,8 +22,9 @@ GENERATORS = {
 DISCRIMINATORS = {
     "dcgan": dcgan.Discriminator,
     "progressive_gan": progressive_gan.Discriminator,
-    # StyleGAN's discriminator is Progressive GAN's with a [1, 2, 1] blur before each downsampling (arXiv 1812.04948)
-    "stylegan": partial(progressive_gan.Discriminator, blur_filter=[1, 2, 1]),
+    # StyleGAN's discriminator is Progressive GAN's with a [1, 2, 1] blur before each downsampling conv (blur -> conv
+    # -> 2x2 average pool, arXiv 1812.04948)
+    "stylegan": partial(progressive_gan.Discriminator, blur_filter=[1, 2, 1], growing=False),
     "stylegan2": stylegan2.Discriminator,
     "sagan": sagan.Discriminator,
 }

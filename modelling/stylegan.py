@@ -1,5 +1,7 @@
 """StyleGAN generator: mapping network, AdaIN, noise inputs, style mixing and truncation. The discriminator is
-Progressive GAN's with a [1, 2, 1] blur before every downsampling (`progressive_gan.Discriminator`).
+Progressive GAN's with a [1, 2, 1] blur before every downsampling conv: blur -> conv3 -> 2x2 average pool (NVIDIA's
+blur2d + conv2d_downscale2d; away from the borders a [1, 3, 3, 1] blur and a stride-2 conv), in
+`progressive_gan.Discriminator`.
 
 Paper: Karras et al. 2019, "A Style-Based Generator Architecture for Generative Adversarial Networks",
 arXiv 1812.04948. Reference code read for facts: gau-nernst/gan (2023) `modelling/stylegan.py`; StyleGAN2-ADA
@@ -14,7 +16,8 @@ Layout (num_ws = 2 log2(img_size) - 2 style inputs, channels min(channel_base / 
 Style mixing (training mode only, probability `mixing_prob`): layers from a random crossover k in 1..num_ws-1 on
 take w from a second latent. Truncation (sampling only; never in training, a bug in gau-nernst/gan 2023):
 w' = w_avg + psi (w - w_avg) on the first `truncation_cutoff` layers (all by default), with w_avg an EMA
-(beta 0.995) of the batch-mean w updated in training mode.
+(beta 0.995) of the batch-mean w updated in training mode from the main latents (not the mixing ones, as
+StyleGAN2-ADA).
 Noise inputs: fresh N(0, 1) maps in training mode; in eval mode fixed maps stored with the weights, so a sample
 depends only on its latent (per-seed reproducible, StyleGAN2-ADA's noise_mode="const").
 Deviations: no progressive growing (trained at full resolution, as StyleGAN2 does); equalized LR with
@@ -48,11 +51,11 @@ class MappingNetwork(nn.Module):
         self.w_avg_beta = w_avg_beta
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
-    def forward(self, zs: torch.Tensor) -> torch.Tensor:
+    def forward(self, zs: torch.Tensor, update_w_avg: bool = True) -> torch.Tensor:
         w = self.norm(zs)
         for layer in self.layers:
             w = lrelu(layer(w))
-        if self.training:
+        if self.training and update_w_avg:
             with torch.no_grad():
                 self.w_avg.copy_(torch.lerp(w.float().mean(0), self.w_avg, self.w_avg_beta))
         return w
@@ -153,7 +156,7 @@ class Generator(nn.Module):
             # One crossover per batch (StyleGAN2-ADA); with prob 1 - p the crossover is num_ws, i.e. no mixing.
             cutoff = torch.randint(1, self.num_ws, (), device=zs.device)
             cutoff = torch.where(torch.rand((), device=zs.device) < self.mixing_prob, cutoff, self.num_ws)
-            mixed = self.mapping(torch.randn_like(zs))[:, None]
+            mixed = self.mapping(torch.randn_like(zs), update_w_avg=False)[:, None]  # w_avg: main latents only
             later = (torch.arange(self.num_ws, device=zs.device) >= cutoff)[None, :, None]
             ws = torch.where(later, mixed.to(ws.dtype), ws)
         if truncation != 1:

@@ -10,7 +10,7 @@ Layout (channels min(channel_base / r, channel_max); num_ws = 2 log2(img_size) -
      r = 8..img_size: conv0 up 2 (w_2l-1) -> conv1 (w_2l) -> ToRGB (w_2l+1); img = upsample2d(img) + ToRGB(x).
      Modulated conv: s = A(w) (A's bias starts at 1), weight * s per input channel, demodulated by
      1 / sqrt(sum (weight * s)^2 + 1e-8) per output channel; noise (one scalar strength, init 0), bias,
-     LReLU * sqrt(2). ToRGB: 1x1, no demodulation, styles * 1 / sqrt(C_in), bias, linear.
+     LReLU * sqrt(2). ToRGB: 1x1, raw weight, no demodulation, styles * 1 / sqrt(C_in), bias, linear.
   D: fromRGB 1x1 at img_size; per resolution r = img_size..8: conv0 3x3 -> conv1 3x3 down 2 (blur [1,3,3,1], then
      stride 2) with a 1x1 down-2 skip (no bias), (skip + main) * sqrt(1/2); epilogue at 4x4 (minibatch stddev,
      conv3, dense, dense) -> (N,).
@@ -43,14 +43,17 @@ from modelling.stylegan import NoiseInput
 
 class ModulatedConv2d(nn.Module):
     """A synthesis conv (demodulated, noise, bias, LReLU * sqrt(2); `up` doubles the size), or with `rgb=True` the
-    ToRGB layer (no demodulation, styles * 1 / sqrt(fan_in), no noise, linear)."""
+    ToRGB layer (raw weight, no demodulation, styles * 1 / sqrt(fan_in), no noise, linear)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, w_dim: int, res: int, up=False, rgb=False):
         super().__init__()
         self.affine = EqualizedLinear(w_dim, in_ch, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel_size, kernel_size))
-        self.weight_gain = 1 / math.sqrt(in_ch * kernel_size**2)
-        self.style_gain = self.weight_gain if rgb else 1.0
+        # The equalized-LR gain 1 / sqrt(fan_in) is applied once. ToRGB (no demodulation) puts it on the styles and
+        # uses the raw weight (StyleGAN2-ADA's ToRGBLayer). In a demodulated conv it cancels in the demodulation and
+        # sits on the weight only to keep x * s -> conv near unit scale under reduced precision.
+        fan_in_gain = 1 / math.sqrt(in_ch * kernel_size**2)
+        self.weight_gain, self.style_gain = (1.0, fan_in_gain) if rgb else (fan_in_gain, 1.0)
         self.demodulate, self.up = not rgb, up
         self.register_buffer("blur", make_filter([1, 3, 3, 1], gain=4) if up else None, persistent=False)
         self.noise = None if rgb else NoiseInput(res)
@@ -128,10 +131,10 @@ class Discriminator(nn.Module):
             main = nn.ModuleList(
                 [
                     EqualizedConv2d(ch[i], ch[i], 3),
-                    EqualizedConv2d(ch[i], ch[i - 1], 3, down=2, blur_filter=[1, 3, 3, 1]),
+                    EqualizedConv2d(ch[i], ch[i - 1], 3, down=2, blur_filter=[1, 3, 3, 1], down_mode="stride"),
                 ]
             )
-            skip = EqualizedConv2d(ch[i], ch[i - 1], 1, bias=False, down=2, blur_filter=[1, 3, 3, 1])
+            skip = EqualizedConv2d(ch[i], ch[i - 1], 1, False, down=2, blur_filter=[1, 3, 3, 1], down_mode="stride")
             self.blocks.append(nn.ModuleDict({"main": main, "skip": skip}))
         self.epilogue = DiscriminatorEpilogue(ch[0], mbstd_group)
 

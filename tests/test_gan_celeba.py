@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import assert_one_line_error, read_stats, run_script
@@ -126,32 +127,25 @@ def test_corrupt_images_are_skipped_with_a_count(tmp_path):
     assert_one_line_error(result, "none of the first 1 images")
 
 
-RESUME_CASES = {
-    # fade_kimg 0.008 = 2 steps of 4 images per phase: steps 0-1 at 4x4, 2-3 fade 8x8 in; the split at step 3
-    # lands mid-fade-in.
-    "progressive_gan": ["--fade_kimg", "0.008", "--n_steps", "6"],
+RESUME_CASES = {  # (arguments, the step at which the first run stops and the second one resumes)
+    # fade_kimg 0.012 = 3 steps of 4 images per phase: steps 0-3 at 4x4, 4-5 fade 8x8 in (alpha 1/3, 2/3), 6-7
+    # stable at 8x8. The split at step 5 lands mid-fade-in, between the optimizer resets of steps 4 and 6.
+    "progressive_gan": (["--fade_kimg", "0.012", "--n_steps", "8"], 5),
     # Lazy R1 every 2 D steps and path length every 2 G steps: the split at step 3 is between regularised steps.
-    "stylegan2": ["--r1_interval", "2", "--pl_interval", "2", "--n_steps", "5"],
+    "stylegan2": (["--r1_interval", "2", "--pl_interval", "2", "--n_steps", "5"], 3),
 }
 
 
 @pytest.mark.parametrize("model", sorted(RESUME_CASES))
 def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_dir, model):
-    args = RESUME_CASES[model] + [
-        "--ema",
-        "--checkpoint_interval",
-        "3",
-        "--log_interval",
-        "1",
-        "--sample_interval",
-        "100",
-    ]
+    case_args, split_step = RESUME_CASES[model]
+    args = case_args + ["--ema", "--checkpoint_interval", split_step, "--log_interval", "1", "--sample_interval", 100]
     n_steps = int(args[args.index("--n_steps") + 1])
     train(image_dir, tmp_path, model, "--log_name", "straight", *args)
-    # A second run stopped at step 3 (one state), then a new process resumes it.
-    train(image_dir, tmp_path, model, "--log_name", "split", *args, "--n_steps", "3")
+    # A second run stopped at the split (one state), then a new process resumes it.
+    train(image_dir, tmp_path, model, "--log_name", "split", *args, "--n_steps", split_step)
     result = train(image_dir, tmp_path, model, "--log_name", "split", *args, "--resume", "latest")
-    assert "resuming from" in result.stdout
+    assert "resuming from" in result.stdout and f"(step {split_step})" in result.stdout
     straight = load_training_state(tmp_path / "straight" / "states" / f"state-{n_steps:08d}")
     split = load_training_state(tmp_path / "split" / "states" / f"state-{n_steps:08d}")
     for key in ("gen", "disc", "optim_g", "optim_d", "ema", "pl_mean", "skipped", "step"):
@@ -159,10 +153,35 @@ def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_d
     losses = [[r["loss/d"] for r in read_stats(tmp_path / name)] for name in ("straight", "split")]
     assert losses[0] == losses[1]
     if model == "progressive_gan":
-        assert [r["growth"] for r in read_stats(tmp_path / "split")][:4] == [0.0, 0.0, 0.0, 0.5]
+        growth = [r["growth"] for r in read_stats(tmp_path / "split")]
+        assert growth == pytest.approx([0.0, 0.0, 0.0, 0.0, 1 / 3, 2 / 3, 1.0, 1.0])
         assert float(split["gen"]["growth"]) == 1.0
+        # Adam restarted when level 1 began fading in (step 4) and when it became stable (step 6): two steps since,
+        # for every parameter in use (NVIDIA's reset_opt_for_new_lod).
+        for optim in ("optim_g", "optim_d"):
+            assert {float(s["step"]) for s in split[optim]["state"].values()} == {2.0}, optim
     else:
         assert float(split["pl_mean"]) > 0  # the path-length running mean was updated and carried over
+
+
+def test_regularisers_due_every_step_join_the_main_step(tmp_path, image_dir):
+    """--r1_interval 1 / --pl_interval 1: R1 and path length are part of the D and G steps (StyleGAN2-ADA's "both"
+    phases): one Adam step per network per iteration at the full lr, not a second step for the regulariser. With
+    a negligible path-length weight the networks then follow a run without path length (every step reseeds the
+    RNG, so the penalty's extra draws change nothing else)."""
+    args = ["--r1_interval", "1", "--pl_interval", "1", "--n_steps", "3", "--log_interval", "3"]
+    train(image_dir, tmp_path, "stylegan2", "--log_name", "pl", *args, "--pl_weight", "1e-30")
+    train(image_dir, tmp_path, "stylegan2", "--log_name", "no_pl", *args, "--pl_weight", "0")
+    pl, no_pl = (load_training_state(tmp_path / name / "states" / "state-00000003") for name in ("pl", "no_pl"))
+    for optim in ("optim_g", "optim_d"):
+        assert {float(s["step"]) for s in pl[optim]["state"].values()} == {3.0}, optim
+        assert pl[optim]["param_groups"][0]["lr"] == 2e-3  # no lazy-regularisation scaling
+    for net in ("gen", "disc"):
+        for key, value in pl[net].items():
+            if key != "mapping.w_avg":  # the penalty's own latents move the truncation centre
+                assert torch.allclose(value, no_pl[net][key], rtol=1e-5, atol=1e-7), key
+    row = read_stats(tmp_path / "pl")[-1]
+    assert row["penalty/pl"] > 0 and row["penalty/r1"] > 0 and float(pl["pl_mean"]) > 0
 
 
 @pytest.fixture(scope="module")
@@ -198,22 +217,52 @@ def test_seed_003_commands_run_as_written(tmp_path, celeba_root):
     assert list((tmp_path / "celeba_progressive_gan" / "tb").rglob("events.out.tfevents.*"))
 
 
-DDP_CASES = {
+DDP_CASES = {  # every --model; tiny nets, 2 steps of 2 x 4 images
+    "dcgan": ("dcgan", []),
+    "sagan": ("sagan", []),
+    # A growing network leaves its future levels unused: DDP runs with find_unused_parameters. 6 images per phase
+    # at 8 images per step: step 1 fades level 1 in.
+    "progressive_gan-growing": ("progressive_gan", ["--fade_kimg", "0.006"]),
+    # Without growing only the full-resolution toRGB/fromRGB exist, so every parameter gets a gradient.
+    "progressive_gan-fixed": ("progressive_gan", ["--no-progressive_growing"]),
+    "stylegan": ("stylegan", []),  # R1 every step, in the D loss
     # Lazy R1 and path length run through the eager DDP module (gradients averaged), under bf16 autocast.
-    "stylegan2": ["--r1_interval", "2", "--pl_interval", "2", "--mixed_precision", "bf16"],
-    # A growing network leaves its future levels unused: DDP runs with find_unused_parameters.
-    "progressive_gan": ["--fade_kimg", "0.008"],
+    "stylegan2": ("stylegan2", ["--r1_interval", "2", "--pl_interval", "2", "--mixed_precision", "bf16"]),
 }
 
 
-@pytest.mark.parametrize("model", sorted(DDP_CASES))
-def test_two_processes_with_torchrun(tmp_path, image_dir, model):
+@pytest.mark.parametrize("case", sorted(DDP_CASES))
+def test_two_processes_with_torchrun(tmp_path, image_dir, case):
     """DDP over gloo; the checkpoint checks that the replicas hold identical weights and stops the run if not."""
+    model, extra = DDP_CASES[case]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = ["--log_name", "ddp", "--n_steps", "4", "--checkpoint_interval", "4", "--log_interval", "2"]
-    result = train(image_dir, tmp_path, model, *args, *DDP_CASES[model], launcher=launcher)
+    args = ["--log_name", "ddp", "--n_steps", "2", "--checkpoint_interval", "2", "--log_interval", "2"]
+    result = train(image_dir, tmp_path, model, *args, *extra, launcher=launcher)
     assert "parameters identical on 2 process(es)" in result.stdout
-    assert read_stats(tmp_path / "ddp")[-1]["kimg"] == pytest.approx(4 * 8 / 1000)
+    rows = read_stats(tmp_path / "ddp")
+    assert rows[-1]["kimg"] == pytest.approx(2 * 8 / 1000) and np.isfinite(rows[-1]["loss/g"])
+    if case == "progressive_gan-growing":
+        assert rows[-1]["growth"] == pytest.approx(1 / 6)  # mean over the logged steps 0 (0.0) and 1 (1/3)
+    if case == "progressive_gan-fixed":  # the snapshot records growing=False, and sample.py rebuilds it that way
+        run_script("sample.py", "--checkpoint", tmp_path / "ddp", "--n_samples", "2", "--out_dir", tmp_path / "s")
+        assert json.loads((tmp_path / "s" / "sample_info.json").read_text())["n_images"] == 2
+
+
+def test_sn_disc_drops_batchnorm_unless_a_norm_is_asked_for():
+    """SN-GAN's critic is spectrally normalised with no BatchNorm (the recipe in the README of gau-nernst/gan);
+    an explicit --disc_kwargs norm still wins."""
+    from gan_celeba import Config, build_models, resolve_config
+
+    def disc_layers(**kwargs):
+        cfg = resolve_config(Config(model="dcgan", img_size=16, **kwargs))
+        _, _, disc = build_models(cfg, img_channels=3, n_classes=0)
+        convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+        n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
+        return n_bn, all(hasattr(c, "parametrizations") for c in convs)
+
+    assert disc_layers() == (1, False)
+    assert disc_layers(sn_disc=True) == (0, True)
+    assert disc_layers(sn_disc=True, disc_kwargs={"norm": "batch"}) == (1, True)
 
 
 def test_bad_flags_are_refused(tmp_path):

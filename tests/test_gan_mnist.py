@@ -348,3 +348,21 @@ def test_real_fashion_mnist_from_the_system_copy(tmp_path):
     )
     assert "60000 training samples" in result.stdout
     assert read_stats(tmp_path / "fashion_mnist_dcgan_gan")[-1]["step"] == 3
+
+
+def test_sn_disc_drops_batchnorm_unless_a_norm_is_asked_for():
+    """SN-GAN's critic is spectrally normalised with no BatchNorm (the recipe in the README of gau-nernst/gan);
+    an explicit --disc_kwargs norm still wins."""
+    import torch
+
+    from gan_mnist import Config, build_models
+
+    def disc_layers(**kwargs):
+        _, _, disc = build_models(Config(img_size=16, **kwargs), n_classes=0)
+        convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+        n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
+        return n_bn, all(hasattr(c, "parametrizations") for c in convs)
+
+    assert disc_layers() == (1, False)
+    assert disc_layers(sn_disc=True) == (0, True)
+    assert disc_layers(sn_disc=True, disc_kwargs={"norm": "batch"}) == (1, True)

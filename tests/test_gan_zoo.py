@@ -1,6 +1,8 @@
 """Unit tests of the GAN architecture zoo (modelling/{nvidia_ops,progressive_gan,stylegan,stylegan2,sagan}.py) and
 its regularisers (R1, WGAN-GP, path length), against closed forms, finite differences and plain re-implementations."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from modelling.nvidia_ops import (
     upfirdn2d,
     upsample2d,
 )
-from modelling.progressive_gan import growth_at
+from modelling.progressive_gan import growth_at, stage_changed
 from modelling.sagan import SelfAttention
 from modelling.stylegan2 import ModulatedConv2d
 from utils.optim import make_optimizer
@@ -54,9 +56,9 @@ def test_every_model_builds_forwards_and_backwards_with_documented_shapes(name):
     scores.sum().backward()
     for net in (gen, disc):
         missing = [n for n, p in net.named_parameters() if p.grad is None]
-        # Only ProGAN-style nets leave parameters unused when fully grown: the lower levels' toRGB/fromRGB.
+        # Only a growing ProGAN leaves parameters unused when fully grown: the lower levels' toRGB/fromRGB.
         assert all(m.split(".")[0] in ("to_rgb", "from_rgb") for m in missing), missing
-        assert not missing or name in ("progressive_gan", "stylegan")
+        assert not missing or name == "progressive_gan"
     with pytest.raises(ValueError, match="img_size"):
         build_generator(name, img_size=12, img_channels=1, z_dim=8, **TINY[name])
 
@@ -157,8 +159,45 @@ def test_resampling_filters_keep_constants_and_sizes():
     assert up.shape == (1, 2, 16, 16) and torch.allclose(up[..., 2:-2, 2:-2], torch.ones(1, 2, 12, 12))
     down = downsample2d(ones, f)
     assert down.shape == (1, 2, 4, 4) and torch.allclose(down[..., 1:-1, 1:-1], torch.ones(1, 2, 2, 2))
-    conv = EqualizedConv2d(2, 3, 3, down=2, blur_filter=[1, 3, 3, 1])
+    conv = EqualizedConv2d(2, 3, 3, down=2, blur_filter=[1, 3, 3, 1], down_mode="stride")
     assert conv(torch.randn(2, 2, 8, 8)).shape == (2, 3, 4, 4)
+
+
+def _blur(x: torch.Tensor, taps: list[float], pad: tuple[int, int]) -> torch.Tensor:
+    """Depthwise 2-D FIR filter (outer product of `taps`, sum 1) after zero padding (before, after) on both axes."""
+    t = torch.tensor(taps, dtype=x.dtype)
+    f = (t[:, None] * t[None, :] / t.sum() ** 2).expand(x.shape[1], 1, len(taps), len(taps))
+    return F.conv2d(F.pad(x, pad * 2), f, groups=x.shape[1])
+
+
+@pytest.mark.parametrize("name", ["progressive_gan", "stylegan", "stylegan2"])
+def test_discriminators_downsample_as_their_papers(name):
+    """16x16 -> 8x8 in each NVIDIA discriminator, written with plain torch ops. ProGAN: conv3 -> 2x2 average pool.
+    StyleGAN: blur [1, 2, 1] -> conv3 -> 2x2 average pool, each stage zero-padded to "same" size (NVIDIA's blur2d,
+    then conv2d_downscale2d). StyleGAN2 (StyleGAN2-ADA conv2d_resample): blur [1, 3, 3, 1] with pads 2 (conv3)
+    or 1 (the 1x1 skip), then a stride-2 "valid" conv."""
+    torch.manual_seed(0)
+    disc = build_discriminator(name, img_size=16, img_channels=3, **NV).double()
+    if name == "stylegan2":
+        cases = [(disc.blocks[0]["main"][1], [1, 3, 3, 1], (2, 2)), (disc.blocks[0]["skip"], [1, 3, 3, 1], (1, 1))]
+    else:
+        cases = [
+            (disc.blocks[2][1], [1, 2, 1] if name == "stylegan" else [1], (1, 1) if name == "stylegan" else (0, 0))
+        ]
+    for down, taps, pad in cases:
+        c_in, k = down.weight.shape[1], down.weight.shape[-1]
+        x = torch.randn(2, c_in, 16, 16, dtype=torch.double)
+        weight, bias = down.weight / math.sqrt(c_in * k * k), down.bias
+        if name == "stylegan2":
+            expected = F.conv2d(_blur(x, taps, pad), weight, bias, stride=2)
+        else:
+            expected = F.avg_pool2d(F.conv2d(_blur(x, taps, pad), weight, bias, padding=k // 2), 2)
+        assert down(x).shape == (2, down.weight.shape[0], 8, 8)
+        assert torch.allclose(down(x), expected)
+    if name == "stylegan":  # away from the borders: a [1, 3, 3, 1] blur, then a stride-2 conv (arXiv 1812.04948)
+        strided = F.conv2d(_blur(x, [1, 3, 3, 1], (1, 2)), weight, bias, stride=2, padding=1)
+        assert torch.allclose(strided[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1])
+        assert not torch.allclose(strided, expected)  # the borders differ: StyleGAN zero-pads after the blur
 
 
 # ------------------------------------------------------------------------------------------------ Progressive GAN
@@ -193,6 +232,50 @@ def test_growth_schedule_and_fade_in():
         disc.set_growth(2.5)
 
 
+def test_optimizer_resets_when_a_level_starts_and_ends_fading_in():
+    """NVIDIA's reset_opt_for_new_lod: reset when floor or ceil of the stage changes between two steps, i.e. when a
+    level starts fading in and when it becomes stable; not while alpha moves, nor within a stable phase."""
+    stages = [growth_at(n, 10, 2) for n in range(0, 60, 5)]
+    assert stages == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.5, 2.0, 2.0, 2.0, 2.0]
+    assert [i for i in range(1, len(stages)) if stage_changed(stages[i - 1], stages[i])] == [3, 4, 7, 8]
+    assert not stage_changed(0.25, 0.75) and stage_changed(0.75, 1.25) and not stage_changed(2.0, 2.0)
+
+
+def test_progan_first_dense_layer_has_gain_sqrt2_over_4():
+    """ProGAN's G starts with a dense layer of gain sqrt(2)/4 (NVIDIA's networks.py), not the He gain sqrt(2). In
+    our convention the sqrt(2) sits in `lrelu`, so for unit-norm-per-feature inputs (PixelNorm'd z) the layer's
+    pre-activation has variance (1/4)^2 at init, with N(0, 1) weights and zero bias."""
+    torch.manual_seed(0)
+    gen = build_generator("progressive_gan", img_size=8, z_dim=512, channel_base=256, channel_max=32)
+    zs = PixelNorm()(torch.randn(256, 512))
+    with torch.no_grad():
+        assert gen.dense(zs).var().item() == pytest.approx(1 / 16, rel=0.05)
+        assert gen.conv4(torch.randn(256, 32, 4, 4))[..., 1:-1, 1:-1].var().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_progan_without_growing_builds_and_uses_only_the_full_resolution_levels():
+    """growing=False: no lower-level toRGB/fromRGB, so every parameter gets a gradient (DDP needs that); with the
+    growing network's weights it computes the same function as that network fully grown."""
+    torch.manual_seed(0)
+    kw = dict(img_size=16, img_channels=3, **NV)
+    grown_g, grown_d = build_generator("progressive_gan", z_dim=8, **kw), build_discriminator("progressive_gan", **kw)
+    fixed_g = build_generator("progressive_gan", z_dim=8, growing=False, **kw)
+    fixed_d = build_discriminator("progressive_gan", growing=False, **kw)
+    for grown, fixed, rgb in ((grown_g, fixed_g, "to_rgb"), (grown_d, fixed_d, "from_rgb")):
+        dropped = set(grown.state_dict()) - set(fixed.state_dict())
+        assert dropped == {f"{rgb}.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+        fixed.load_state_dict({k: v for k, v in grown.state_dict().items() if k not in dropped})
+    zs = torch.randn(4, 8)
+    fakes = fixed_g(zs)
+    assert torch.equal(fakes, grown_g(zs)) and torch.equal(fixed_d(fakes), grown_d(fakes))
+    fixed_d(fixed_g(zs)).sum().backward()
+    assert all(p.grad is not None for net in (fixed_g, fixed_d) for p in net.parameters())
+    # StyleGAN's D is built without growing; a fixed network refuses a lower stage.
+    assert not any(k.startswith("from_rgb.0") for k in build_discriminator("stylegan", **kw).state_dict())
+    with pytest.raises(ValueError, match="growing=False"):
+        fixed_g.set_growth(1.5)
+
+
 # ------------------------------------------------------------------------------------------------ StyleGAN family
 @pytest.mark.parametrize("name", ["stylegan", "stylegan2"])
 def test_truncation_is_for_sampling_only_and_style_mixing_mixes(name):
@@ -224,6 +307,23 @@ def test_truncation_is_for_sampling_only_and_style_mixing_mixes(name):
     assert distinct and distinct == list(range(distinct[0], gen.num_ws))  # layers from the crossover on
 
 
+@pytest.mark.parametrize("name", ["stylegan", "stylegan2"])
+def test_w_avg_tracks_the_main_latents_only(name):
+    """w_avg <- w_avg + (1 - 0.995) (mean_n w_n - w_avg) over the main latents of a training-mode call; the
+    style-mixing latents do not update it (StyleGAN2-ADA's skip_w_avg_update for the mixing mapping)."""
+    torch.manual_seed(0)
+    gen = build_generator(name, img_size=16, z_dim=8, mixing_prob=1.0, **NV, **STYLE_G)
+    gen.mapping.w_avg.normal_()
+    w_avg, zs = gen.mapping.w_avg.clone(), torch.randn(4, 8)
+    with torch.no_grad():
+        main = gen.mapping.eval()(zs)  # eval mode: no update
+    gen.mapping.train()
+    assert torch.equal(gen.mapping.w_avg, w_avg)
+    ws = gen.make_ws(zs)
+    assert not torch.equal(ws[:, -1], ws[:, 0])  # the mixing latents were used ...
+    assert torch.allclose(gen.mapping.w_avg, w_avg + 0.005 * (main.mean(0) - w_avg))  # ... and left w_avg alone
+
+
 def test_modulated_conv_equals_per_sample_demodulated_weights():
     torch.manual_seed(0)
     layer = ModulatedConv2d(4, 5, 3, w_dim=6, res=8).double()
@@ -244,6 +344,27 @@ def test_modulated_conv_equals_per_sample_demodulated_weights():
     assert out.square().mean().item() == pytest.approx(1.04, abs=0.06)
     up = ModulatedConv2d(4, 5, 3, w_dim=6, res=16, up=True)
     assert up(torch.randn(2, 4, 8, 8), torch.randn(2, 6)).shape == (2, 5, 16, 16)
+
+
+def test_to_rgb_scales_the_styles_once_by_one_over_sqrt_fan_in():
+    """StyleGAN2's ToRGB (StyleGAN2-ADA ToRGBLayer): out_o = sum_i weight_oi * (A(w)_i / sqrt(C_in)) * x_i + bias_o,
+    raw N(0, 1) weight, no demodulation, no noise, no activation. Written out with einsum, not the layer's code."""
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(6, 3, 1, w_dim=5, res=8, rgb=True).double()
+    layer.bias.data.normal_()
+    x, w = torch.randn(2, 6, 8, 8, dtype=torch.double), torch.randn(2, 5, dtype=torch.double)
+    styles = layer.affine(w) / math.sqrt(6)  # (N, C_in)
+    expected = torch.einsum("oi,ni,nihw->nohw", layer.weight[:, :, 0, 0], styles, x) + layer.bias[None, :, None, None]
+    assert torch.allclose(layer(x, w), expected)
+    # Scale at C_in = 512: for unit-variance inputs E[out^2 | weight, styles] = mean_{n,o} sum_i weight_oi^2 s_ni^2
+    # / C_in, about mean(s^2) = O(1); a second 1 / sqrt(C_in) makes it 512x smaller.
+    wide = ModulatedConv2d(512, 3, 1, w_dim=8, res=4, rgb=True)
+    x, w = torch.randn(64, 512, 4, 4), torch.randn(64, 8)
+    with torch.no_grad():
+        s2 = wide.affine(w).square()  # (N, C_in)
+        expected_moment = (wide.weight[:, :, 0, 0].square() @ s2.T / 512).mean()
+        assert wide(x, w).square().mean().item() == pytest.approx(expected_moment.item(), rel=0.1)
+    assert expected_moment.item() > 0.5
 
 
 # ------------------------------------------------------------------------------------------------ SA-GAN
