@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 
 from losses import get_diffusion_loss
 from modelling import DENOISERS, NETWORK_PRESETS, build_denoiser
@@ -35,7 +34,7 @@ from utils.dist import unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, peak_memory_gb, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
 
 # Fast paths on GPUs, set once in plain sight. EDM trains without TF32; its effect on these small models is well
 # below run-to-run noise, so it stays on for speed.
@@ -135,16 +134,8 @@ def main(cfg: Config) -> None:
     run = Run(cfg, f"{cfg.dataset}_{cfg.method}_{cfg.model}{'_cond' if cfg.conditional else ''}", RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
-    accelerator = Accelerator(
-        cpu=not torch.accelerator.is_available(),  # lets torchrun on a CPU-only machine run DDP over gloo
-        mixed_precision=cfg.mixed_precision,
-        dynamo_backend="inductor" if cfg.compile else None,
-        log_with=None if cfg.loggers == "none" else cfg.loggers,
-        project_config=ProjectConfiguration(project_dir=str(run.dir), logging_dir=str(run.dir)),
-    )
+    accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
-    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
-        accelerator.print("note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32")
     run.open(accelerator)
 
     # Data.
@@ -243,16 +234,7 @@ def main(cfg: Config) -> None:
         # Log.
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.n_steps:
-            record = {
-                "step": done,
-                "n_steps": cfg.n_steps,
-                **clock.tick(done),
-                **meters.pop(accelerator),
-                "lr": lr,
-                "skipped": skips.total,
-                "mem_gb": peak_memory_gb(device),
-            }
-            run.log(accelerator, record)
+            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
 
         # Sample grids; evaluate the EMA denoiser (its default solver); save checkpoints (also at a new best).
         if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 
 from losses import get_diffusion_loss
 from losses.characteristic import (
@@ -46,7 +45,7 @@ from utils.dist import unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, peak_memory_gb, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -159,13 +158,7 @@ def main(cfg: Config) -> None:
     run = Run(cfg, f"{teacher_run}_characteristic", RESUME_KEYS)
 
     # Accelerator.
-    accelerator = Accelerator(
-        cpu=not torch.accelerator.is_available(),
-        mixed_precision=cfg.mixed_precision,
-        dynamo_backend="inductor" if cfg.compile else None,
-        log_with=None if cfg.loggers == "none" else cfg.loggers,
-        project_config=ProjectConfiguration(project_dir=str(run.dir), logging_dir=str(run.dir)),
-    )
+    accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
     global_bsz = cfg.global_bsz or cfg.bsz * accelerator.num_processes
     rounds, remainder = divmod(global_bsz, cfg.bsz * accelerator.num_processes)
@@ -295,16 +288,7 @@ def main(cfg: Config) -> None:
         # Log.
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.n_steps:
-            record = {
-                "step": done,
-                "n_steps": cfg.n_steps,
-                **clock.tick(done),
-                **meters.pop(accelerator),
-                "lr": lr,
-                "skipped": skips.total,
-                "mem_gb": peak_memory_gb(device),
-            }
-            run.log(accelerator, record)
+            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
 
         # Sample grids; evaluate the one-step EMA student; save checkpoints (also at a new best evaluation). The
         # teacher never changes: its weights are checked against their hash at every checkpoint.

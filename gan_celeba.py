@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration
 
 from losses import get_gan_loss, gradient_penalty, path_lengths, r1_penalty
 from modelling import GENERATORS, build_discriminator, build_generator
@@ -45,7 +44,7 @@ from utils.ema import EMA
 from utils.grid import save_grid
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, peak_memory_gb, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -162,18 +161,9 @@ def main(cfg: Config) -> None:
 
     # Accelerator. A growing network leaves its future levels unused: DDP must be told.
     accelerator = Accelerator(
-        cpu=not torch.accelerator.is_available(),
-        mixed_precision=cfg.mixed_precision,
-        dynamo_backend="inductor" if cfg.compile else None,
-        log_with=None if cfg.loggers == "none" else cfg.loggers,
-        project_config=ProjectConfiguration(project_dir=str(run.dir), logging_dir=str(run.dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=growing)],
+        **run.accelerator_kwargs(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=growing)]
     )
     device, is_main = accelerator.device, accelerator.is_main_process
-    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
-        accelerator.print(
-            "note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32 (bf16 works)"
-        )
     run.open(accelerator)
 
     # Data.
@@ -355,15 +345,7 @@ def main(cfg: Config) -> None:
         # Log.
         done = step + 1
         if done % cfg.log_interval == 0 or done == cfg.n_steps:
-            record = {
-                "step": done,
-                "n_steps": cfg.n_steps,
-                **clock.tick(done),
-                **meters.pop(accelerator),
-                "skipped": skips.total,
-                "mem_gb": peak_memory_gb(device),
-            }
-            run.log(accelerator, record)
+            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
 
         # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
         if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import torch
+from accelerate.utils import ProjectConfiguration
 from tqdm import tqdm
 
 from utils.ckpt import (
@@ -47,7 +48,7 @@ from utils.ckpt import (
 )
 from utils.cli import UserError, check_bounds
 from utils.dist import check_replicas_agree, unwrap
-from utils.tracking import status_line, tracker_config
+from utils.tracking import peak_memory_gb, status_line, tracker_config
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_METRIC_CHOICES = ["auto", "fd_cls", "fd_pixels", "fid", "fd_points"]
@@ -162,10 +163,27 @@ class Run:
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------------------------------------- start
+    def accelerator_kwargs(self) -> dict:
+        """What every training script passes to its Accelerator: the CPU when there is no accelerator (so torchrun
+        on a CPU-only machine runs DDP over gloo), --mixed_precision (else `accelerate launch`'s), --compile as the
+        inductor backend, the trackers, and this folder for their files."""
+        cfg = self.cfg
+        return dict(
+            cpu=not torch.accelerator.is_available(),
+            mixed_precision=cfg.mixed_precision,
+            dynamo_backend="inductor" if cfg.compile else None,
+            log_with=None if cfg.loggers == "none" else cfg.loggers,
+            project_config=ProjectConfiguration(project_dir=str(self.dir), logging_dir=str(self.dir)),
+        )
+
     def open(self, accelerator) -> None:
         """Refuse what must not happen to the folder, honour --delete, lock it against a second run, set an
         abandoned timeline aside, and load the training state to resume from (into `self.state`)."""
         cfg, is_main = self.cfg, accelerator.is_main_process
+        if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            accelerator.print(
+                "note: Accelerate does not apply fp16 autocast on CPU; this run computes in fp32 (bf16 works)"
+            )
         if cfg.only_test:
             return  # reads a finished (or running) run; writes only test/*.json
         if is_main:
@@ -382,9 +400,11 @@ class Run:
         return Evaluator(accelerator, metric, self.cfg.eval_samples, dataset, ref_path, self.cfg.eval_weights)
 
     # ------------------------------------------------------------------------------------------------- loop
-    def log(self, accelerator, record: dict) -> None:
-        """One log step: a stats.jsonl row and the status line on the main process; TensorBoard scalars through
-        Accelerate (every process calls it, Accelerate writes on the main one)."""
+    def log(self, accelerator, step: int, values: dict) -> None:
+        """One log step: `values` (losses, kimg, ...) with the step and the peak memory, as a stats.jsonl row and the
+        status line on the main process, and as TensorBoard scalars through Accelerate (every process calls it,
+        Accelerate writes on the main one)."""
+        record = {"step": step, "n_steps": self.cfg.n_steps, **values, "mem_gb": peak_memory_gb(accelerator.device)}
         if accelerator.is_main_process:
             with open(self.dir / "stats.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
