@@ -119,6 +119,32 @@ def test_follmer_resume_is_bit_exact_and_stores_the_class_means(tmp_path, mnist_
         assert torch.allclose(means[k], reals[labels == k].mean(0), atol=1e-5)
 
 
+def test_fixed_ema_decay_with_warm_up(tmp_path):
+    """Defect 10: `--ema_decay 0.999` is seed 004's EMA, beta = min(0.999, (1 + k)/(10 + k)) at update k = 0, 1, ...:
+    the second update (k = 1) averages with beta = 2/11 (the default half-life EMA, 500 kimg with ramp-up 0.05,
+    would use 0.5^(256/25.6) ~ 0.001 at 512 images seen; k off by one, 3/12). lr 1e-2 moves every weight by ~1e-2
+    per Adam step, far above the tolerance. Buffers are copied."""
+    argv = [
+        "--method", "follmer", "--dataset", "gaussians", "--model", "mlp", "--net_kwargs", '{"width": 16, "depth": 1}',
+        "--batch_size", "256", "--n_steps", "2", "--lr", "1e-2", "--lr_rampup_kimg", "0", "--checkpoint_interval", "1",
+        "--sample_interval", "0", "--log_dir", str(tmp_path), "--log_name", "ema", "--loggers", "none",
+        "--ema_decay", "0.999",
+    ]  # fmt: skip
+    diffusion_train.main(parse(diffusion_train.Config, argv))
+    first, second = (load_training_state(tmp_path / "ema" / "states" / f"state-0000000{k}") for k in (1, 2))
+    assert second["config"]["ema_decay"] == 0.999
+    beta = 2 / 11
+    for name, ema in second["ema"].items():
+        expected = (
+            second["denoiser"][name]
+            if name == "data_mean"
+            else torch.lerp(first["ema"][name], second["denoiser"][name], 1 - beta)
+        )
+        torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(UserError, match="--ema_decay"):
+        diffusion_train.main(parse(diffusion_train.Config, argv[:-1] + ["1.5", "--log_name", "bad"]))
+
+
 def test_two_processes_with_torchrun(tmp_path, mnist_dir):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = train(
