@@ -339,7 +339,12 @@ def main(cfg: Config) -> None:
                 state_dict=(target if cfg.ema else unwrap(student)).state_dict(),
                 config=dataclasses.asdict(cfg),
                 step=step,
-                extra={"teacher": teacher_meta["path"], "teacher_sha256": teacher_sha},
+                # The resolved grid (flags or the teacher's defaults): sample.py and compare.py sample on it.
+                extra={
+                    "teacher": teacher_meta["path"],
+                    "teacher_sha256": teacher_sha,
+                    "grid": {"t_min": t_min, "t_max": t_max, "rho": rho},
+                },
             )
             tqdm.write(
                 f"step {step}: saved training state and snapshot; parameters identical on "

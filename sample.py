@@ -20,8 +20,9 @@ round-robin. Conditional models use `--class_label`, else class = seed mod n_cla
 The snapshot says which model to build; nothing from the training script's flags is needed. Diffusion solvers
 (sampling/diffusion.py): euler, heun (EDM Algorithm 2), deis (DDIM), ancestral (stochastic); --churn adds EDM's
 noise injection. Defaults per method: EDM heun, rho 7, sigma in [0.002, 80]; Föllmer deis, rho 1, t in
-[eval_eps0, 1 - eval_eps1] = [1e-3, 0.999]. Characteristic snapshots jump along the same grid with the learned flow map
-G(x, t_i, t_i+1) and end with G(x, t_min, 0): --num_steps 1 (the default for them) is the one-step generator
+[eval_eps0, 1 - eval_eps1] = [1e-3, 0.999]. Characteristic snapshots default to the grid they were distilled on (its
+t_min, t_max, rho are in the snapshot), jump along it with the learned flow map G(x, t_i, t_i+1) and end with
+G(x, t_min, 0): --num_steps 1 (the default for them) is the one-step generator
 G(z, t_max, 0). The number of network evaluations per image (NFE) and the sampling time (network and solver only, no
 PNG writing) are printed and stored in sample_info.json. 2-D toy snapshots write points.npy (seed order) and
 scatter.png instead of PNGs.
@@ -39,7 +40,7 @@ from PIL import Image
 
 from modelling import build_denoiser, build_generator
 from modelling.precond import EDMDenoiser
-from sampling.diffusion import SOLVERS, StackedNoise, sample
+from sampling.diffusion import SOLVERS, StackedNoise, sample, use_distilled_grid
 from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.grid import save_grid, save_png, save_scatter, to_uint8
@@ -172,6 +173,8 @@ def main(cfg: Config) -> None:
     device = accelerator.device
     model = build_from_snapshot(meta, state_dict, build)
     model.to(device).eval()  # eval: BatchNorm uses the snapshot's standing statistics, not the batch's
+    if meta["kind"] == "characteristic":
+        use_distilled_grid(model, meta)  # default t_min/t_max/rho: the grid the student was distilled on
     n_classes = getattr(model, "n_classes", 0)
     if cfg.class_label is not None and not 0 <= cfg.class_label < n_classes:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"

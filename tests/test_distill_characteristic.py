@@ -104,6 +104,44 @@ def test_student_samples_in_one_two_and_four_steps(tmp_path, student):
     assert all(r["seconds_per_1k_images"] > 0 for r in info["rows"]) and (tmp_path / "cmp" / "fm.png").exists()
 
 
+def test_students_sample_on_the_grid_they_were_distilled_on(tmp_path, teacher):
+    """Defect 8: a student distilled with --t_min 0.01 --t_max 0.99 --rho 2 records the resolved grid in its
+    snapshot, and sample.py and compare.py sample it there by default (the class defaults are 1e-3, 0.999, 1);
+    explicit flags still win. Snapshots from before the grid was recorded fall back to their config's flags."""
+    argv = ["--teacher", teacher, "--workdir", str(tmp_path / "run"), "--bsz", "4", "--no-download", "--n_steps", "1"]
+    argv += ["--num_steps", "4", "--sample_interval", "0", "--loggers", "none"]
+    distill_characteristic.main(
+        parse(distill_characteristic.Config, argv + ["--t_min", "0.01", "--t_max", "0.99", "--rho", "2"])
+    )
+    meta, weights = load_snapshot(tmp_path / "run")
+    assert meta["extra"]["grid"] == {"t_min": 0.01, "t_max": 0.99, "rho": 2.0}
+
+    def sampler_settings(checkpoint, *flags):
+        out = tmp_path / f"samples{len(list(tmp_path.glob('samples*')))}"
+        argv = ["--checkpoint", str(checkpoint), "--n_samples", "2", "--num_steps", "2", "--out_dir", str(out)]
+        sample_script.main(parse(sample_script.Config, argv + list(flags)))
+        settings = json.loads((out / "sample_info.json").read_text())["sampler"]
+        return settings["t_min"], settings["t_max"], settings["rho"]
+
+    assert sampler_settings(tmp_path / "run") == (0.01, 0.99, 2.0)
+    flags = ("--eval_eps0", "0.02", "--eval_eps1", "0.002", "--rho", "1")
+    assert sampler_settings(tmp_path / "run", *flags) == pytest.approx((0.02, 0.998, 1.0))
+    legacy = tmp_path / "legacy.safetensors"  # no recorded grid: the config's flags (None = the class default)
+    config = meta["config"] | {"t_min": None, "t_max": 0.99, "rho": None}
+    save_snapshot(legacy, meta["kind"], meta["model"], meta["model_kwargs"], weights, config, meta["step"])
+    assert sampler_settings(legacy) == (1e-3, 0.99, 1.0)
+    # The recorded grid wins over the config: it holds the values resolved from the teacher when no flag was given.
+    recorded = tmp_path / "recorded.safetensors"
+    extra = meta["extra"] | {"grid": {"t_min": 0.02, "t_max": 0.98, "rho": 3.0}}
+    save_snapshot(recorded, meta["kind"], meta["model"], meta["model_kwargs"], weights, config, meta["step"], extra)
+    assert sampler_settings(recorded) == (0.02, 0.98, 3.0)
+    # compare.py: the student rows use (and record) the distillation grid.
+    argv = ["--teacher", teacher, "--student", str(tmp_path / "run"), "--out", str(tmp_path / "cmp")]
+    compare.main(parse(compare.Config, argv + ["--n_seeds", "2", "--teacher_steps", "2", "--timing_images", "0"]))
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert [(r["t_min"], r["t_max"], r["rho"]) for r in rows[1:]] == [(0.01, 0.99, 2.0)] * 3
+
+
 def test_bad_teachers_and_flags_are_refused(tmp_path, teacher, student):
     root, _, _ = student
     gan = tmp_path / "gan.safetensors"
