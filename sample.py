@@ -10,6 +10,8 @@
     python sample.py --checkpoint logs/fmnist_edm --ode_solver heun --num_steps 18 --out_dir samples/edm_heun35
     python sample.py --checkpoint logs/mnist-denoiser --ode_solver deis --num_steps 10 --rho 1 --eval_eps0 1e-3 \
         --churn --s_min 0.05 --s_max 0.6 --gamma 0.1 --start_seed 0 --end_seed 49999 --out_dir samples/follmer
+    python sample.py --checkpoint logs/imagenet64_edm --num_steps 256 --S_churn 40 --S_min 0.05 --S_max 50 \
+        --S_noise 1.003 --out_dir samples/edm_stochastic    # EDM's flags as published; --churn True also parses
     # distilled characteristic generators (distill_characteristic.py): one step, or a few through intermediate times
     python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --out_dir samples/char_1step
     python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --n_samples 256 --grid_size 256 --out_dir teaser
@@ -28,8 +30,12 @@ PNG writing) are printed and stored in sample_info.json. 2-D toy snapshots write
 scatter.png instead of PNGs.
 """
 
+import dataclasses
 import json
+import math
+import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +56,11 @@ from utils.tracking import progress
 @dataclass
 class Config:
     checkpoint: str = field(default="", metadata={"help": "snapshot .safetensors, or a run folder (newest snapshot)"})
-    out_dir: str = "samples"
+    out_dir: str = field(default="samples", metadata={"aliases": ["workdir"], "help": "(seed 004: --workdir)"})
+    mode: str | None = field(
+        default=None,
+        metadata={"choices": ["denoiser", "characteristic"], "help": "seed 004's flag: checked against the snapshot"},
+    )
     n_samples: int = 64
     seed: int = field(default=0, metadata={"help": "first seed when --start_seed/--end_seed are not given"})
     start_seed: int | None = None
@@ -72,11 +82,20 @@ class Config:
     sigma_max: float | None = field(default=None, metadata={"help": "EDM: first noise level (80)"})
     eval_eps0: float | None = field(default=None, metadata={"help": "Föllmer: t_min (1e-3)"})
     eval_eps1: float | None = field(default=None, metadata={"help": "Föllmer: t_max = 1 - eval_eps1 (1e-3)"})
-    churn: bool = field(default=False, metadata={"help": "inject noise (EDM S_churn / seed 004 mollification)"})
-    gamma: float = field(default=0.1, metadata={"help": "churn: t_hat = t·(1 + gamma) (EDM: min(S_churn/N, 0.414))"})
-    s_min: float | None = field(default=None, metadata={"help": "churn only for t >= s_min (EDM 0, Föllmer 0.05)"})
-    s_max: float | None = field(default=None, metadata={"help": "churn only for t <= s_max (EDM inf, Föllmer 0.6)"})
-    s_noise: float = field(default=1.0, metadata={"help": "noise inflation of churn and ancestral steps"})
+    churn: bool = field(default=False, metadata={"help": "inject noise (seed 004 mollification; also --churn True)"})
+    gamma: float | None = field(default=None, metadata={"help": "churn: t_hat = t·(1 + gamma); default 0.1"})
+    S_churn: float | None = field(
+        default=None, metadata={"help": "EDM's form: churn with gamma = min(S_churn/N, sqrt(2) - 1), N = --num_steps"}
+    )
+    s_min: float | None = field(
+        default=None, metadata={"aliases": ["S_min"], "help": "churn only for t >= s_min (EDM 0, Föllmer 0.05)"}
+    )
+    s_max: float | None = field(
+        default=None, metadata={"aliases": ["S_max"], "help": "churn only for t <= s_max (EDM inf, Föllmer 0.6)"}
+    )
+    s_noise: float = field(
+        default=1.0, metadata={"aliases": ["S_noise"], "help": "noise inflation of churn and ancestral steps"}
+    )
 
 
 def seed_list(cfg: Config) -> list[int]:
@@ -129,7 +148,12 @@ def solver_settings(denoiser, cfg: Config) -> dict:
         t_min = cfg.eval_eps0
         t_max = None if cfg.eval_eps1 is None else 1 - cfg.eval_eps1
     settings = dict(solver=cfg.ode_solver, num_steps=num_steps, rho=cfg.rho, t_min=t_min, t_max=t_max)
-    settings |= dict(churn=cfg.churn, gamma=cfg.gamma, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise)
+    if cfg.S_churn is not None and cfg.gamma is not None:
+        raise UserError("give --gamma (seed 004's form) or --S_churn (EDM's), not both")
+    churn, gamma = cfg.churn, 0.1 if cfg.gamma is None else cfg.gamma
+    if cfg.S_churn is not None:  # EDM Algorithm 2: gamma_i = min(S_churn/N, sqrt(2) - 1), N = grid points
+        churn, gamma = cfg.churn or cfg.S_churn > 0, min(cfg.S_churn / num_steps, math.sqrt(2) - 1)
+    settings |= dict(churn=churn, gamma=gamma, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise)
     # Resolve the method defaults, so sample_info.json records what actually ran.
     for key, default in (("solver", "solver"), ("rho", "rho"), ("t_min", "t_min"), ("t_max", "t_max")):
         settings[key] = getattr(denoiser, default) if settings[key] is None else settings[key]
@@ -137,8 +161,8 @@ def solver_settings(denoiser, cfg: Config) -> dict:
         settings[key] = denoiser.churn_range[i] if settings[key] is None else settings[key]
     if not 0 < settings["t_min"] < settings["t_max"] or (not edm and settings["t_max"] >= 1):
         raise UserError(f"need 0 < t_min < t_max{'' if edm else ' < 1'}: got {settings['t_min']}, {settings['t_max']}")
-    if settings["rho"] <= 0 or cfg.gamma < 0 or cfg.s_noise < 0:
-        raise UserError("--rho must be > 0, --gamma and --s_noise >= 0")
+    if settings["rho"] <= 0 or gamma < 0 or cfg.s_noise < 0:
+        raise UserError("--rho must be > 0, --gamma, --S_churn and --s_noise >= 0")
     return settings
 
 
@@ -168,6 +192,12 @@ def main(cfg: Config) -> None:
     if meta["kind"] not in SAMPLERS:
         raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} has no sampler; valid: {sorted(SAMPLERS)}")
     build, sample_fn = SAMPLERS[meta["kind"]]
+    if cfg.mode is not None:  # seed 004's eval.py --mode: one of its two snapshot kinds
+        if {"denoiser": "diffusion", "characteristic": "characteristic"}[cfg.mode] != meta["kind"]:
+            raise UserError(f"--mode {cfg.mode}: {meta['path']} is a {meta['kind']!r} snapshot")
+        if cfg.mode == "characteristic" and cfg.ode_solver is not None:
+            print(f"note: --ode_solver {cfg.ode_solver} is ignored for a characteristic snapshot (as seed 004 does)")
+            cfg = dataclasses.replace(cfg, ode_solver=None)
 
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # CPU-only torchrun: shard over gloo
     device = accelerator.device
@@ -250,6 +280,25 @@ def main(cfg: Config) -> None:
         )
 
 
+def seed_004_booleans(argv: list[str]) -> list[str]:
+    """Seed 004's command lines give boolean flags a value (`--churn True`, argparse with str2bool); genzoo's are
+    switches (`--churn`, `--no-churn`). Rewrite `--flag VALUE` and `--flag=VALUE` of this Config's booleans, VALUE
+    one of true/false/yes/no/1/0 (any case), into the switch form; everything else is left to the parser."""
+    hints = typing.get_type_hints(Config)
+    flags = {f"--{f.name}" for f in dataclasses.fields(Config) if hints[f.name] is bool}
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        name, _, value = arg.partition("=")
+        if name in flags and "=" not in arg and rest and rest[0].lower() in words:
+            value = rest.pop(0)
+        if name in flags and value.lower() in words:
+            arg = name if words[value.lower()] else f"--no-{name[2:]}"
+        out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
     with user_errors():
-        main(parse(Config, description=__doc__.split("\n")[0]))
+        main(parse(Config, seed_004_booleans(sys.argv[1:]), description=__doc__.split("\n")[0]))

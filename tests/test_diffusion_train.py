@@ -2,6 +2,7 @@
 data), plus toy-data training whose samples are checked against the target's exact moments."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -14,6 +15,7 @@ from losses import get_diffusion_loss
 from modelling import build_denoiser
 from sampling.diffusion import StackedNoise, sample
 from tests.conftest import assert_one_line_error, read_stats, run_script
+from tests.gaussians import EDMMixture
 from utils.ckpt import load_snapshot, load_training_state
 from utils.cli import UserError, parse
 from utils.data import build_dataset, toy_moments, toy_points
@@ -86,6 +88,37 @@ def test_every_solver_from_one_cli(tmp_path, edm_run):
         )
     for png in (tmp_path / "6").glob("0*.png"):
         assert png.read_bytes() == (tmp_path / "4" / png.name).read_bytes()
+
+
+def test_edm_stochastic_settings_typed_as_published(tmp_path, edm_run):
+    """Defect 9: EDM's sampler flags as its README writes them (ImageNet-64: --S_churn 40 --S_min 0.05 --S_max 50
+    --S_noise 1.003 with 256 steps). gamma = min(S_churn/N, sqrt(2) - 1) with N = --num_steps, EDM's num_steps
+    (grid points, the final step to 0 included: EDM Algorithm 2 churns at every i < N). --S_min/--S_max/--S_noise
+    are --s_min/--s_max/--s_noise (EDM's sigma is genzoo's t for EDM snapshots)."""
+    den = EDMMixture([[0.0]], [0.5])
+
+    def settings(*argv):
+        return sample_script.solver_settings(den, parse(sample_script.Config, list(argv)))
+
+    published = settings(
+        "--num_steps", "256", "--S_churn", "40", "--S_min", "0.05", "--S_max", "50", "--S_noise", "1.003"
+    )
+    assert published["churn"] and published["gamma"] == 40 / 256
+    assert (published["s_min"], published["s_max"], published["s_noise"]) == (0.05, 50.0, 1.003)
+    assert settings("--num_steps", "18", "--S_churn", "30")["gamma"] == math.sqrt(2) - 1  # CIFAR-10 VP: capped
+    assert settings("--num_steps", "100", "--S_churn", "30")["gamma"] == 0.3
+    assert not settings("--S_churn", "0")["churn"] and not settings()["churn"]  # EDM's deterministic default
+    assert settings("--churn")["gamma"] == 0.1  # seed 004's default gamma
+    with pytest.raises(UserError, match="--gamma .* or --S_churn"):
+        settings("--S_churn", "40", "--gamma", "0.2")
+    # End to end: --S_churn 2 over 8 grid points is --churn --gamma 0.25, and churn changes the images.
+    run_dir, _ = edm_run
+    pngs = {}
+    for name, flags in (("S_churn", ["--S_churn", "2"]), ("gamma", ["--churn", "--gamma", "0.25"]), ("none", [])):
+        argv = ["--checkpoint", str(run_dir), "--n_samples", "3", "--num_steps", "8", "--out_dir", str(tmp_path / name)]
+        sample_script.main(parse(sample_script.Config, argv + flags))
+        pngs[name] = [p.read_bytes() for p in sorted((tmp_path / name).glob("0*.png"))]
+    assert pngs["S_churn"] == pngs["gamma"] != pngs["none"]
 
 
 def test_sampler_flags_of_the_other_method_are_refused(tmp_path, edm_run):

@@ -142,6 +142,49 @@ def test_students_sample_on_the_grid_they_were_distilled_on(tmp_path, teacher):
     assert [(r["t_min"], r["t_max"], r["rho"]) for r in rows[1:]] == [(0.01, 0.99, 2.0)] * 3
 
 
+def test_seed_004_sampling_line_runs_as_written(tmp_path, teacher, student):
+    """Defect 9: seed 004's eval.py line, `--mode ${mode} --checkpoint ${checkpoint} --workdir ${workdir}
+    --start_seed 0 --end_seed 49999 --ode_solver ${solver} --num_steps $num_step --rho 1 --eval_eps0 1e-3
+    --churn ${churn} --s_min ${s_min} --s_max ${s_max} --gamma ${gamma}`, with sample.py in place of eval.py:
+    boolean flags take a value there (its str2bool), --workdir is the image folder, and the characteristic mode
+    ignores --ode_solver, as eval.py does."""
+    root, _, _ = student
+    for mode, checkpoint, churn in (("denoiser", teacher, "True"), ("characteristic", root / "straight", "False")):
+        out = tmp_path / mode
+        result = run_script(
+            "sample.py", "--mode", mode, "--checkpoint", checkpoint, "--workdir", out, "--start_seed", "0",
+            "--end_seed", "3", "--ode_solver", "deis", "--num_steps", "4", "--rho", "1", "--eval_eps0", "1e-3",
+            "--churn", churn, "--s_min", "0.05", "--s_max", "0.6", "--gamma", "0.2",
+        )  # fmt: skip
+        settings = json.loads((out / "sample_info.json").read_text())["sampler"]
+        assert settings["churn"] is (churn == "True") and settings["gamma"] == 0.2 and settings["rho"] == 1
+        assert (settings["s_min"], settings["s_max"], settings["t_min"]) == (0.05, 0.6, 1e-3)
+        assert settings["solver"] == ("deis" if mode == "denoiser" else "characteristic")
+        assert sorted(p.name for p in out.glob("0*.png")) == [f"{s:06d}.png" for s in range(4)]
+    assert "--ode_solver deis is ignored" in result.stdout
+    result = run_script("sample.py", "--mode", "characteristic", "--checkpoint", teacher, ok=False)
+    assert_one_line_error(result, "--mode characteristic", "'diffusion' snapshot")
+
+
+@pytest.mark.parametrize(
+    "argv,churn",
+    [
+        (["--churn"], True),
+        (["--no-churn"], False),
+        (["--churn", "True"], True),
+        (["--churn", "false"], False),
+        (["--churn=1"], True),
+        (["--churn=no"], False),
+        (["--churn", "--gamma", "0.2"], True),
+        ([], False),
+    ],
+)
+def test_boolean_flags_take_a_value_too(argv, churn):
+    """Defect 9: `--churn True|False` (seed 004's form) and the switch form `--churn/--no-churn` both parse."""
+    cfg = parse(sample_script.Config, sample_script.seed_004_booleans(argv + ["--grid", "False"]))
+    assert cfg.churn is churn and cfg.grid is False
+
+
 def test_bad_teachers_and_flags_are_refused(tmp_path, teacher, student):
     root, _, _ = student
     gan = tmp_path / "gan.safetensors"
