@@ -54,6 +54,57 @@ def test_preconditioning_matches_the_formulas(method):
     assert gaps[1] < gaps[0] / 30 and gaps[1] < 5e-3, gaps
 
 
+class RecordingNet(torch.nn.Module):
+    """Stands in for the network F: records what the preconditioning feeds it and returns a fixed nonlinear
+    function of its input, so the test sees both the inputs (c_in·x, c_noise) and how the output is combined."""
+
+    def __init__(self, two_time: bool = False):
+        super().__init__()
+        self.sample_shape, self.n_classes, self.two_time, self.calls = (3,), 0, two_time, []
+
+    def forward(self, x, c_noise, labels=None, c_noise_s=None):
+        self.calls.append((x.detach().double(), c_noise.detach().double(), c_noise_s))
+        return torch.sin(3 * x) + 0.25
+
+
+@pytest.mark.parametrize("method,sigma_data", [("edm", 0.5), ("edm", 1.3), ("follmer", 1.0), ("follmer", 0.6)])
+@pytest.mark.parametrize("two_time", [False, True])
+def test_denoiser_feeds_the_network_and_combines_its_output_as_the_papers_write(method, sigma_data, two_time):
+    """D(x; t) = c_skip·x + c_out·F(c_in·x, c_noise(t)) with the coefficients written out here in float64: EDM
+    Table 1 (sigma = t; c_noise = ln(sigma)/4) and seed 004's Föllmer preconditioning (EDM's recipe on x/alpha,
+    alpha = 1 - t, beta = sqrt(t(2 - t)); c_noise = 999·t), including sigma_data != 1 where Föllmer's c_in is not 1,
+    and the two-time networks' c_noise(s) (EDM: s = 0 embedded as sigma = 1e-4). Per-sample times."""
+    den = build_denoiser(method, net="mlp", net_kwargs=dict(dim=3), sigma_data=sigma_data)
+    den.net = RecordingNet(two_time)
+    den.two_time = two_time
+    t = [0.02, 0.4, 0.9] if method == "follmer" else [0.002, 0.5, 60.0]
+    s = [0.0, 0.1, 0.5] if method == "follmer" else [0.0, 0.2, 10.0]
+    x = torch.tensor([[0.3, -1.2, 2.0], [1.5, 0.1, -0.7], [-2.0, 0.8, 0.05]])
+    out = den(x, torch.tensor(t), None, torch.tensor(s)) if two_time else den(x, torch.tensor(t))
+    ((net_in, c_noise, c_noise_s),) = den.net.calls
+    sd = sigma_data
+    for i, ti in enumerate(t):
+        a, b = (1.0, ti) if method == "edm" else (1 - ti, math.sqrt(ti * (2 - ti)))
+        c_skip, c_out, c_in = (
+            a * sd**2 / (a**2 * sd**2 + b**2),
+            b * sd / math.hypot(a * sd, b),
+            1 / math.hypot(a * sd, b),
+        )
+        noise = math.log(ti) / 4 if method == "edm" else 999 * ti
+        x_i = x[i].double()
+        assert torch.allclose(net_in[i], c_in * x_i, rtol=1e-6, atol=1e-7), (i, "c_in")
+        assert float(c_noise[i]) == pytest.approx(noise, rel=1e-6), (i, "c_noise")
+        expected = c_skip * x_i + c_out * (torch.sin(3 * c_in * x_i) + 0.25)
+        assert torch.allclose(out[i].double(), expected, rtol=1e-5, atol=1e-6), (i, "c_skip, c_out")
+        if two_time:
+            noise_s = math.log(max(s[i], 1e-4)) / 4 if method == "edm" else 999 * s[i]
+            assert float(c_noise_s[i]) == pytest.approx(noise_s, rel=1e-6, abs=1e-9), (i, "c_noise(s)")
+        if method == "follmer":  # lambda = (alpha² sd² + beta²)/(beta·sd)²; seed 004's code multiplies by sd² instead
+            assert float(den.loss_weight(torch.tensor(ti))) == pytest.approx((a**2 * sd**2 + b**2) / (b * sd) ** 2)
+        else:
+            assert float(den.loss_weight(torch.tensor(ti))) == pytest.approx((ti**2 + sd**2) / (ti * sd) ** 2)
+
+
 @pytest.mark.parametrize(
     "loss_fn",
     [
