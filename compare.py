@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from modelling import build_denoiser
-from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample
+from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, use_distilled_grid
 from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.grid import save_grid
@@ -54,6 +54,7 @@ def main(cfg: Config) -> None:
         raise UserError("--n_seeds, --batch_size and every --student_steps must be >= 1, --timing_images >= 0")
     teacher, teacher_meta = load(cfg.teacher, "diffusion")
     student, student_meta = load(cfg.student, "characteristic")
+    use_distilled_grid(student, student_meta)  # the student samples on the grid it was distilled on
     if teacher.sample_shape != student.sample_shape or teacher.n_classes != student.n_classes:
         raise UserError("the teacher and the student generate different shapes or classes")
     if len(teacher.sample_shape) != 3:
@@ -62,7 +63,8 @@ def main(cfg: Config) -> None:
     teacher.to(device), student.to(device)
 
     rows = [("teacher", teacher, dict(solver=cfg.teacher_solver, num_steps=cfg.teacher_steps, rho=cfg.teacher_rho))]
-    rows += [(f"student-{n}", student, dict(num_steps=n)) for n in cfg.student_steps]
+    grid = dict(t_min=student.t_min, t_max=student.t_max, rho=student.rho)  # recorded in <out>.json
+    rows += [(f"student-{n}", student, dict(num_steps=n, **grid)) for n in cfg.student_steps]
 
     def generate(model, settings, seeds):
         labels = torch.tensor([s % model.n_classes for s in seeds], device=device) if model.n_classes else None

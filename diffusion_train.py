@@ -76,6 +76,10 @@ class Config(RunConfig):
     ema: bool = field(default=True, metadata={"help": "keep an EMA denoiser; samples and snapshots use it"})
     ema_halflife_kimg: float = 500.0
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
+    ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "fixed decay, min(decay, (1+k)/(10+k)) at step k (seed 004: 0.999); None = half-life"},
+    )
     sample_interval: int = 2000
 
 
@@ -158,7 +162,7 @@ def main(cfg: Config) -> None:
     denoiser, model_kwargs = build_model(cfg, tuple(dataset.sample_shape), n_classes)
     if hasattr(denoiser, "data_mean"):  # Föllmer's exact first sampling step needs E[x0 | class]
         denoiser.data_mean.copy_(class_means(dataset, n_classes))
-    ema = EMA(denoiser, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
+    ema = EMA(denoiser, cfg.ema_halflife_kimg, cfg.ema_rampup, cfg.ema_decay) if cfg.ema else None
     if ema is not None:
         ema.module.to(device)
     try:

@@ -303,7 +303,9 @@ def main(cfg: Config) -> None:
             snapshot = dict(
                 kind="characteristic", model=teacher_meta["model"], model_kwargs=model_kwargs,
                 module=target if cfg.ema else student,
-                extra={"teacher": teacher_meta["path"], "teacher_sha256": teacher_sha},
+                # The resolved grid (flags or the teacher's defaults): sample.py and compare.py sample on it.
+                extra={"teacher": teacher_meta["path"], "teacher_sha256": teacher_sha,
+                       "grid": {"t_min": t_min, "t_max": t_max, "rho": rho}},
             )  # fmt: skip
             nets = dict(student=student, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
             run.save(

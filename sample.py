@@ -10,6 +10,8 @@
     python sample.py --checkpoint logs/fmnist_edm --ode_solver heun --num_steps 18 --out_dir samples/edm_heun35
     python sample.py --checkpoint logs/mnist-denoiser --ode_solver deis --num_steps 10 --rho 1 --eval_eps0 1e-3 \
         --churn --s_min 0.05 --s_max 0.6 --gamma 0.1 --start_seed 0 --end_seed 49999 --out_dir samples/follmer
+    python sample.py --checkpoint logs/imagenet64_edm --num_steps 256 --S_churn 40 --S_min 0.05 --S_max 50 \
+        --S_noise 1.003 --out_dir samples/edm_stochastic    # EDM's flags as published; --churn True also parses
     # distilled characteristic generators (distill_characteristic.py): one step, or a few through intermediate times
     python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --out_dir samples/char_1step
     python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --n_samples 256 --grid_size 256 --out_dir teaser
@@ -20,14 +22,17 @@ round-robin. Conditional models use `--class_label`, else class = seed mod n_cla
 The snapshot says which model to build; nothing from the training script's flags is needed. Diffusion solvers
 (sampling/diffusion.py): euler, heun (EDM Algorithm 2), deis (DDIM), ancestral (stochastic); --churn adds EDM's
 noise injection. Defaults per method: EDM heun, rho 7, sigma in [0.002, 80]; Föllmer deis, rho 1, t in
-[eval_eps0, 1 - eval_eps1] = [1e-3, 0.999]. Characteristic snapshots jump along the same grid with the learned flow map
-G(x, t_i, t_i+1) and end with G(x, t_min, 0): --num_steps 1 (the default for them) is the one-step generator
+[eval_eps0, 1 - eval_eps1] = [1e-3, 0.999]. Characteristic snapshots default to the grid they were distilled on (its
+t_min, t_max, rho are in the snapshot), jump along it with the learned flow map G(x, t_i, t_i+1) and end with
+G(x, t_min, 0): --num_steps 1 (the default for them) is the one-step generator
 G(z, t_max, 0). The number of network evaluations per image (NFE) and the sampling time (network and solver only, no
 PNG writing) are printed and stored in sample_info.json. 2-D toy snapshots write points.npy (seed order) and
 scatter.png instead of PNGs.
 """
 
+import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +44,7 @@ from PIL import Image
 
 from modelling.precond import EDMDenoiser
 from sampling import SNAPSHOT_KINDS
-from sampling.diffusion import SOLVERS
+from sampling.diffusion import SOLVERS, use_distilled_grid
 from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.grid import check_finite, save_grid, save_png, save_scatter, to_uint8
@@ -49,7 +54,11 @@ from utils.tracking import progress
 @dataclass
 class Config:
     checkpoint: str = field(default="", metadata={"help": "snapshot .safetensors, or a run folder (newest snapshot)"})
-    out_dir: str = "samples"
+    out_dir: str = field(default="samples", metadata={"aliases": ["workdir"], "help": "(seed 004: --workdir)"})
+    mode: str | None = field(
+        default=None,
+        metadata={"choices": ["denoiser", "characteristic"], "help": "seed 004's flag: checked against the snapshot"},
+    )
     n_samples: int = 64
     seed: int = field(default=0, metadata={"help": "first seed when --start_seed/--end_seed are not given"})
     start_seed: int | None = None
@@ -71,11 +80,20 @@ class Config:
     sigma_max: float | None = field(default=None, metadata={"help": "EDM: first noise level (80)"})
     eval_eps0: float | None = field(default=None, metadata={"help": "Föllmer: t_min (1e-3)"})
     eval_eps1: float | None = field(default=None, metadata={"help": "Föllmer: t_max = 1 - eval_eps1 (1e-3)"})
-    churn: bool = field(default=False, metadata={"help": "inject noise (EDM S_churn / seed 004 mollification)"})
-    gamma: float = field(default=0.1, metadata={"help": "churn: t_hat = t·(1 + gamma) (EDM: min(S_churn/N, 0.414))"})
-    s_min: float | None = field(default=None, metadata={"help": "churn only for t >= s_min (EDM 0, Föllmer 0.05)"})
-    s_max: float | None = field(default=None, metadata={"help": "churn only for t <= s_max (EDM inf, Föllmer 0.6)"})
-    s_noise: float = field(default=1.0, metadata={"help": "noise inflation of churn and ancestral steps"})
+    churn: bool = field(default=False, metadata={"help": "inject noise (seed 004 mollification; also --churn True)"})
+    gamma: float | None = field(default=None, metadata={"help": "churn: t_hat = t·(1 + gamma); default 0.1"})
+    S_churn: float | None = field(
+        default=None, metadata={"help": "EDM's form: churn with gamma = min(S_churn/N, sqrt(2) - 1), N = --num_steps"}
+    )
+    s_min: float | None = field(
+        default=None, metadata={"aliases": ["S_min"], "help": "churn only for t >= s_min (EDM 0, Föllmer 0.05)"}
+    )
+    s_max: float | None = field(
+        default=None, metadata={"aliases": ["S_max"], "help": "churn only for t <= s_max (EDM inf, Föllmer 0.6)"}
+    )
+    s_noise: float = field(
+        default=1.0, metadata={"aliases": ["S_noise"], "help": "noise inflation of churn and ancestral steps"}
+    )
 
 
 def seed_list(cfg: Config) -> list[int]:
@@ -120,7 +138,12 @@ def solver_settings(denoiser, cfg: Config) -> dict:
         t_min = cfg.eval_eps0
         t_max = None if cfg.eval_eps1 is None else 1 - cfg.eval_eps1
     settings = dict(solver=cfg.ode_solver, num_steps=num_steps, rho=cfg.rho, t_min=t_min, t_max=t_max)
-    settings |= dict(churn=cfg.churn, gamma=cfg.gamma, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise)
+    if cfg.S_churn is not None and cfg.gamma is not None:
+        raise UserError("give --gamma (seed 004's form) or --S_churn (EDM's), not both")
+    churn, gamma = cfg.churn, 0.1 if cfg.gamma is None else cfg.gamma
+    if cfg.S_churn is not None:  # EDM Algorithm 2: gamma_i = min(S_churn/N, sqrt(2) - 1), N = grid points
+        churn, gamma = cfg.churn or cfg.S_churn > 0, min(cfg.S_churn / num_steps, math.sqrt(2) - 1)
+    settings |= dict(churn=churn, gamma=gamma, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise)
     # Resolve the method defaults, so sample_info.json records what actually ran.
     for key, default in (("solver", "solver"), ("rho", "rho"), ("t_min", "t_min"), ("t_max", "t_max")):
         settings[key] = getattr(denoiser, default) if settings[key] is None else settings[key]
@@ -128,8 +151,8 @@ def solver_settings(denoiser, cfg: Config) -> dict:
         settings[key] = denoiser.churn_range[i] if settings[key] is None else settings[key]
     if not 0 < settings["t_min"] < settings["t_max"] or (not edm and settings["t_max"] >= 1):
         raise UserError(f"need 0 < t_min < t_max{'' if edm else ' < 1'}: got {settings['t_min']}, {settings['t_max']}")
-    if settings["rho"] <= 0 or cfg.gamma < 0 or cfg.s_noise < 0:
-        raise UserError("--rho must be > 0, --gamma and --s_noise >= 0")
+    if settings["rho"] <= 0 or gamma < 0 or cfg.s_noise < 0:
+        raise UserError("--rho must be > 0, --gamma, --S_churn and --s_noise >= 0")
     return settings
 
 
@@ -144,11 +167,19 @@ def main(cfg: Config) -> None:
         valid = sorted(SNAPSHOT_KINDS)
         raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} has no sampler; valid: {valid}")
     build, sample_fn = SNAPSHOT_KINDS[meta["kind"]]
+    if cfg.mode is not None:  # seed 004's eval.py --mode: one of its two snapshot kinds
+        if {"denoiser": "diffusion", "characteristic": "characteristic"}[cfg.mode] != meta["kind"]:
+            raise UserError(f"--mode {cfg.mode}: {meta['path']} is a {meta['kind']!r} snapshot")
+        if cfg.mode == "characteristic" and cfg.ode_solver is not None:
+            print(f"note: --ode_solver {cfg.ode_solver} is ignored for a characteristic snapshot (as seed 004 does)")
+            cfg = dataclasses.replace(cfg, ode_solver=None)
 
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # CPU-only torchrun: shard over gloo
     device = accelerator.device
     model = build_from_snapshot(meta, state_dict, build)
     model.to(device).eval()  # eval: BatchNorm uses the snapshot's standing statistics, not the batch's
+    if meta["kind"] == "characteristic":
+        use_distilled_grid(model, meta)  # default t_min/t_max/rho: the grid the student was distilled on
     n_classes = getattr(model, "n_classes", 0)
     if cfg.class_label is not None and not 0 <= cfg.class_label < n_classes:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"

@@ -117,7 +117,9 @@ def adaptive_weight(
 ) -> torch.Tensor:
     """w = ||grad_W L_char|| / (||grad_W L_dsm|| + 1e-4), clamped to [0, max_weight] and detached, with W the
     student's output-layer weight (seed 004 / CTM `calculate_adaptive_weight`; VQGAN's balancing rule). Both
-    losses are unscaled here, so fp16 loss scaling does not enter the ratio."""
+    losses are unscaled here, so fp16 loss scaling does not enter the ratio. The gradients are fp32 even under fp16
+    autocast because the networks run their output layer in fp32 (modelling/unet.py, mlp.py): through an fp16
+    layer, the elementwise gradients of a loss averaged over a large batch underflow (issue 14, defect 11)."""
     g_char = torch.autograd.grad(loss_char, last_layer, retain_graph=True)[0]
     g_dsm = torch.autograd.grad(loss_dsm, last_layer, retain_graph=True)[0]
     return (g_char.float().norm() / (g_dsm.float().norm() + 1e-4)).clamp(0, max_weight).detach()

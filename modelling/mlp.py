@@ -60,4 +60,5 @@ class ToyMLP(nn.Module):
         h = torch.cat([x, emb.to(x.dtype)], dim=1)
         for layer in self.hidden:
             h = F.silu(layer(h))
-        return self.out(h)
+        with torch.autocast(h.device.type, enabled=False):  # fp32 output layer, as in unet.py (adaptive weight)
+            return self.out(h.float())

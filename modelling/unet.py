@@ -8,8 +8,8 @@
 # Deviations: the [1, 1] resampling filter is written as 2x2 average pooling / nearest upsampling (the same
 # operator); labels use nn.Embedding (N(0, 1) init) instead of a linear map of one-hot vectors; qkv has plain
 # xavier init (EDM scales it by sqrt(0.2)); no augmentation labels, no Fourier embedding, no NCSN++ encoder.
-# Odd sizes work when every level halves exactly (28 -> 14 -> 7). Precision: GroupNorm and the attention
-# logits/softmax always run in fp32, so the network is safe under fp16 autocast.
+# Odd sizes work when every level halves exactly (28 -> 14 -> 7). Precision: GroupNorm, the attention
+# logits/softmax and the output layer always run in fp32, so the network is safe under fp16 autocast.
 
 import math
 
@@ -217,4 +217,8 @@ class SongUNet(nn.Module):
             if x.shape[1] != block.conv0.in_channels:  # the blocks after the resampling one take a skip
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb, emb_s)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        # The output layer runs in fp32 under fp16/bf16 autocast: characteristic distillation's adaptive weight is
+        # the norm of gradients with respect to its weight, and in fp16 the per-element gradients of a loss averaged
+        # over a batch (~1e-5 and below) are subnormal or zero.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.out_conv(F.silu(self.out_norm(x)).float())

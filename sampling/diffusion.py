@@ -66,6 +66,22 @@ def time_grid(t_max: float, t_min: float, num_steps: int, rho: float) -> list[fl
     return grid.tolist()
 
 
+GRID_KEYS = ("t_min", "t_max", "rho")
+
+
+def use_distilled_grid(denoiser, meta: dict):
+    """Make the time grid a characteristic (distilled) snapshot was trained on its sampling default: the student
+    learned its flow map on that grid's times, not on the family's class defaults. distill_characteristic.py
+    records the resolved t_min/t_max/rho in the snapshot's extra["grid"]; older snapshots hold only the flags in
+    their config (None there means the family default, which the class already has). Explicit sampler arguments
+    still win, as for any default."""
+    grid = meta.get("extra", {}).get("grid") or {k: meta.get("config", {}).get(k) for k in GRID_KEYS}
+    for key in GRID_KEYS:
+        if grid.get(key) is not None:
+            setattr(denoiser, key, float(grid[key]))  # an instance attribute shadows the class default
+    return denoiser
+
+
 class StackedNoise:
     """One torch.Generator per image, seeded by that image's seed (EDM's StackedRandomGenerator contract)."""
 

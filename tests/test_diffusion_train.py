@@ -2,6 +2,7 @@
 data), plus toy-data training whose samples are checked against the target's exact moments."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -13,7 +14,8 @@ import sample as sample_script
 from losses import get_diffusion_loss
 from modelling import build_denoiser
 from sampling.diffusion import StackedNoise, sample
-from tests.conftest import assert_one_line_error, read_stats, run_script
+from tests.conftest import assert_one_line_error, assert_same_images, read_stats, run_script
+from tests.gaussians import EDMMixture
 from utils.ckpt import load_snapshot, load_training_state
 from utils.cli import UserError, parse
 from utils.data import build_dataset, toy_moments, toy_points
@@ -84,8 +86,38 @@ def test_every_solver_from_one_cli(tmp_path, edm_run):
         sample_script.main(
             parse(sample_script.Config, churn + ["--batch_size", batch, "--out_dir", str(tmp_path / batch)])
         )
-    for png in (tmp_path / "6").glob("0*.png"):
-        assert png.read_bytes() == (tmp_path / "4" / png.name).read_bytes()
+    assert assert_same_images(tmp_path / "6", tmp_path / "4") == 6
+
+
+def test_edm_stochastic_settings_typed_as_published(tmp_path, edm_run):
+    """Defect 9: EDM's sampler flags as its README writes them (ImageNet-64: --S_churn 40 --S_min 0.05 --S_max 50
+    --S_noise 1.003 with 256 steps). gamma = min(S_churn/N, sqrt(2) - 1) with N = --num_steps, EDM's num_steps
+    (grid points, the final step to 0 included: EDM Algorithm 2 churns at every i < N). --S_min/--S_max/--S_noise
+    are --s_min/--s_max/--s_noise (EDM's sigma is genzoo's t for EDM snapshots)."""
+    den = EDMMixture([[0.0]], [0.5])
+
+    def settings(*argv):
+        return sample_script.solver_settings(den, parse(sample_script.Config, list(argv)))
+
+    published = settings(
+        "--num_steps", "256", "--S_churn", "40", "--S_min", "0.05", "--S_max", "50", "--S_noise", "1.003"
+    )
+    assert published["churn"] and published["gamma"] == 40 / 256
+    assert (published["s_min"], published["s_max"], published["s_noise"]) == (0.05, 50.0, 1.003)
+    assert settings("--num_steps", "18", "--S_churn", "30")["gamma"] == math.sqrt(2) - 1  # CIFAR-10 VP: capped
+    assert settings("--num_steps", "100", "--S_churn", "30")["gamma"] == 0.3
+    assert not settings("--S_churn", "0")["churn"] and not settings()["churn"]  # EDM's deterministic default
+    assert settings("--churn")["gamma"] == 0.1  # seed 004's default gamma
+    with pytest.raises(UserError, match="--gamma .* or --S_churn"):
+        settings("--S_churn", "40", "--gamma", "0.2")
+    # End to end: --S_churn 2 over 8 grid points is --churn --gamma 0.25, and churn changes the images.
+    run_dir, _ = edm_run
+    pngs = {}
+    for name, flags in (("S_churn", ["--S_churn", "2"]), ("gamma", ["--churn", "--gamma", "0.25"]), ("none", [])):
+        argv = ["--checkpoint", str(run_dir), "--n_samples", "3", "--num_steps", "8", "--out_dir", str(tmp_path / name)]
+        sample_script.main(parse(sample_script.Config, argv + flags))
+        pngs[name] = [p.read_bytes() for p in sorted((tmp_path / name).glob("0*.png"))]
+    assert pngs["S_churn"] == pngs["gamma"] != pngs["none"]
 
 
 def test_sampler_flags_of_the_other_method_are_refused(tmp_path, edm_run):
@@ -117,6 +149,32 @@ def test_follmer_resume_is_bit_exact_and_stores_the_class_means(tmp_path, mnist_
     reals, labels = dataset[list(range(len(dataset)))]
     for k in (0, 3):
         assert torch.allclose(means[k], reals[labels == k].mean(0), atol=1e-5)
+
+
+def test_fixed_ema_decay_with_warm_up(tmp_path):
+    """Defect 10: `--ema_decay 0.999` is seed 004's EMA, beta = min(0.999, (1 + k)/(10 + k)) at update k = 0, 1, ...:
+    the second update (k = 1) averages with beta = 2/11 (the default half-life EMA, 500 kimg with ramp-up 0.05,
+    would use 0.5^(256/25.6) ~ 0.001 at 512 images seen; k off by one, 3/12). lr 1e-2 moves every weight by ~1e-2
+    per Adam step, far above the tolerance. Buffers are copied."""
+    argv = [
+        "--method", "follmer", "--dataset", "gaussians", "--model", "mlp", "--net_kwargs", '{"width": 16, "depth": 1}',
+        "--batch_size", "256", "--n_steps", "2", "--lr", "1e-2", "--lr_rampup_kimg", "0", "--checkpoint_interval", "1",
+        "--sample_interval", "0", "--log_dir", str(tmp_path), "--log_name", "ema", "--loggers", "none",
+        "--ema_decay", "0.999",
+    ]  # fmt: skip
+    diffusion_train.main(parse(diffusion_train.Config, argv))
+    first, second = (load_training_state(tmp_path / "ema" / "states" / f"state-0000000{k}") for k in (1, 2))
+    assert second["config"]["ema_decay"] == 0.999
+    beta = 2 / 11
+    for name, ema in second["ema"].items():
+        expected = (
+            second["denoiser"][name]
+            if name == "data_mean"
+            else torch.lerp(first["ema"][name], second["denoiser"][name], 1 - beta)
+        )
+        torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(UserError, match="--ema_decay"):
+        diffusion_train.main(parse(diffusion_train.Config, argv[:-1] + ["1.5", "--log_name", "bad"]))
 
 
 def test_two_processes_with_torchrun(tmp_path, mnist_dir):

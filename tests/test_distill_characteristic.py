@@ -69,7 +69,8 @@ def test_resume_is_bit_exact_and_the_run_folder_is_complete(student):
         assert _same_tree(a[key], b[key]), key
     rows = read_stats(root / "straight")
     assert [r["step"] for r in rows] == [2, 4]
-    assert all(r["loss/char"] > 0 and r["loss/dsm"] > 0 and r["dsm_weight"] >= 0 for r in rows)
+    assert all(r["loss/char"] > 0 and r["loss/dsm"] > 0 for r in rows), rows
+    assert all(0 < r["dsm_weight"] < 1e4 for r in rows), rows  # strictly inside its clamp [0, max_weight]
     assert sorted(p.name for p in (root / "straight" / "grids").iterdir()) == ["ema-00000004.png", "raw-00000004.png"]
     assert list((root / "straight" / "tb").rglob("events.out.tfevents*"))
     meta, weights = load_snapshot(root / "straight")
@@ -102,6 +103,87 @@ def test_student_samples_in_one_two_and_four_steps(tmp_path, student):
     assert [r["sampler"] for r in info["rows"]] == ["teacher", "student-1", "student-2", "student-4"]
     assert [r["nfe"] for r in info["rows"]] == [5, 1, 2, 4]
     assert all(r["seconds_per_1k_images"] > 0 for r in info["rows"]) and (tmp_path / "cmp" / "fm.png").exists()
+
+
+def test_students_sample_on_the_grid_they_were_distilled_on(tmp_path, teacher):
+    """Defect 8: a student distilled with --t_min 0.01 --t_max 0.99 --rho 2 records the resolved grid in its
+    snapshot, and sample.py and compare.py sample it there by default (the class defaults are 1e-3, 0.999, 1);
+    explicit flags still win. Snapshots from before the grid was recorded fall back to their config's flags."""
+    argv = ["--teacher", teacher, "--workdir", str(tmp_path / "run"), "--bsz", "4", "--no-download", "--n_steps", "1"]
+    argv += ["--num_steps", "4", "--sample_interval", "0", "--loggers", "none"]
+    distill_characteristic.main(
+        parse(distill_characteristic.Config, argv + ["--t_min", "0.01", "--t_max", "0.99", "--rho", "2"])
+    )
+    meta, weights = load_snapshot(tmp_path / "run")
+    assert meta["extra"]["grid"] == {"t_min": 0.01, "t_max": 0.99, "rho": 2.0}
+
+    def sampler_settings(checkpoint, *flags):
+        out = tmp_path / f"samples{len(list(tmp_path.glob('samples*')))}"
+        argv = ["--checkpoint", str(checkpoint), "--n_samples", "2", "--num_steps", "2", "--out_dir", str(out)]
+        sample_script.main(parse(sample_script.Config, argv + list(flags)))
+        settings = json.loads((out / "sample_info.json").read_text())["sampler"]
+        return settings["t_min"], settings["t_max"], settings["rho"]
+
+    assert sampler_settings(tmp_path / "run") == (0.01, 0.99, 2.0)
+    flags = ("--eval_eps0", "0.02", "--eval_eps1", "0.002", "--rho", "1")
+    assert sampler_settings(tmp_path / "run", *flags) == pytest.approx((0.02, 0.998, 1.0))
+    legacy = tmp_path / "legacy.safetensors"  # no recorded grid: the config's flags (None = the class default)
+    config = meta["config"] | {"t_min": None, "t_max": 0.99, "rho": None}
+    save_snapshot(legacy, meta["kind"], meta["model"], meta["model_kwargs"], weights, config, meta["step"])
+    assert sampler_settings(legacy) == (1e-3, 0.99, 1.0)
+    # The recorded grid wins over the config: it holds the values resolved from the teacher when no flag was given.
+    recorded = tmp_path / "recorded.safetensors"
+    extra = meta["extra"] | {"grid": {"t_min": 0.02, "t_max": 0.98, "rho": 3.0}}
+    save_snapshot(recorded, meta["kind"], meta["model"], meta["model_kwargs"], weights, config, meta["step"], extra)
+    assert sampler_settings(recorded) == (0.02, 0.98, 3.0)
+    # compare.py: the student rows use (and record) the distillation grid.
+    argv = ["--teacher", teacher, "--student", str(tmp_path / "run"), "--out", str(tmp_path / "cmp")]
+    compare.main(parse(compare.Config, argv + ["--n_seeds", "2", "--teacher_steps", "2", "--timing_images", "0"]))
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert [(r["t_min"], r["t_max"], r["rho"]) for r in rows[1:]] == [(0.01, 0.99, 2.0)] * 3
+
+
+def test_seed_004_sampling_line_runs_as_written(tmp_path, teacher, student):
+    """Defect 9: seed 004's eval.py line, `--mode ${mode} --checkpoint ${checkpoint} --workdir ${workdir}
+    --start_seed 0 --end_seed 49999 --ode_solver ${solver} --num_steps $num_step --rho 1 --eval_eps0 1e-3
+    --churn ${churn} --s_min ${s_min} --s_max ${s_max} --gamma ${gamma}`, with sample.py in place of eval.py:
+    boolean flags take a value there (its str2bool), --workdir is the image folder, and the characteristic mode
+    ignores --ode_solver, as eval.py does."""
+    root, _, _ = student
+    for mode, checkpoint, churn in (("denoiser", teacher, "True"), ("characteristic", root / "straight", "False")):
+        out = tmp_path / mode
+        result = run_script(
+            "sample.py", "--mode", mode, "--checkpoint", checkpoint, "--workdir", out, "--start_seed", "0",
+            "--end_seed", "3", "--ode_solver", "deis", "--num_steps", "4", "--rho", "1", "--eval_eps0", "1e-3",
+            "--churn", churn, "--s_min", "0.05", "--s_max", "0.6", "--gamma", "0.2",
+        )  # fmt: skip
+        settings = json.loads((out / "sample_info.json").read_text())["sampler"]
+        assert settings["churn"] is (churn == "True") and settings["gamma"] == 0.2 and settings["rho"] == 1
+        assert (settings["s_min"], settings["s_max"], settings["t_min"]) == (0.05, 0.6, 1e-3)
+        assert settings["solver"] == ("deis" if mode == "denoiser" else "characteristic")
+        assert sorted(p.name for p in out.glob("0*.png")) == [f"{s:06d}.png" for s in range(4)]
+    assert "--ode_solver deis is ignored" in result.stdout
+    result = run_script("sample.py", "--mode", "characteristic", "--checkpoint", teacher, ok=False)
+    assert_one_line_error(result, "--mode characteristic", "'diffusion' snapshot")
+
+
+@pytest.mark.parametrize(
+    "argv,churn",
+    [
+        (["--churn"], True),
+        (["--no-churn"], False),
+        (["--churn", "True"], True),
+        (["--churn", "false"], False),
+        (["--churn=1"], True),
+        (["--churn=no"], False),
+        (["--churn", "--gamma", "0.2"], True),
+        ([], False),
+    ],
+)
+def test_boolean_flags_take_a_value_too(argv, churn):
+    """Defect 9: `--churn True|False` (seed 004's form) and the switch form `--churn/--no-churn` both parse."""
+    cfg = parse(sample_script.Config, argv + ["--grid", "False"])
+    assert cfg.churn is churn and cfg.grid is False
 
 
 def test_bad_teachers_and_flags_are_refused(tmp_path, teacher, student):

@@ -82,6 +82,63 @@ def test_kid_and_precision_recall():
     assert precision > 0.95 and recall < 0.6  # k-NN balls of the sparse fakes are wide in 8-D: 0.43 here
 
 
+def _kid_brute_force(x, y) -> float:
+    """Unbiased MMD² with k(a, b) = (a·b/d + 1)³ (Bińkowski et al. 2018, Eq. 2 and Sec. 3), written as sums."""
+    m, d = len(x), len(x[0])
+
+    def kernel(a, b):
+        return (sum(ai * bi for ai, bi in zip(a, b, strict=True)) / d + 1) ** 3
+
+    same = sum(kernel(u[i], u[j]) for u in (x, y) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    return same - 2 * sum(kernel(a, b) for a in x for b in y) / m**2
+
+
+def _precision_recall_brute_force(real, fake, k):
+    """Kynkäänniemi et al. 2019, Eq. 1-3: a point is in a set's manifold if it lies within (<=) the distance from
+    some member to that member's k-th nearest other member."""
+
+    def dist(a, b):
+        return sum((ai - bi) ** 2 for ai, bi in zip(a, b, strict=True)) ** 0.5
+
+    def coverage(points, members):
+        radii = [sorted(dist(p, q) for j, q in enumerate(members) if j != i)[k - 1] for i, p in enumerate(members)]
+        return sum(any(dist(p, q) <= r for q, r in zip(members, radii, strict=True)) for p in points) / len(points)
+
+    return coverage(fake, real), coverage(real, fake)
+
+
+def test_kid_and_precision_recall_on_values_worked_by_hand():
+    """1-D sets small enough to work out on paper.
+    KID, x = {0, 1}, y = {1, 2}, k(a, b) = (ab + 1)³: off-diagonal k_xx = k(0, 1) = 1, k_yy = k(1, 2) = 27, and
+    mean k_xy = (1 + 1 + 8 + 27)/4 = 9.25, so MMD² = 1 + 27 - 2·9.25 = 9.5 (a quadratic kernel gives 2.5, the
+    biased estimator 31). Every subset of size 2 is the whole set, so the std over subsets is 0.
+    Precision/recall, real = {0, 1, 3, 6, 10}, fake = {-1.5, 2.5, 8.5, 9}, k = 1: real radii (distance to the
+    nearest other real) 1, 1, 2, 3, 4; fakes inside a real ball: 2.5 (|2.5 - 3| <= 2), 8.5 and 9 (within 4 of 10),
+    not -1.5: precision 3/4. Fake radii 4, 4, 0.5, 0.5; reals inside: 0, 1, 3, 6 (|6 - 2.5| <= 4), not 10:
+    recall 4/5. With k = 2 every fake is inside (-1.5 is within 3 of 0): precision 1."""
+    x, y = np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]])
+    assert kid(x, y, n_subsets=3, subset_size=2) == pytest.approx((9.5, 0.0), abs=1e-12)
+    real = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    fake = np.array([[-1.5], [2.5], [8.5], [9.0]])
+    assert precision_recall(real, fake, k=1) == pytest.approx((0.75, 0.8), abs=1e-12)
+    assert precision_recall(real, fake, k=2)[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_kid_and_precision_recall_match_brute_force_references():
+    """Random 5-D features (d != 1, so the kernel's 1/d matters), KID over the whole sets (subsets of the full size
+    are permutations, so one subset is exact) and precision/recall for k = 1, 3, 5 against the loops above."""
+    rng = np.random.default_rng(7)
+    real, fake = rng.standard_normal((12, 5)), rng.standard_normal((12, 5)) * 1.3 + 0.4
+    assert kid(real, fake, n_subsets=1, subset_size=12)[0] == pytest.approx(
+        _kid_brute_force(real.tolist(), fake.tolist()), rel=1e-12
+    )
+    real, fake = rng.standard_normal((40, 3)), rng.standard_normal((30, 3)) + 1.5
+    for k in (1, 3, 5):
+        expected = _precision_recall_brute_force(real.tolist(), fake.tolist(), k)
+        assert precision_recall(real, fake, k=k) == pytest.approx(expected, abs=1e-12), k
+        assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # neither value saturated: the test can tell k apart
+
+
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
     """A state dict of the FID Inception architecture with random weights, saved the way the real file is."""

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import pickle
@@ -17,6 +18,7 @@ from utils.ckpt import (
     resolve_state,
     save_snapshot,
     save_training_state,
+    tensors_sha256,
 )
 from utils.cli import UserError, parse
 from utils.dist import unwrap, weights_digest
@@ -145,11 +147,43 @@ def test_crafted_pickle_is_refused_and_executes_nothing(tmp_path):
     assert not _Exploit.marker.exists()
 
 
-def test_unwrap_strips_compile_and_ddp():
+def test_unwrap_strips_compile_and_ddp(tmp_path):
+    """torch.compile and DDP wrappers, in either order (accelerate compiles around DDP), down to the plain module."""
+    import torch.distributed as dist
+
     model = nn.Linear(2, 2)
-    compiled = torch.compile(model)
-    assert unwrap(compiled) is model
-    assert weights_digest(model) == weights_digest(unwrap(compiled))
+    assert unwrap(torch.compile(model)) is model
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        assert unwrap(ddp) is model and unwrap(torch.compile(ddp)) is model
+        assert unwrap(nn.parallel.DistributedDataParallel(torch.compile(model))) is model
+    finally:
+        dist.destroy_process_group()
+
+
+def test_weights_digest_is_bit_exact():
+    """Equal for identical weights (a copy), different after a one-ulp change of one weight, a renamed parameter,
+    another dtype, or a changed buffer (unless buffers are left out, as the DDP replica check does)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    reference = weights_digest(model)
+    twin = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    twin.load_state_dict(model.state_dict())
+    assert weights_digest(twin) == reference and weights_digest(model, buffers=False) != reference
+    assert weights_digest(copy.deepcopy(twin).double()) != reference  # the same values in float64
+    weight = model[0].weight.detach()
+    assert tensors_sha256([("w", weight)]) != tensors_sha256([("w", weight.view(torch.int32))])  # same bytes
+    with torch.no_grad():
+        twin[0].weight[1, 2] = torch.nextafter(twin[0].weight[1, 2], torch.tensor(1.0))
+    assert weights_digest(twin) != reference
+    renamed = nn.Sequential()
+    renamed.add_module("first", model[0])
+    renamed.add_module("1", model[1])
+    assert weights_digest(renamed) != reference
+    params_only = weights_digest(model, buffers=False)
+    model[1].running_mean += 1
+    assert weights_digest(model) != reference and weights_digest(model, buffers=False) == params_only
 
 
 # CLI -------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 override, and handles `--dry_run` (print the resolved config, exit 0). Bad input raises `UserError`, which
 `user_errors()` turns into one line on stderr and exit code 2: no traceback for a user's mistake.
 
+Booleans are switches (`--ema`, `--no-ema`) that also take a value (`--ema true`, seed 004's form).
 Field metadata: "help", "choices", "aliases" (more flag names), "min" (inclusive lower bound, checked by
 `check_bounds`), "allow_inf" (a float that may be inf; NaN is never accepted). A subclass may redeclare a field with
 another default only: the metadata is looked up along the class hierarchy (`field_metadata`). Flags are never
@@ -48,6 +49,26 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+class _BoolAction(argparse.BooleanOptionalAction):
+    """`--flag` / `--no-flag`, and also `--flag VALUE` / `--flag=VALUE` with VALUE one of true/false/yes/no/1/0 in
+    any case: seed 004's command lines write booleans with a value (`--churn True`, argparse with str2bool)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nargs = "?"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            super().__call__(parser, namespace, values, option_string)
+        elif option_string.startswith("--no-") or values.lower() not in _BOOL_WORDS:
+            parser.error(f"argument {option_string}: expected no value or one of {sorted(_BOOL_WORDS)}, got {values!r}")
+        else:
+            setattr(namespace, self.dest, _BOOL_WORDS[values.lower()])
+
+
 def _base_type(kind):
     """`int | None` -> int; plain types unchanged."""
     args = [a for a in typing.get_args(kind) if a is not type(None)]
@@ -89,7 +110,7 @@ def make_parser(config_cls, description: str | None = None) -> argparse.Argument
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = _BoolAction
         elif kind is dict:
             kwargs["type"] = _json_dict
         elif typing.get_origin(kind) is list:  # list[int]: --flag 1 2 4

@@ -13,6 +13,8 @@ import copy
 
 import torch
 
+from utils.cli import UserError
+
 
 def ema_beta(batch_size: int, halflife_kimg: float, cur_nimg: int, rampup_ratio: float | None = None) -> float:
     halflife_nimg = halflife_kimg * 1000
@@ -29,6 +31,8 @@ class EMA:
         rampup_ratio: float | None = 0.05,
         decay: float | None = None,  # fixed per-update decay with seed 004's warm-up; overrides the half-life
     ):
+        if decay is not None and not 0 <= decay < 1:
+            raise UserError(f"--ema_decay must be in [0, 1), got {decay}")
         # Build from the plain module, before accelerator.prepare: a copy of a prepared module would share its
         # autocast-wrapped forward with the original.
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
