@@ -259,3 +259,33 @@ def test_checkpoint_files_are_atomic_and_readable_by_others(tmp_path, monkeypatc
             tmp_path / "snaps" / "snapshot-00000002.safetensors", "gan", "dcgan", {}, {"w": torch.zeros(2)}, {}, 2
         )
     assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == ["snapshot-00000001.safetensors"]
+
+
+def test_a_family_metric_picks_the_best_in_its_own_direction(tmp_path):
+    """A family's own metric (computed by its script, passed as `scores`) decides the best checkpoint: higher is
+    better for SSIM-like names (HIGHER_IS_BETTER), lower for everything else; the other scores are recorded."""
+    from dataclasses import dataclass, field
+
+    from accelerate import Accelerator
+
+    from utils.run import EVAL_METRIC_CHOICES, Run, RunConfig
+
+    @dataclass
+    class Config(RunConfig):
+        eval_metric: str = field(default="ssim", metadata={"choices": [*EVAL_METRIC_CHOICES, "ssim", "l1"]})
+
+    for metric, expected_best in (("ssim", 2), ("l1", 2)):
+        cfg = Config(log_dir=str(tmp_path), log_name=metric, eval_interval=1, loggers="none", eval_metric=metric)
+        run = Run(cfg, "unused", ())
+        accelerator = Accelerator(**run.accelerator_kwargs())
+        run.open(accelerator)
+        run.begin(accelerator)
+        news = []
+        for step, ssim in ((1, 0.5), (2, 0.7), (3, 0.6)):
+            run.evaluate(accelerator, step, scores={"ssim": ssim, "l1": 1 - ssim})
+            news.append(run.new_best)
+            run.new_best = False  # what save() does
+        assert news == [True, True, False] and run.best["step"] == expected_best and run.best["metric"] == metric
+        written = json.loads((tmp_path / metric / "eval" / "step-00000003.json").read_text())
+        assert written == {"step": 3, "ssim": 0.6, "l1": pytest.approx(0.4), "metric": metric, "value": written[metric]}
+        run.close()

@@ -51,7 +51,11 @@ from utils.dist import check_replicas_agree, unwrap
 from utils.tracking import peak_memory_gb, status_line, tracker_config
 
 REPO = Path(__file__).resolve().parents[1]
+# Metrics the run computes itself from samples (metrics/evaluate.py). A family adds its own (computed by its script
+# and passed to `evaluate` as `scores`) by redeclaring `eval_metric` with more choices; lower is better unless the
+# name is in HIGHER_IS_BETTER.
 EVAL_METRIC_CHOICES = ["auto", "fd_cls", "fd_pixels", "fid", "fd_points"]
+HIGHER_IS_BETTER = frozenset({"ssim", "psnr"})
 # Fields that steer how a run starts, not what it trains: never a reason to refuse or report a resume.
 _CONTROL_FIELDS = {"resume", "load_best", "only_test", "delete"}
 
@@ -372,7 +376,7 @@ class Run:
         fit the data) first, then folders, config.json, the code version and the trackers."""
         cfg = self.cfg
         self.config = dataclasses.asdict(cfg)
-        if cfg.eval_interval:
+        if cfg.eval_interval and cfg.eval_metric in EVAL_METRIC_CHOICES:
             self._evaluator = self._make_evaluator(accelerator, dataset, self.dir)
         if accelerator.is_main_process:
             for sub in ("grids", "snapshots", "states", "code"):
@@ -411,24 +415,33 @@ class Run:
             tqdm.write(status_line(record))
         accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=record["step"])
 
-    def evaluate(self, accelerator, step: int, sample_fn, model, n_classes: int) -> dict:
-        """Score `model` (every process generates its share of the seeds), write eval/step-<step>.json, and set
-        `new_best` if it beats every earlier evaluation of this timeline (the script then saves a checkpoint)."""
-        result = {"step": step} | self._evaluator(sample_fn, model, n_classes)
-        value = result["value"]
-        self.new_best = value == value and (self.best is None or value < self.best["value"])  # NaN is never best
+    def evaluate(self, accelerator, step: int, sample_fn=None, model=None, n_classes: int = 0, scores=None) -> dict:
+        """Score the model, write eval/step-<step>.json, and set `new_best` if it beats every earlier evaluation of
+        this timeline (the script then saves a checkpoint). An FD metric is computed here from `model`'s samples
+        (every process generates its share of the seeds); a family's own metrics come computed in `scores`."""
+        metric = self.cfg.eval_metric
+        result = {"step": step} | (self._evaluator(sample_fn, model, n_classes) if self._evaluator else {})
+        result |= scores or {}
+        if self._evaluator is None:
+            if metric not in result:
+                raise ValueError(f"--eval_metric {metric}: the script passed no such score ({sorted(result)})")
+            result |= {"metric": metric, "value": float(result[metric])}
+        value, sign = result["value"], -1 if result["metric"] in HIGHER_IS_BETTER else 1
+        self.new_best = value == value and (self.best is None or sign * value < sign * self.best["value"])  # not NaN
         if self.new_best:
             self.best = {"step": step, "metric": result["metric"], "value": value}
         if accelerator.is_main_process:
             (self.dir / "eval").mkdir(exist_ok=True)
             write_atomic(self.dir / "eval" / f"step-{step:08d}.json", json.dumps(result, indent=2))
-            extra = f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+            extra = f" on {result['n_samples']} samples" if "n_samples" in result else ""
+            extra += f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+            extra += f" ({result['seconds']:.1f} s)" if "seconds" in result else ""
             tqdm.write(
-                f"step {step}: {result['metric']} {value:.4f} on {result['n_samples']} samples{extra} "
-                f"({result['seconds']:.1f} s)"
+                f"step {step}: {result['metric']} {value:.4f}{extra}"
                 + (" - new best" if self.new_best else f" (best {self.best['value']:.4f} at step {self.best['step']})")
             )
-        accelerator.log({f"eval/{result['metric']}": value}, step=step)
+        tracked = {f"eval/{k}": float(v) for k, v in (scores or {}).items()} | {f"eval/{result['metric']}": value}
+        accelerator.log(tracked, step=step)
         return result
 
     def save(self, accelerator, step: int, *, replicas, snapshot: dict, **state) -> None:
@@ -463,9 +476,10 @@ class Run:
         write_atomic(self.dir / "best.json", json.dumps(self.best, indent=2))
 
     # ------------------------------------------------------------------------------------------ --only_test
-    def test(self, accelerator, dataset) -> dict:
+    def test(self, accelerator, dataset, scores_fn=None) -> dict:
         """--only_test: evaluate the newest snapshot (--load_best: the best) of the run folder (--resume/--load
-        naming a run folder, else this one) with the evaluation settings, without training; write test/*.json."""
+        naming a run folder, else this one) with the evaluation settings, without training; write test/*.json.
+        A family's own metric comes from `scores_fn(model, meta) -> {name: value}`."""
         from sampling import SNAPSHOT_KINDS
         from utils.ckpt import build_from_snapshot
 
@@ -479,16 +493,23 @@ class Run:
             raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} cannot be evaluated here")
         build, sample_fn = SNAPSHOT_KINDS[meta["kind"]]
         model = build_from_snapshot(meta, weights, build).to(accelerator.device).eval()
-        evaluator = self._make_evaluator(accelerator, dataset, source)
         result = {"snapshot": meta["path"], "step": meta["step"]}
-        result |= evaluator(sample_fn, model, getattr(model, "n_classes", 0))
+        if cfg.eval_metric in EVAL_METRIC_CHOICES:
+            evaluator = self._make_evaluator(accelerator, dataset, source)
+            result |= evaluator(sample_fn, model, getattr(model, "n_classes", 0))
+        elif scores_fn is None:
+            raise UserError(f"--only_test with --eval_metric {cfg.eval_metric} is not supported by this script")
+        else:
+            result |= scores_fn(model, meta)
+            result |= {"metric": cfg.eval_metric, "value": float(result[cfg.eval_metric])}
         if accelerator.is_main_process:
             (source / "test").mkdir(parents=True, exist_ok=True)
             name = f"{'best' if cfg.load_best else 'last'}-step-{meta['step']:08d}-{result['metric']}.json"
             write_atomic(source / "test" / name, json.dumps(result, indent=2))
-            extra = f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
-            print(f"{meta['path']} (step {meta['step']}): {result['metric']} {result['value']:.4f} on "
-                  f"{result['n_samples']} samples{extra}; wrote {source / 'test' / name}")  # fmt: skip
+            extra = f" on {result['n_samples']} samples" if "n_samples" in result else ""
+            extra += f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+            print(f"{meta['path']} (step {meta['step']}): {result['metric']} {result['value']:.4f}{extra}; "
+                  f"wrote {source / 'test' / name}")  # fmt: skip
         return result
 
 
