@@ -4,6 +4,7 @@ resuming an older state (the abandoned timeline moved aside), one process per fo
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,6 +249,30 @@ def test_checkpoint_files_are_atomic_and_readable_by_others(tmp_path, monkeypatc
     ckpt.save_training_state(tmp_path, 20, {"w": torch.ones(4)})  # the leftover is cleaned up by the next save
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state-00000010", "state-00000020"]
     assert torch.equal(ckpt.load_training_state(tmp_path / "state-00000020")["w"], torch.ones(4))
+
+    # Killed while deleting the replaced state: whatever is listed as complete must still load.
+    real_rmtree = shutil.rmtree
+
+    def crash_half_way(path, *args, **kwargs):  # on deleting the replaced state (not the temp-folder cleanup)
+        if ".tmp-state" in Path(path).name:
+            return real_rmtree(path, *args, **kwargs)
+        (Path(path) / "tensors.safetensors").unlink(missing_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_training_state(tmp_path, 20, {"w": torch.full((4,), 2.0)})
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    for _, state in ckpt.list_states(tmp_path):
+        ckpt.load_training_state(state)
+    assert torch.equal(ckpt.load_training_state(tmp_path / "state-00000020")["w"], torch.full((4,), 2.0))
+
+    # A small file written atomically leaves no temp file behind when the write fails.
+    monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("read-only")))
+    with pytest.raises(OSError, match="read-only"):
+        ckpt.write_atomic(tmp_path / "best.json", "{}")
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / "best.json").exists()
     assert (tmp_path / "state-00000020" / "tensors.safetensors").stat().st_mode & 0o777 == 0o644
 
     snap = tmp_path / "snaps" / "snapshot-00000001.safetensors"
