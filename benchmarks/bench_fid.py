@@ -104,7 +104,7 @@ def main() -> None:
             detector="inception",
         )
         detector = load_inception(str(weights), verify=False).to(device)
-        dataset, names = fid.image_source(cfg, detector)
+        dataset, labels = fid.image_source(cfg)
         files = sorted(p for ext in pfid_score.IMAGE_EXTENSIONS for p in folder.glob(f"*.{ext}"))
         if sorted(map(str, files)) != sorted(map(str, dataset.files)):
             sys.exit(
@@ -162,7 +162,7 @@ def main() -> None:
                 ),
                 device,
             )
-            stats, gz_time = timed(lambda: fid.compute_statistics(cfg, accelerator, detector, dataset, names), device)
+            stats, gz_time = timed(lambda: fid.compute_statistics(cfg, accelerator, detector, dataset, labels), device)
             pf_times.append(pf_time)
             gz_times.append(gz_time)
         pf_time, gz_time = min(pf_times), min(gz_times)

@@ -214,8 +214,8 @@ def test_statistics_match_pytorch_fid_with_the_same_weights(random_inception, tm
 
     cfg = fid.Config(mode="gen", img_folder=str(tmp_path), batch_size=5, detector="inception")
     detector = load_inception(str(random_inception), verify=False)
-    dataset, names = fid.image_source(cfg, detector)
-    stats = fid.compute_statistics(cfg, Accelerator(cpu=True), detector, dataset, names)
+    dataset, labels = fid.image_source(cfg)
+    stats = fid.compute_statistics(cfg, Accelerator(cpu=True), detector, dataset, labels)
     assert int(stats["count"]) == 24 and stats["features"].shape == (24, 2048)
     np.testing.assert_allclose(stats["mu"], ref_mu, rtol=1e-6, atol=1e-6 * np.abs(ref_mu).max())
     np.testing.assert_allclose(stats["sigma"], ref_sigma, rtol=1e-6, atol=1e-6 * np.abs(ref_sigma).max())
