@@ -33,15 +33,19 @@ class AuxClassifierLoss:
 def orthogonal_penalty(module: nn.Module, skip: tuple[str, ...] = ("shared.",)) -> torch.Tensor:
     """sum over parameters with >= 2 dims (names not starting with `skip`: BigGAN exempts its shared embedding) of
     ||W W^T (.) (1 - I)||_F^2, W reshaped to (out, -1). Spectrally normalised layers contribute their raw weight
-    (the `original` parameter), as in BigGAN-PyTorch. fp32, outside autocast."""
+    (the `original` parameter), as in BigGAN-PyTorch. fp32, outside autocast. A tall W (more filters than inputs)
+    takes the identity ||W W^T (.) (1 - I)||^2 = ||W^T W||^2 - sum_i ||w_i||^4, which never forms the (out, out)
+    Gram matrix (65,536 x 65,536 for a 4 x 4 x 4096 dense layer)."""
     total = None
     for name, param in module.named_parameters():
         if param.ndim < 2 or name.startswith(skip):
             continue
         with torch.autocast(param.device.type, enabled=False):
             w = at_least_fp32(param).flatten(1)  # (out, fan_in): one filter per row
-            gram = w @ w.T
-            off_diagonal = gram - torch.diag_embed(gram.diagonal())
-            term = off_diagonal.square().sum()
+            if w.shape[0] <= w.shape[1]:
+                gram = w @ w.T  # (out, out)
+                term = (gram - torch.diag_embed(gram.diagonal())).square().sum()
+            else:  # ||W W^T||_F = ||W^T W||_F: the (fan_in, fan_in) Gram, e.g. BigGAN's z-chunk -> 4x4 dense layer
+                term = (w.T @ w).square().sum() - w.square().sum(dim=1).square().sum()
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
