@@ -93,6 +93,9 @@ def test_orthogonal_penalty_follows_its_formula():
 def test_orthogonal_penalty_of_biggan_skips_the_shared_embedding_and_sees_raw_sn_weights():
     torch.manual_seed(0)
     gen = build_generator("biggan", img_size=16, img_channels=1, z_dim=9, base_dim=4, n_classes=3, shared_dim=4)
+    for p in gen.parameters():  # off orthogonal init (which zeroes most terms, the embedding's included)
+        p.data.normal_()
+    gen.shared.weight.data.mul_(10)  # an embedding term as large as all the others: leaving it in shows
     named = dict(gen.named_parameters())
     assert "shared.weight" in named and not hasattr(gen.shared, "parametrizations")  # plain lookup table
     assert "dense.parametrizations.weight.original" in named  # SN: the raw weight is the parameter
