@@ -147,7 +147,7 @@ class ImagePool:
                 out.append(fake)
             elif torch.rand(()) < 0.5:
                 j = int(torch.randint(self.size, ()))
-                out.append(self.images[j].clone())
+                out.append(self.images[j].to(fake.dtype, copy=True))  # fakes may be bf16/fp16 under autocast
                 self.images[j] = fake
             else:
                 out.append(fake)
