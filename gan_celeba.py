@@ -1,4 +1,5 @@
-"""Train the GAN architecture zoo (DCGAN, Progressive GAN, StyleGAN, StyleGAN2, SA-GAN) on CelebA or any image folder.
+"""Train the GAN architecture zoo (DCGAN, Progressive GAN, StyleGAN, StyleGAN2, SA-GAN, AC-GAN, BigGAN) on CelebA or
+any image folder.
 
     python gan_celeba.py --model dcgan --method gan --img_size 64 --log_name celeba_dcgan --batch_size 128 \
         --n_steps 100000 --lr 2e-4 --beta1 0.5 --beta2 0.999 --ema --data_dir data
@@ -9,6 +10,9 @@
         --lr 1e-3 --ema --drift_penalty 0.001 --checkpoint_interval 50000
     python gan_celeba.py --model stylegan2 --ema                  # R1 (lazy, every 16) + path length (every 4)
     python gan_celeba.py --model sagan --dataset folder --data_dir my_images --conditional   # hinge, TTUR
+    python gan_celeba.py --model acgan --dataset cifar10 --img_size 32 --conditional    # D classifies too (AC-GAN)
+    python gan_celeba.py --model biggan --dataset folder --data_dir my_images --conditional --ema   # BigGAN
+    python gan_celeba.py --model dcgan --dataset folder --data_dir my_images --image_class 2   # one class (Ganzo)
     python gan_celeba.py --model dcgan --dataset fashion_mnist --img_size 32    # offline, 1 channel
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] [--dynamo_backend inductor] gan_celeba.py ...
     python gan_celeba.py ... --resume latest          # continue bit-exactly, also mid-growth and mid-regularisation
@@ -17,8 +21,10 @@ Flags left unset take the model's published defaults (`MODEL_DEFAULTS`), and con
 values: dcgan NS-GAN, Adam 2e-4 (0.5, 0.999); progressive_gan WGAN-GP + drift 0.001, Adam 1e-3 (0, 0.99), growing
 with 800k-image fade-in/stabilise phases; stylegan NS-GAN + R1 gamma 10 every step, Adam 1e-3 (0, 0.99);
 stylegan2 NS-GAN + lazy R1 gamma 10 every 16 steps + path length 2 every 4, Adam 2e-3 (0, 0.99); sagan hinge,
-G 1e-4 / D 4e-4, Adam (0, 0.9). Regularisers run on the eager (uncompiled) networks; lazy ones take their own
-optimizer step with their weight multiplied by the interval (StyleGAN2, App. B).
+G 1e-4 / D 4e-4, Adam (0, 0.9); acgan as dcgan plus the class loss; biggan hinge, G 5e-5 / D 2e-4, Adam (0, 0.999),
+2 D steps per G step, orthogonal regularisation 1e-4 (the BigGAN paper's). Regularisers run on the eager
+(uncompiled) networks; lazy ones take their own optimizer step with their weight multiplied by the interval
+(StyleGAN2, App. B).
 Data: `--dataset celeba` (aligned-and-cropped JPEGs in torchvision's layout), `folder` (any images, recursive, RGB,
 labelled by subfolder for --conditional) — both decoded on demand, corrupt files skipped with a warning count —
 or the in-memory sets (fashion_mnist, mnist, cifar10) resized to --img_size (MNIST-like 32 is zero-padded).
@@ -32,13 +38,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
-from losses import get_gan_loss, gradient_penalty, path_lengths, r1_penalty
+from losses import AuxClassifierLoss, get_gan_loss, gradient_penalty, orthogonal_penalty, path_lengths, r1_penalty
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
 from modelling.progressive_gan import growth_at, stage_changed
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
-from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, step_seed
+from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, select_class, step_seed
 from utils.dist import uncompiled, unwrap, zero_term
 from utils.ema import EMA
 from utils.grid import save_grid
@@ -59,9 +65,14 @@ MODEL_DEFAULTS = {
     "stylegan": dict(method="gan", r1_gamma=10.0, r1_interval=1, lr=1e-3, beta1=0.0, beta2=0.99),
     "stylegan2": dict(method="gan", r1_gamma=10.0, r1_interval=16, pl_weight=2.0, lr=2e-3, beta1=0.0, beta2=0.99),
     "sagan": dict(method="hinge", lr=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9),
+    "acgan": dict(method="gan", lr=2e-4, beta1=0.5, beta2=0.999),  # AC-GAN paper: Adam 2e-4, beta1 0.5
+    "biggan": dict(method="hinge", lr=5e-5, lr_d=2e-4, beta1=0.0, beta2=0.999, train_g_interval=2, ortho_reg=1e-4),
 }
-FALLBACKS = dict(drift_penalty=0.0, r1_gamma=0.0, r1_interval=1, pl_weight=0.0)
+FALLBACKS = dict(drift_penalty=0.0, r1_gamma=0.0, r1_interval=1, pl_weight=0.0, train_g_interval=1, ortho_reg=0.0)
+CONDITIONAL_MODELS = ("dcgan", "sagan", "acgan", "biggan")
+DCGAN_LIKE = ("dcgan", "acgan")  # DCGAN layers: --sn_gen/--sn_disc and the BatchNorm choice apply
 RESUME_KEYS = ("dataset", "img_size", "model", "gen_kwargs", "disc_kwargs", "z_dim", "conditional", "method")
+RESUME_KEYS += ("image_class",)
 RESUME_KEYS += ("sn_gen", "sn_disc", "optimizer", "r1_interval", "pl_interval", "progressive_growing", "fade_kimg")
 
 
@@ -75,7 +86,10 @@ class Config(RunConfig):
     gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the generator"})
     disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the discriminator"})
     z_dim: int = 128
-    conditional: bool = field(default=False, metadata={"help": "dcgan (CGAN) and sagan (CBN + projection D)"})
+    conditional: bool = field(
+        default=False, metadata={"help": "dcgan (CGAN), sagan (CBN + projection D), acgan (needs it), biggan"}
+    )
+    image_class: int | None = field(default=None, metadata={"help": "train on this label only (Ganzo)"})
     method: str | None = field(default=None, metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"]})
     gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
     clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
@@ -88,6 +102,7 @@ class Config(RunConfig):
     pl_decay: float = 0.01
     sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm in D, no BatchNorm (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
+    ortho_reg: float | None = field(default=None, metadata={"help": "orthogonal regularisation beta on G (BigGAN)"})
     progressive_growing: bool = field(default=True, metadata={"help": "progressive_gan: grow from 4x4 with fade-in"})
     fade_kimg: float = field(default=800.0, metadata={"help": "growing: kimg per fade-in and per stable phase"})
     batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
@@ -97,7 +112,9 @@ class Config(RunConfig):
     lr_d: float | None = field(default=None, metadata={"help": "D learning rate (TTUR); default --lr"})
     beta1: float | None = None
     beta2: float | None = None
-    train_g_interval: int = field(default=1, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"})
+    train_g_interval: int | None = field(
+        default=None, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"}
+    )
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
     ema_halflife_kimg: float = 10.0
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
@@ -114,23 +131,28 @@ def resolve_config(cfg: Config) -> Config:
     defaults = FALLBACKS | MODEL_DEFAULTS[cfg.model]
     if cfg.lr_d is None:  # the model's TTUR rate, unless --lr was given alone (then both networks use it)
         cfg.lr_d = cfg.lr if cfg.lr is not None else defaults.get("lr_d", defaults["lr"])
-    for name in ("method", "drift_penalty", "r1_gamma", "r1_interval", "pl_weight", "lr", "beta1", "beta2"):
+    unset = ("method", "drift_penalty", "r1_gamma", "r1_interval", "pl_weight", "lr", "beta1", "beta2")
+    for name in unset + ("train_g_interval", "ortho_reg"):
         if getattr(cfg, name) is None:
             setattr(cfg, name, defaults[name])
     cfg.check()  # the run fields, and every "min" bound (now that the model defaults are filled in)
     if cfg.lr <= 0 or cfg.lr_d <= 0:
         raise UserError(f"--lr and --lr_d must be > 0, got {cfg.lr}, {cfg.lr_d}")
-    if min(cfg.r1_gamma, cfg.pl_weight, cfg.drift_penalty) < 0:
-        raise UserError("--r1_gamma, --pl_weight and --drift_penalty must be >= 0")
+    if min(cfg.r1_gamma, cfg.pl_weight, cfg.drift_penalty, cfg.ortho_reg) < 0:
+        raise UserError("--r1_gamma, --pl_weight, --drift_penalty and --ortho_reg must be >= 0")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     if cfg.pl_weight > 0 and cfg.model not in STYLE_MODELS:
         raise UserError(
             f"--pl_weight needs a generator with a mapping network ({', '.join(STYLE_MODELS)}), not {cfg.model}"
         )
-    if cfg.conditional and cfg.model not in ("dcgan", "sagan"):
-        raise UserError(f"--conditional is supported by dcgan and sagan, not {cfg.model}")
-    if gradient_penalised(cfg) and cfg.model == "dcgan" and cfg.disc_kwargs.get("norm", "none") == "batch":
+    if cfg.conditional and cfg.model not in CONDITIONAL_MODELS:
+        raise UserError(f"--conditional is supported by {', '.join(CONDITIONAL_MODELS)}, not {cfg.model}")
+    if cfg.model == "acgan" and not cfg.conditional:
+        raise UserError("--model acgan is class-conditional (D classifies its input): add --conditional")
+    if cfg.image_class is not None and cfg.conditional:
+        raise UserError("--image_class trains on one label: it cannot be combined with --conditional")
+    if gradient_penalised(cfg) and cfg.model in DCGAN_LIKE and cfg.disc_kwargs.get("norm", "none") == "batch":
         raise UserError("gradient penalties (wgan-gp, R1) need a critic without BatchNorm (they are per sample)")
     return cfg
 
@@ -138,7 +160,7 @@ def resolve_config(cfg: Config) -> Config:
 def build_models(cfg: Config, img_channels: int, n_classes: int):
     common = dict(img_size=cfg.img_size, img_channels=img_channels, n_classes=n_classes)
     gen_kwargs, disc_kwargs = common | dict(z_dim=cfg.z_dim), dict(common)
-    if cfg.model == "dcgan":
+    if cfg.model in DCGAN_LIKE:
         # A per-sample gradient penalty is invalid with batch statistics: the penalised critic has no BatchNorm.
         # SN-GAN's critic has spectral norm and no BatchNorm either. --disc_kwargs '{"norm": ...}' overrides both.
         gen_kwargs["spectral_norm"] = cfg.sn_gen
@@ -155,7 +177,8 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
 
 def main(cfg: Config) -> None:
     cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
-    run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}", RESUME_KEYS)
+    suffix = ("_cond" if cfg.conditional else "") + (f"_class{cfg.image_class}" if cfg.image_class is not None else "")
+    run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{suffix}", RESUME_KEYS)
     growing = cfg.model == "progressive_gan" and cfg.progressive_growing
     lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
 
@@ -169,6 +192,8 @@ def main(cfg: Config) -> None:
     # Data.
     with accelerator.main_process_first():
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download, in_memory=False)
+    if cfg.image_class is not None:
+        dataset = select_class(dataset, cfg.image_class)
     if cfg.only_test:
         run.test(accelerator, dataset)
         return
@@ -196,6 +221,7 @@ def main(cfg: Config) -> None:
     if ema is not None:
         ema.module.to(device)
     loss_fn = get_gan_loss(cfg.method)
+    aux_loss = AuxClassifierLoss() if cfg.model == "acgan" else None  # AC-GAN: D's class head has its own loss
 
     # Optimizers (lazy regularisers take their own steps: lr and betas adjusted, utils/optim.py).
     betas = (cfg.beta1, cfg.beta2)
@@ -230,6 +256,10 @@ def main(cfg: Config) -> None:
         labels = torch.arange(n_classes).repeat_interleave(GRID_COLS).to(device) if n_classes else None
         for tag, source in [("raw", gen)] + ([("ema", ema.module)] if ema else []):
             save_grid(eval_generator(source)(zs, labels), run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
+
+    def judge(images: torch.Tensor, labels: torch.Tensor | None):
+        """D's source logits (N,) and, for AC-GAN, its class logits (N, n_classes) (else None)."""
+        return disc(images, labels, aux=True) if aux_loss else (disc(images, labels), None)
 
     def penalty_scale() -> float:
         # fp16: second-order terms are taken from gradients of the scaled output, then unscaled (PyTorch's AMP recipe)
@@ -268,9 +298,13 @@ def main(cfg: Config) -> None:
         # Discriminator step: fakes from the current G without its graph.
         with torch.no_grad():
             fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
-        d_reals, d_fakes = disc(reals, labels), disc(fakes, labels)
+        (d_reals, c_reals), (d_fakes, c_fakes) = judge(reals, labels), judge(fakes, labels)
         loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
         stats |= {"loss/d": loss_d, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+        if aux_loss:  # AC-GAN: D also learns the class of reals (their labels) and of fakes (the labels drawn)
+            loss_class = aux_loss.d_loss(c_reals, c_fakes, labels, labels).mean()
+            loss_d = loss_d + loss_class
+            stats |= {"loss/d_class": loss_class, "d/class_acc": (c_reals.argmax(1) == labels).float().mean()}
         if cfg.drift_penalty > 0:  # ProGAN: keeps the critic's outputs near 0
             drift = d_reals.float().square().mean()
             loss_d = loss_d + cfg.drift_penalty * drift
@@ -307,8 +341,16 @@ def main(cfg: Config) -> None:
         g_applied = True
         if step % cfg.train_g_interval == 0:
             disc.requires_grad_(False)
-            d_fakes = disc(gen(torch.randn(n, cfg.z_dim, device=device), labels), labels)
+            d_fakes, c_fakes = judge(gen(torch.randn(n, cfg.z_dim, device=device), labels), labels)
             loss_g = loss_fn.g_loss(d_fakes).mean()
+            if aux_loss:  # AC-GAN: G wants its fakes classified as the labels they were drawn for
+                loss_g_class = aux_loss.g_loss(c_fakes, labels).mean()
+                loss_g = loss_g + loss_g_class
+                stats["loss/g_class"] = loss_g_class
+            if cfg.ortho_reg > 0:  # BigGAN: push G's filters towards orthogonality (norms left free)
+                ortho = orthogonal_penalty(unwrap(gen))
+                loss_g = loss_g + cfg.ortho_reg * ortho
+                stats["penalty/ortho"] = ortho
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             pl_due = cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0

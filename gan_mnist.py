@@ -1,10 +1,14 @@
-"""Train a GAN (DCGAN, optionally class-conditional) on MNIST or Fashion-MNIST at 32x32.
+"""Train a GAN (DCGAN, optionally class-conditional; AC-GAN; BigGAN) on MNIST or Fashion-MNIST at 32x32.
 
     python gan_mnist.py --model dcgan --method gan --log_name mnist_dcgan --batch_size 32 --n_steps 100000 \
         --lr 2e-4 --beta1 0.5 --beta2 0.999 [--conditional] [--ema]
     python gan_mnist.py --dataset fashion_mnist --method wgan-gp --lr 1e-4 --beta1 0 --beta2 0.9 --train_g_interval 5
     python gan_mnist.py --method wgan --optimizer RMSprop --lr 5e-5 --batch_size 64 --train_g_interval 5
     python gan_mnist.py --method hinge --sn_disc --lr 1e-4 --beta1 0.5 --beta2 0.999
+    python gan_mnist.py --dataset fashion_mnist --model acgan --conditional --ema     # D also classifies (AC-GAN)
+    python gan_mnist.py --dataset fashion_mnist --model biggan --conditional --method hinge --lr 1e-4 --beta1 0 \
+        --beta2 0.999 --ema                # shared embedding, hierarchical z, SN G and D, orthogonal reg 1e-4
+    python gan_mnist.py --dataset fashion_mnist --image_class 7 --ema                   # sneakers only (Ganzo)
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] [--dynamo_backend inductor] gan_mnist.py ...
     torchrun --nproc_per_node 2 gan_mnist.py ...          # also on CPU (gloo)
     python gan_mnist.py ... --resume latest               # continue bit-exactly from logs/<log_name>/states
@@ -23,12 +27,19 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from losses import ganzo_targets, get_gan_loss, gradient_penalty, soft_real_targets
+from losses import (
+    AuxClassifierLoss,
+    ganzo_targets,
+    get_gan_loss,
+    gradient_penalty,
+    orthogonal_penalty,
+    soft_real_targets,
+)
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
-from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
+from utils.data import MNIST_LIKE, build_dataset, make_loader, select_class, step_seed
 from utils.dist import unwrap
 from utils.ema import EMA
 from utils.grid import save_grid
@@ -55,7 +66,9 @@ RESUME_KEYS = (
     "sn_gen",
     "sn_disc",
     "optimizer",
+    "image_class",
 )
+DCGAN_LIKE = ("dcgan", "acgan")  # DCGAN layers: --sn_gen/--sn_disc and the BatchNorm choice apply
 
 
 @dataclass
@@ -69,11 +82,15 @@ class Config(RunConfig):
     disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the discriminator"})
     z_dim: int = 128
     conditional: bool = False
+    image_class: int | None = field(default=None, metadata={"help": "train on this label only (Ganzo)"})
     method: str = field(default="gan", metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"]})
     gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
     clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
     sn_disc: bool = field(default=False, metadata={"help": "spectral norm on every D layer, no BatchNorm (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "spectral norm on every G layer (SA-GAN)"})
+    ortho_reg: float | None = field(
+        default=None, metadata={"help": "BigGAN orthogonal regularisation beta on G; default 1e-4 biggan, else 0"}
+    )
     soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
     noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
     batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
@@ -88,9 +105,18 @@ class Config(RunConfig):
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
-def check_config(cfg: Config) -> None:
-    """Refuse flag combinations that cannot work, before anything is written."""
+def check_config(cfg: Config) -> Config:
+    """Fill the model-dependent default, then refuse flag combinations that cannot work, before anything is
+    written."""
+    if cfg.ortho_reg is None:
+        cfg.ortho_reg = 1e-4 if cfg.model == "biggan" else 0.0  # BigGAN paper, Sec. 3.1
     cfg.check()
+    if cfg.model == "acgan" and not cfg.conditional:
+        raise UserError("--model acgan is class-conditional (D classifies its input): add --conditional")
+    if cfg.image_class is not None and cfg.conditional:
+        raise UserError("--image_class trains on one label: it cannot be combined with --conditional")
+    if cfg.ortho_reg < 0:
+        raise UserError(f"--ortho_reg must be >= 0, got {cfg.ortho_reg}")
     if cfg.method != "gan" and (cfg.soft_labels or cfg.noisy_labels):
         raise UserError(f"--soft_labels/--noisy_labels apply to --method gan only, not {cfg.method}")
     if not 0 <= cfg.noisy_labels <= 1:
@@ -99,25 +125,19 @@ def check_config(cfg: Config) -> None:
         raise UserError("--method wgan-gp needs a critic without BatchNorm (the penalty is per sample)")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    return cfg
 
 
 def build_models(cfg: Config, n_classes: int):
-    gen_kwargs = (
-        dict(img_size=cfg.img_size, img_channels=1, z_dim=cfg.z_dim, n_classes=n_classes, spectral_norm=cfg.sn_gen)
-        | cfg.gen_kwargs
-    )
-    # The WGAN-GP critic has no BatchNorm by default: a per-sample gradient penalty is invalid with batch statistics.
-    # Neither has SN-GAN's (spectral norm instead). An explicit --disc_kwargs '{"norm": ...}' overrides both.
-    disc_kwargs = (
-        dict(
-            img_size=cfg.img_size,
-            img_channels=1,
-            n_classes=n_classes,
-            spectral_norm=cfg.sn_disc,
-            norm="none" if cfg.method == "wgan-gp" or cfg.sn_disc else "batch",
-        )
-        | cfg.disc_kwargs
-    )
+    gen_kwargs = dict(img_size=cfg.img_size, img_channels=1, z_dim=cfg.z_dim, n_classes=n_classes)
+    disc_kwargs = dict(img_size=cfg.img_size, img_channels=1, n_classes=n_classes)
+    if cfg.model in DCGAN_LIKE:  # SA-GAN and BigGAN have spectral norm and no BatchNorm choice in their layouts
+        # The WGAN-GP critic has no BatchNorm by default: a per-sample gradient penalty is invalid with batch
+        # statistics. Neither has SN-GAN's (spectral norm instead). --disc_kwargs '{"norm": ...}' overrides both.
+        gen_kwargs["spectral_norm"] = cfg.sn_gen
+        no_bn = cfg.method == "wgan-gp" or cfg.sn_disc
+        disc_kwargs |= dict(spectral_norm=cfg.sn_disc, norm="none" if no_bn else "batch")
+    gen_kwargs, disc_kwargs = gen_kwargs | cfg.gen_kwargs, disc_kwargs | cfg.disc_kwargs
     try:
         return build_generator(cfg.model, **gen_kwargs), gen_kwargs, build_discriminator(cfg.model, **disc_kwargs)
     except (KeyError, ValueError, TypeError) as e:
@@ -125,8 +145,9 @@ def build_models(cfg: Config, n_classes: int):
 
 
 def main(cfg: Config) -> None:
-    check_config(cfg)
-    run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{'_cond' if cfg.conditional else ''}", RESUME_KEYS)
+    cfg = check_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
+    suffix = ("_cond" if cfg.conditional else "") + (f"_class{cfg.image_class}" if cfg.image_class is not None else "")
+    run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{suffix}", RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
     accelerator = Accelerator(**run.accelerator_kwargs())
@@ -136,6 +157,8 @@ def main(cfg: Config) -> None:
     # Data.
     with accelerator.main_process_first():  # only one process downloads, the others then find the files
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
+    if cfg.image_class is not None:
+        dataset = select_class(dataset, cfg.image_class)
     if cfg.only_test:
         run.test(accelerator, dataset)
         return
@@ -154,6 +177,7 @@ def main(cfg: Config) -> None:
     if ema is not None:
         ema.module.to(device)
     loss_fn = get_gan_loss(cfg.method)
+    aux_loss = AuxClassifierLoss() if cfg.model == "acgan" else None  # AC-GAN: D's class head has its own loss
 
     # Optimizers.
     optim_g = make_optimizer(cfg.optimizer, gen.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
@@ -172,6 +196,10 @@ def main(cfg: Config) -> None:
         """`gen_eval` holding `source`'s weights with standing BatchNorm statistics: batch-independent outputs."""
         gen_eval.load_state_dict(unwrap(source).state_dict())
         return recalibrate_batchnorm(gen_eval, latent_batches(cfg.z_dim, n_classes, seed=cfg.seed + 1, device=device))
+
+    def judge(images: torch.Tensor, labels: torch.Tensor | None):
+        """D's source logits (N,) and, for AC-GAN, its class logits (N, n_classes) (else None)."""
+        return disc(images, labels, aux=True) if aux_loss else (disc(images, labels), None)
 
     @torch.no_grad()
     def save_grids(step: int) -> None:
@@ -197,13 +225,17 @@ def main(cfg: Config) -> None:
         # Discriminator step: fakes come from the current G without building its graph.
         with torch.no_grad():
             fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
-        d_reals, d_fakes = disc(reals, labels), disc(fakes, labels)
+        (d_reals, c_reals), (d_fakes, c_fakes) = judge(reals, labels), judge(fakes, labels)
         if cfg.method == "gan":
             real_targets, fake_targets = ganzo_targets(n, cfg.soft_labels, cfg.noisy_labels, device)
             loss_d = loss_fn.d_loss(d_reals, d_fakes, real_targets, fake_targets).mean()
         else:
             loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
         stats = {"loss/d": loss_d, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+        if aux_loss:  # AC-GAN: D also learns the class of reals (their labels) and of fakes (the labels drawn)
+            loss_class = aux_loss.d_loss(c_reals, c_fakes, labels, labels).mean()
+            loss_d = loss_d + loss_class
+            stats |= {"loss/d_class": loss_class, "d/class_acc": (c_reals.argmax(1) == labels).float().mean()}
         if cfg.method == "wgan-gp":
             # Second-order gradients run on the eager module (never compiled); under fp16 the penalty is taken
             # from gradients of the scaled output, then unscaled (PyTorch's AMP gradient-penalty recipe).
@@ -224,11 +256,19 @@ def main(cfg: Config) -> None:
         g_applied = True
         if step % cfg.train_g_interval == 0:
             disc.requires_grad_(False)
-            d_fakes = disc(gen(torch.randn(n, cfg.z_dim, device=device), labels), labels)
+            d_fakes, c_fakes = judge(gen(torch.randn(n, cfg.z_dim, device=device), labels), labels)
             if cfg.method == "gan":
                 loss_g = loss_fn.g_loss(d_fakes, soft_real_targets(n, cfg.soft_labels, device)).mean()
             else:
                 loss_g = loss_fn.g_loss(d_fakes).mean()
+            if aux_loss:  # AC-GAN: G wants its fakes classified as the labels they were drawn for
+                loss_g_class = aux_loss.g_loss(c_fakes, labels).mean()
+                loss_g = loss_g + loss_g_class
+                stats["loss/g_class"] = loss_g_class
+            if cfg.ortho_reg > 0:  # BigGAN: push G's filters towards orthogonality (norms left free)
+                ortho = orthogonal_penalty(unwrap(gen))
+                loss_g = loss_g + cfg.ortho_reg * ortho
+                stats["penalty/ortho"] = ortho
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             disc.requires_grad_(True)
@@ -269,7 +309,7 @@ def main(cfg: Config) -> None:
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
     with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=check_config))
 
 
 if __name__ == "__main__":

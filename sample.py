@@ -3,6 +3,10 @@
     python sample.py --checkpoint logs/mnist_dcgan --n_samples 1000 --out_dir samples/mnist_dcgan --seed 0
     python sample.py --checkpoint logs/mnist_dcgan_cond --n_samples 100 --class_label 3 --out_dir samples/threes
     python sample.py --checkpoint logs/celeba_stylegan2 --truncation 0.7 --out_dir samples/sg2_psi07
+    python sample.py --checkpoint logs/fmnist_biggan --class_label 7 --truncation 0.5 --out_dir samples/bg_t05
+    # image-to-image translation snapshots (translate.py): one output per input image
+    python sample.py --checkpoint logs/edges_pix2pix --input_dir my_edges --out_dir translated
+    python sample.py --checkpoint logs/shoes_cyclegan --input_dir my_boots --reverse --out_dir sneakers   # B -> A
     accelerate launch --num_processes 4 sample.py --checkpoint logs/mnist_dcgan --start_seed 0 --end_seed 49999 \
         --out_dir samples/mnist_dcgan_50k
     torchrun --nproc_per_node 2 sample.py ...
@@ -27,7 +31,9 @@ t_min, t_max, rho are in the snapshot), jump along it with the learned flow map 
 G(x, t_min, 0): --num_steps 1 (the default for them) is the one-step generator
 G(z, t_max, 0). The number of network evaluations per image (NFE) and the sampling time (network and solver only, no
 PNG writing) are printed and stored in sample_info.json. 2-D toy snapshots write points.npy (seed order) and
-scatter.png instead of PNGs.
+scatter.png instead of PNGs. Translation snapshots read every image under --input_dir (recursively; centre square
+resized to the model's size) and write exactly one PNG per input, at the same relative path with a .png suffix, plus
+grid.png of [input | output] pairs.
 """
 
 import dataclasses
@@ -47,6 +53,7 @@ from sampling import SNAPSHOT_KINDS
 from sampling.diffusion import SOLVERS, use_distilled_grid
 from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
+from utils.data import image_files, read_image, to_signed_unit
 from utils.grid import check_finite, save_grid, save_png, save_scatter, to_uint8
 from utils.tracking import progress
 
@@ -65,8 +72,10 @@ class Config:
     end_seed: int | None = field(default=None, metadata={"help": "inclusive"})
     batch_size: int = 64
     class_label: int | None = field(default=None, metadata={"help": "conditional models: one class for every image"})
-    # Style GANs only (stylegan, stylegan2): the truncation trick, w' = w_avg + psi (w - w_avg).
-    truncation: float = field(default=1.0, metadata={"help": "style GANs: psi (1 = off; 0.7 is StyleGAN's choice)"})
+    # The truncation trick: style GANs w' = w_avg + psi (w - w_avg); BigGAN z resampled until every |z_i| <= threshold.
+    truncation: float | None = field(
+        default=None, metadata={"help": "style GANs: psi in [0, 1] (0.7: StyleGAN's); biggan: threshold > 0; off"}
+    )
     truncation_cutoff: int | None = field(default=None, metadata={"help": "truncate the first k ws only (all)"})
     grid: bool = field(default=True, metadata={"help": "also write grid.png of the first --grid_size seeds"})
     grid_size: int = field(default=100, metadata={"help": "images in grid.png (e.g. 256 for a 16 x 16 teaser)"})
@@ -94,6 +103,9 @@ class Config:
     s_noise: float = field(
         default=1.0, metadata={"aliases": ["S_noise"], "help": "noise inflation of churn and ancestral steps"}
     )
+    # Translation snapshots only (translate.py).
+    input_dir: str = field(default="", metadata={"help": "translation: folder of input images, one output each"})
+    reverse: bool = field(default=False, metadata={"help": "translation: a CycleGAN snapshot's B -> A generator"})
 
 
 def seed_list(cfg: Config) -> list[int]:
@@ -109,14 +121,20 @@ def seed_list(cfg: Config) -> list[int]:
 
 
 def truncation_settings(generator, cfg: Config) -> dict:
-    """Generator keyword arguments for the truncation trick; refused for generators without a mapping network."""
-    if cfg.truncation == 1 and cfg.truncation_cutoff is None:
+    """Generator keyword arguments for the truncation trick; refused for generators without a mapping network,
+    except BigGAN's, whose truncation is a threshold on the latents (`sampling.truncated_latents`)."""
+    if cfg.truncation is None and cfg.truncation_cutoff is None:
         return {}
+    if getattr(generator, "truncates_latents", False):
+        if cfg.truncation_cutoff is not None or not (cfg.truncation or 0) > 0:
+            raise UserError("biggan: --truncation is a threshold > 0 on |z|, and --truncation_cutoff does not apply")
+        return dict(truncation=cfg.truncation)
     if not hasattr(generator, "mapping"):
-        raise UserError("--truncation/--truncation_cutoff need a style generator (stylegan, stylegan2)")
-    if not 0 <= cfg.truncation <= 1 or not 0 < (cfg.truncation_cutoff or 1) <= generator.num_ws:
+        raise UserError("--truncation/--truncation_cutoff need a style generator (stylegan, stylegan2) or biggan")
+    psi = 1.0 if cfg.truncation is None else cfg.truncation
+    if not 0 <= psi <= 1 or not 0 < (cfg.truncation_cutoff or 1) <= generator.num_ws:
         raise UserError(f"need 0 <= --truncation <= 1 and 1 <= --truncation_cutoff <= {generator.num_ws}")
-    return dict(truncation=cfg.truncation, truncation_cutoff=cfg.truncation_cutoff)
+    return dict(truncation=psi, truncation_cutoff=cfg.truncation_cutoff)
 
 
 def solver_settings(denoiser, cfg: Config) -> dict:
@@ -167,6 +185,9 @@ def main(cfg: Config) -> None:
         valid = sorted(SNAPSHOT_KINDS)
         raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} has no sampler; valid: {valid}")
     build, sample_fn = SNAPSHOT_KINDS[meta["kind"]]
+    if meta["kind"] == "translation" or cfg.input_dir or cfg.reverse:
+        translate_folder(cfg, meta, state_dict)
+        return
     if cfg.mode is not None:  # seed 004's eval.py --mode: one of its two snapshot kinds
         if {"denoiser": "diffusion", "characteristic": "characteristic"}[cfg.mode] != meta["kind"]:
             raise UserError(f"--mode {cfg.mode}: {meta['path']} is a {meta['kind']!r} snapshot")
@@ -254,6 +275,56 @@ def main(cfg: Config) -> None:
             f"wrote {len(seeds)} {what} (seeds {seeds[0]}..{seeds[-1]}, {nfe} NFE each, "
             f"{info['seconds_per_1k_images']:.2f} s per 1000 on this process) to {out_dir}"
         )
+
+
+def translate_folder(cfg: Config, meta: dict, state_dict: dict) -> None:
+    """A translation snapshot on --input_dir: exactly one output PNG per input image, at the input's relative path
+    with a .png suffix; inputs are dealt round-robin to the processes."""
+    if meta["kind"] != "translation":
+        raise UserError(f"--input_dir/--reverse apply to translation snapshots; {meta['path']} is {meta['kind']!r}")
+    if not cfg.input_dir:
+        raise UserError(f"{meta['path']} is a translation snapshot: give --input_dir, a folder of input images")
+    root, out_dir = Path(cfg.input_dir), Path(cfg.out_dir)
+    if not root.is_dir():
+        raise UserError(f"--input_dir {cfg.input_dir}: no such folder")
+    if out_dir.resolve() == root.resolve() or root.resolve() in out_dir.resolve().parents:
+        raise UserError(f"--out_dir {cfg.out_dir} lies inside --input_dir: outputs would be read as inputs next time")
+    files = image_files(root)
+    if not files:
+        raise UserError(f"--input_dir {cfg.input_dir}: no image files in it or below it")
+    names = [f.relative_to(root).with_suffix(".png") for f in files]
+    if len(set(names)) < len(names):
+        clash = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"--input_dir: two inputs would both be written as {clash} (same name, other extensions)")
+    build, sample_fn = SNAPSHOT_KINDS["translation"]
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    model = build_from_snapshot(meta, state_dict, build).to(accelerator.device).eval()
+    if cfg.reverse and not getattr(model, "reversible", False):
+        raise UserError(f"--reverse needs a CycleGAN snapshot (two generators); {meta['path']} has one")
+    channels = model.out_channels if cfg.reverse else model.in_channels
+    settings = dict(reverse=True) if cfg.reverse else {}
+
+    mine = list(range(accelerator.process_index, len(files), accelerator.num_processes))
+    batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+    for batch in progress(batches, accelerator.is_main_process, desc="translating"):
+        inputs = to_signed_unit(torch.stack([read_image(files[i], model.img_size, channels) for i in batch]))
+        outputs, _ = sample_fn(model, inputs, None, accelerator.device, **settings)
+        check_finite(outputs, f"the translations of {files[batch[0]]} ...")
+        for i, image in zip(batch, to_uint8(outputs).cpu(), strict=True):
+            (out_dir / names[i]).parent.mkdir(parents=True, exist_ok=True)
+            save_png(image, out_dir / names[i])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if cfg.grid and Path("grid.png") not in names:  # [input | output] pairs of the first inputs, from the files
+            first = range(min(len(files), cfg.grid_size // 2))
+            tiles = [t for i in first for t in (read_image(files[i], model.img_size), read_image(out_dir / names[i]))]
+            c = max(t.shape[0] for t in tiles)
+            save_grid(to_signed_unit(torch.stack([t.expand(c, -1, -1) for t in tiles])), out_dir / "grid.png", nrow=10)
+        info = dict(snapshot=meta["path"], step=meta["step"], model=meta["model"], input_dir=str(root))
+        info |= dict(n_inputs=len(files), n_outputs=len(files), reverse=cfg.reverse, img_size=model.img_size)
+        (out_dir / "sample_info.json").write_text(json.dumps(info, indent=2))
+        direction = " (B -> A)" if cfg.reverse else ""
+        print(f"wrote {len(files)} translations{direction} of the images in {root} to {out_dir}")
 
 
 def cli(argv: list[str] | None = None) -> None:

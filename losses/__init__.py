@@ -2,6 +2,7 @@
 return per-sample values; regularisers take the critic and the batches. Diffusion losses are callables
 `loss_fn(denoiser, images, labels) -> (N,)`. Reduction happens in the script."""
 
+from losses.auxiliary import AuxClassifierLoss, orthogonal_penalty
 from losses.diffusion import EDMLoss, FollmerLoss
 from losses.gan import (
     HingeLoss,
@@ -13,11 +14,19 @@ from losses.gan import (
     r1_penalty,
     soft_real_targets,
 )
+from losses.translation import LeastSquaresLoss, Pix2PixLoss, cycle_loss, identity_loss, l1_distance
 
 GAN_LOSSES = {"gan": NonSaturatingLoss, "wgan": WassersteinLoss, "wgan-gp": WassersteinLoss, "hinge": HingeLoss}
 DIFFUSION_LOSSES = {"edm": EDMLoss, "follmer": FollmerLoss}
 
 __all__ = [
+    "AuxClassifierLoss",
+    "LeastSquaresLoss",
+    "Pix2PixLoss",
+    "cycle_loss",
+    "identity_loss",
+    "l1_distance",
+    "orthogonal_penalty",
     "DIFFUSION_LOSSES",
     "GAN_LOSSES",
     "get_diffusion_loss",

@@ -1,6 +1,6 @@
 """Architectures, selected by name: `build_generator(name, **kwargs)`, `build_discriminator`, `build_network`
-(denoiser backbones) and `build_denoiser(method, net, net_kwargs, **kwargs)` (a backbone inside EDM or Föllmer
-preconditioning).
+(denoiser backbones), `build_denoiser(method, net, net_kwargs, **kwargs)` (a backbone inside EDM or Föllmer
+preconditioning) and `build_translator` / `build_patch_discriminator` (image-to-image translation, translate.py).
 
 The kwargs go straight to the constructor and are stored in snapshots, so `sample.py` rebuilds a model without
 the training script's flags. One architecture family per file.
@@ -10,7 +10,20 @@ from functools import partial
 
 from torch import nn
 
-from modelling import classifier, dcgan, mlp, precond, progressive_gan, sagan, stylegan, stylegan2, unet
+from modelling import (
+    acgan,
+    biggan,
+    classifier,
+    dcgan,
+    mlp,
+    precond,
+    progressive_gan,
+    sagan,
+    stylegan,
+    stylegan2,
+    translation,
+    unet,
+)
 
 GENERATORS = {
     "dcgan": dcgan.Generator,
@@ -18,6 +31,8 @@ GENERATORS = {
     "stylegan": stylegan.Generator,
     "stylegan2": stylegan2.Generator,
     "sagan": sagan.Generator,
+    "acgan": acgan.Generator,
+    "biggan": biggan.Generator,
 }
 DISCRIMINATORS = {
     "dcgan": dcgan.Discriminator,
@@ -27,9 +42,17 @@ DISCRIMINATORS = {
     "stylegan": partial(progressive_gan.Discriminator, blur_filter=[1, 2, 1], growing=False),
     "stylegan2": stylegan2.Discriminator,
     "sagan": sagan.Discriminator,
+    "acgan": acgan.Discriminator,
+    "biggan": sagan.Discriminator,  # BigGAN's D is SA-GAN's projection discriminator (residual, SN, attention)
 }
 CLASSIFIERS = {"cnn": classifier.Classifier}  # feature extractors for the offline metric (fid.py --detector fmnist)
 NETWORKS = {"ddpmpp": unet.SongUNet, "mlp": mlp.ToyMLP}
+# translate.py: pix2pix's U-Net, CycleGAN's ResNet generator, and the A<->B pair a CycleGAN snapshot holds.
+TRANSLATORS = {
+    "unet": translation.UNetGenerator,
+    "resnet": translation.ResnetGenerator,
+    "cycle": translation.CycleGenerators,
+}
 DENOISERS = {"edm": precond.EDMDenoiser, "follmer": precond.FollmerDenoiser}
 # `--model` names of diffusion_train.py: (network, preset kwargs); user kwargs override the preset.
 NETWORK_PRESETS = {f"ddpmpp-{k}": ("ddpmpp", v) for k, v in unet.PRESETS.items()} | {"mlp": ("mlp", {})}
@@ -59,3 +82,7 @@ def build_network(name: str, **kwargs) -> nn.Module:
 
 def build_denoiser(name: str, net: str, net_kwargs: dict, **kwargs) -> precond.Denoiser:
     return _lookup(DENOISERS, name, "denoiser")(build_network(net, **net_kwargs), **kwargs)
+
+
+def build_translator(name: str, **kwargs) -> nn.Module:
+    return _lookup(TRANSLATORS, name, "translator")(**kwargs)

@@ -77,9 +77,13 @@ class ConditionalBatchNorm(nn.Module):
 
 
 class GBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, n_classes: int):
+    """`norm(ch)` builds the conditional norms (default: per-class CBN); `labels` is whatever they condition on
+    (BigGAN passes its per-block conditioning vectors)."""
+
+    def __init__(self, in_ch: int, out_ch: int, n_classes: int, norm=None):
         super().__init__()
-        self.bn1, self.bn2 = ConditionalBatchNorm(in_ch, n_classes), ConditionalBatchNorm(out_ch, n_classes)
+        norm = norm or (lambda ch: ConditionalBatchNorm(ch, n_classes))
+        self.bn1, self.bn2 = norm(in_ch), norm(out_ch)
         self.conv1, self.conv2 = nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1)
 

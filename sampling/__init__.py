@@ -7,7 +7,7 @@ number of processes. `SNAPSHOT_KINDS` maps a snapshot's kind to (builder, sample
 
 import torch
 
-from modelling import build_denoiser, build_generator
+from modelling import build_denoiser, build_generator, build_translator
 from sampling.diffusion import StackedNoise, sample
 
 
@@ -16,11 +16,29 @@ def seed_latents(seeds: list[int], z_dim: int) -> torch.Tensor:
     return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def truncated_latents(seeds: list[int], z_dim: int, threshold: float) -> torch.Tensor:
+    """BigGAN's truncation trick (arXiv 1809.11096, Sec. 3.1): z ~ N(0, I) with every entry of magnitude above
+    `threshold` redrawn until none is, from that seed's own generator (so still one latent per seed)."""
+    rows = []
+    for s in seeds:
+        rng = torch.Generator().manual_seed(int(s))
+        z = torch.randn(z_dim, generator=rng)
+        while (outside := z.abs() > threshold).any():
+            z[outside] = torch.randn(int(outside.sum()), generator=rng)
+        rows.append(z)
+    return torch.stack(rows)
+
+
 @torch.no_grad()
 def gan_images(generator, seeds: list[int], labels, device, **settings):
     """One network evaluation (NFE 1). In eval mode the style generators use their stored noise maps, so image k
-    depends on its seed only; `settings` are generator keyword arguments (truncation, truncation_cutoff)."""
-    return generator(seed_latents(seeds, generator.z_dim).to(device), labels, **settings), 1
+    depends on its seed only; `settings` are generator keyword arguments (truncation, truncation_cutoff), except for
+    generators that truncate their latents (BigGAN), for which `truncation` is the threshold of `truncated_latents`."""
+    if getattr(generator, "truncates_latents", False) and settings.get("truncation") is not None:
+        zs = truncated_latents(seeds, generator.z_dim, settings.pop("truncation"))
+    else:
+        zs = seed_latents(seeds, generator.z_dim)
+    return generator(zs.to(device), labels, **settings), 1
 
 
 @torch.no_grad()
@@ -32,9 +50,17 @@ def diffusion_images(denoiser, seeds: list[int], labels, device, **settings):
     return images.float(), nfe
 
 
+@torch.no_grad()
+def translated_images(translator, inputs: torch.Tensor, labels, device, **settings):
+    """Image-to-image translation: the second argument is a batch of input images in [-1, 1], not seeds; one output
+    per input (`settings`: reverse=True runs a CycleGAN snapshot's B -> A generator)."""
+    return translator(inputs.to(device), **settings), 1
+
+
 # Characteristic generators are two-time denoisers: the diffusion sampler runs them with its "characteristic" solver.
 SNAPSHOT_KINDS = {
     "gan": (build_generator, gan_images),
     "diffusion": (build_denoiser, diffusion_images),
     "characteristic": (build_denoiser, diffusion_images),
+    "translation": (build_translator, translated_images),
 }

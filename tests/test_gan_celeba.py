@@ -272,7 +272,7 @@ def test_bad_flags_are_refused(tmp_path):
     from utils.cli import UserError
 
     cases = [
-        (dict(model="stylegan2", conditional=True), "--conditional is supported by dcgan and sagan"),
+        (dict(model="stylegan2", conditional=True), "--conditional is supported by dcgan, sagan, acgan, biggan"),
         (dict(model="dcgan", pl_weight=2.0), "--pl_weight needs a generator with a mapping network"),
         (dict(model="dcgan", method="wgan-gp", disc_kwargs={"norm": "batch"}), "without BatchNorm"),
         (dict(model="stylegan2", r1_interval=0), "--r1_interval must be >= 1"),

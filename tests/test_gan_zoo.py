@@ -33,6 +33,8 @@ TINY = {
     "stylegan": NV,
     "stylegan2": NV,
     "sagan": dict(base_dim=8),
+    "acgan": dict(base_dim=4),
+    "biggan": dict(base_dim=8),
 }
 STYLE_G = dict(w_dim=8, n_mlp=2)
 

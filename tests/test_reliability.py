@@ -63,6 +63,12 @@ FAMILIES = {
         "--bsz", "16", "--global_bsz", "32", "--num_steps", "4", "--n_steps", "16", "--lr_rampup_steps", "2",
         "--eval_interval", "8", "--eval_samples", "64",
     ]),
+    "translate": ("translate.py", [  # CycleGAN: its image pools (full from the first step) are part of the state
+        "--model", "cyclegan", "--dataset", "fashion_mnist_sneakers_boots", "--img_size", "16", "--batch_size", "4",
+        "--gen_kwargs", '{"base_dim": 4, "n_blocks": 1}', "--disc_kwargs", '{"base_dim": 4, "n_layers": 2}',
+        "--pool_size", "3", "--ema", "--n_steps", "16", "--eval_interval", "4", "--eval_samples", "8",
+        "--num_workers", "0",
+    ]),
 }
 # fmt: on
 COMMON = ["--checkpoint_interval", "2", "--log_interval", "1", "--sample_interval", "6", "--loggers", "none"]
@@ -192,6 +198,10 @@ def bad_input_ctx(tmp_path_factory, mnist_dir) -> dict:
     (files / "samples" / "sample_info.json").write_text('{"seeds": [0, ')
     (files / "broken_samples").mkdir()
     (files / "broken_samples" / "000000.png").write_bytes(b"\x89PNG cut")
+    # Translation data: A/ and B/ whose names do not match.
+    for domain, name in (("A", "x"), ("B", "y")):
+        (files / "pairs" / domain).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(files / "pairs" / domain / f"{name}.png")
     return {"run": run_dir, "root": root, "files": files, "mnist": mnist_dir, "digest": tree_digest(run_dir)}
 
 
@@ -389,6 +399,30 @@ BAD_INPUTS = {
             str(c["root"] / "g"),
         ],
         "not a classifier",
+    ),
+    "translate-unpaired-without-b": (
+        "translate",
+        lambda c: [
+            "--model",
+            "cyclegan",
+            "--dataset",
+            "unpaired",
+            "--data_dir",
+            str(c["files"] / "rgb"),
+            "--log_dir",
+            str(c["root"]),
+        ],  # fmt: skip
+        "an unpaired dataset needs two folders",
+    ),
+    "translate-pairs-without-partners": (
+        "translate",
+        lambda c: ["--dataset", "paired", "--data_dir", str(c["files"] / "pairs"), "--log_dir", str(c["root"])],
+        "have no partner of the same name",
+    ),
+    "sample-input-dir-for-a-gan": (
+        "sample",
+        lambda c: ["--checkpoint", str(c["run"]), "--input_dir", str(c["files"] / "rgb"), "--out_dir", str(c["root"])],
+        "apply to translation snapshots",
     ),
     "missing-inception": (
         "gan_mnist",

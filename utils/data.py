@@ -387,6 +387,22 @@ def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset
     return ImageTensorDataset(images, files.labels[readable], files.n_classes, files.classes)
 
 
+def select_class(dataset, label: int):
+    """Ganzo's `--image-class`: the images of one label only (an unconditional model of one class). Labels keep their
+    values, so the class names and `n_classes` still describe the original data."""
+    n_classes = getattr(dataset, "n_classes", 0)
+    if not n_classes or not isinstance(dataset, (ImageTensorDataset, ImageFileDataset)):
+        raise UserError("--image_class needs image data with labels (MNIST-like, cifar10, a folder of class folders)")
+    if not 0 <= label < n_classes:
+        names = f" ({', '.join(dataset.classes)})" if dataset.classes else ""
+        raise UserError(f"--image_class {label}: the labels are 0..{n_classes - 1}{names}")
+    keep = (dataset.labels == label).nonzero().flatten()
+    if isinstance(dataset, ImageTensorDataset):
+        return ImageTensorDataset(dataset.images[keep], dataset.labels[keep], n_classes, dataset.classes)
+    files = [dataset.files[i] for i in keep.tolist()]
+    return ImageFileDataset(files, dataset.labels[keep], n_classes, dataset.img_size, dataset.classes, dataset.channels)
+
+
 # ---------------------------------------------------------------------------------------------------- CelebA
 CELEBA_FOLDER = "img_align_celeba"  # the aligned-and-cropped 178x218 JPEGs (torchvision's layout: <root>/celeba/)
 

@@ -1,0 +1,404 @@
+"""Image-to-image translation: pix2pix on paired data, CycleGAN on unpaired data.
+
+    python translate.py --model pix2pix --dataset paired --data_dir facades/train --eval_dir facades/val \
+        --direction BtoA --img_size 256 --n_steps 40000 --eval_interval 2000
+    python translate.py --model cyclegan --dataset unpaired --data_dir horse2zebra --eval_dir horse2zebra \
+        --img_size 256 --n_steps 266000            # 200 epochs of 1,334 horses at batch 1, as the paper
+    python translate.py --model pix2pix --dataset fashion_mnist_edges --img_size 32 --batch_size 32 --ema \
+        --gen_kwargs '{"base_dim": 32}' --disc_kwargs '{"base_dim": 32, "n_layers": 2}' --eval_interval 500  # offline
+    python translate.py --model cyclegan --dataset fashion_mnist_sneakers_boots --img_size 32 --batch_size 8 \
+        --gen_kwargs '{"base_dim": 32, "n_blocks": 6}' --disc_kwargs '{"base_dim": 32, "n_layers": 2}' --ema
+    accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] translate.py ...
+    torchrun --nproc_per_node 2 translate.py ...      # also on CPU (gloo)
+    python translate.py ... --resume latest           # continue bit-exactly (image pools included)
+    python sample.py --checkpoint logs/<run> --input_dir my_inputs --out_dir translated [--reverse]
+
+pix2pix (Isola et al. 2017): U-Net G, 70x70 PatchGAN D on (input, output) pairs, G loss = BCE + 100 x L1, D loss
+halved; one G forward per step, used by the D step (detached) and then the G step, as the reference code does.
+CycleGAN (Zhu et al. 2017): ResNet generators G: A -> B and F: B -> A, a PatchGAN per domain, least-squares
+losses, cycle loss x 10, identity loss x 0.5 x 10, D trained on fakes from a history of 50 (`ImagePool`); G step
+first, then the D step, as the reference code. Both: Adam 2e-4 (0.5, 0.999), batch 1, lr constant for the first half
+of --n_steps then linear to 0 (`--lr_decay_start`), instance norm. Data (`utils/pairs.py`): `paired` folders (A/
+and B/ with matching names, or A|B side by side), `unpaired` folders (A/ and B/, or trainA/ and trainB/), and the
+offline demos built from Fashion-MNIST on the fly. Evaluation (`--eval_interval`): pix2pix L1 and SSIM of the outputs
+(as saved PNGs, pixels in [0, 1]) to the targets of held-out pairs (`--eval_metric l1|ssim`); CycleGAN the Fréchet
+distance of translated held-out A images to the B training images (`fd_target`: FD_cls on 1-channel 28/32 px data,
+FD on pixels otherwise). Grids: [input | output | target] triplets (CycleGAN: [input | translation | cycle]).
+The run folder, resume, best checkpoint, --only_test and --delete are gan_mnist.py's (utils/run.py).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from losses import LeastSquaresLoss, Pix2PixLoss, cycle_loss, identity_loss, l1_distance
+from metrics.evaluate import Evaluator, resolve_metric
+from metrics.ssim import ssim
+from modelling import build_translator
+from modelling.translation import PatchDiscriminator
+from utils.cli import UserError, parse, user_errors
+from utils.data import make_loader, step_seed
+from utils.dist import unwrap
+from utils.ema import EMA
+from utils.grid import save_grid, to_uint8
+from utils.optim import make_optimizer, set_hyperparameters
+from utils.pairs import DEMOS, fashion_mnist_edges, fashion_mnist_sneakers_boots, paired_folder, unpaired_folders
+from utils.run import Run, RunConfig
+from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+torch.backends.cudnn.benchmark = True
+
+GRID_EXAMPLES = 12  # grids: 12 triplets, two per row
+PAIRED = {"pix2pix": ("fashion_mnist_edges", "paired"), "cyclegan": ("fashion_mnist_sneakers_boots", "unpaired")}
+RESUME_KEYS = ("model", "dataset", "img_size", "gen_kwargs", "disc_kwargs", "direction", "pool_size")
+
+
+@dataclass
+class Config(RunConfig):
+    model: str = field(default="pix2pix", metadata={"choices": ["pix2pix", "cyclegan"]})
+    dataset: str = field(default="paired", metadata={"choices": [*DEMOS, "paired", "unpaired"]})
+    data_dir: str = field(default="data", metadata={"help": "paired/unpaired folder; demos: where Fashion-MNIST is"})
+    eval_dir: str = field(default="", metadata={"help": "held-out folder (same layout); demos: their test split"})
+    direction: str = field(default="AtoB", metadata={"choices": ["AtoB", "BtoA"]})
+    download: bool = field(default=True, metadata={"help": "let torchvision try to download Fashion-MNIST"})
+    img_size: int = 256
+    gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the generator(s)"})
+    disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the PatchGAN(s)"})
+    batch_size: int = field(default=1, metadata={"min": 1, "help": "per process (both papers: 1)"})
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lr_decay_start: float = field(default=0.5, metadata={"help": "fraction of n_steps, then lr linear to 0; 1 = off"})
+    l1_weight: float = field(default=100.0, metadata={"help": "pix2pix: lambda of the L1 term"})
+    cycle_weight: float = field(default=10.0, metadata={"help": "cyclegan: lambda of the cycle loss"})
+    identity_weight: float = field(default=0.5, metadata={"help": "cyclegan: identity loss weight, x cycle_weight"})
+    pool_size: int = field(default=50, metadata={"min": 0, "help": "cyclegan: fakes kept per domain; 0 = none"})
+    ema: bool = field(default=False, metadata={"help": "keep an EMA generator; grids, evaluations, snapshots use it"})
+    ema_halflife_kimg: float = 10.0
+    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
+    num_workers: int = field(default=2, metadata={"min": 0, "help": "decoding processes for image folders"})
+    eval_metric: str = field(
+        default="auto", metadata={"choices": ["auto", "l1", "ssim", "fd_target"], "help": "auto: l1 / fd_target"}
+    )
+
+
+def resolve_config(cfg: Config) -> Config:
+    """Fill the model's metric, then refuse combinations that cannot work, before anything is written."""
+    if cfg.eval_metric == "auto":
+        cfg.eval_metric = "l1" if cfg.model == "pix2pix" else "fd_target"
+    cfg.check()
+    if cfg.dataset not in PAIRED[cfg.model]:
+        raise UserError(f"--model {cfg.model} trains on {' or '.join(PAIRED[cfg.model])} data, not {cfg.dataset}")
+    if (cfg.eval_metric == "fd_target") != (cfg.model == "cyclegan"):
+        raise UserError(f"--eval_metric {cfg.eval_metric} does not apply to {cfg.model} (pix2pix: l1, ssim; "
+                        "cyclegan: fd_target)")  # fmt: skip
+    if cfg.lr <= 0 or not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1) or not 0 <= cfg.lr_decay_start <= 1:
+        raise UserError("need --lr > 0, --beta1 and --beta2 in [0, 1), --lr_decay_start in [0, 1]")
+    if min(cfg.l1_weight, cfg.cycle_weight, cfg.identity_weight) < 0:
+        raise UserError("--l1_weight, --cycle_weight and --identity_weight must be >= 0")
+    return cfg
+
+
+def build_data(cfg: Config):
+    """(training data, held-out data): pix2pix a paired dataset each; CycleGAN (A, B) pairs of domains."""
+    reverse = cfg.direction == "BtoA"
+    if cfg.dataset == "fashion_mnist_edges":
+        train, held_out = (fashion_mnist_edges(cfg.data_dir, cfg.img_size, t, cfg.download) for t in (True, False))
+        if reverse:
+            train, held_out = (type(d)(d.targets, d.inputs) for d in (train, held_out))
+    elif cfg.dataset == "fashion_mnist_sneakers_boots":
+        train, held_out = (
+            fashion_mnist_sneakers_boots(cfg.data_dir, cfg.img_size, t, cfg.download) for t in (True, False)
+        )
+    elif cfg.dataset == "paired":
+        train = paired_folder(cfg.data_dir, cfg.img_size, reverse)
+        held_out = paired_folder(cfg.eval_dir, cfg.img_size, reverse) if cfg.eval_dir else train
+    else:
+        train = unpaired_folders(cfg.data_dir, cfg.img_size)
+        held_out = unpaired_folders(cfg.eval_dir, cfg.img_size, test=True) if cfg.eval_dir else train
+    if cfg.model == "cyclegan" and reverse:
+        train, held_out = train[::-1], held_out[::-1]
+    return train, held_out
+
+
+class ImagePool:
+    """CycleGAN's history of generated images (Zhu et al. 2017, Sec. 4, after Shrivastava et al. 2017): D learns from
+    fakes of the last `size` G steps, not only the newest. The reference code's rule: until the pool is full every
+    fake is stored and passed on; then each fake, with probability 1/2, takes the place of a random stored one, which
+    is passed on instead; otherwise the fake itself is passed on. Draws come from the global RNG (reseeded every step);
+    each process keeps its own pool."""
+
+    def __init__(self, size: int, shape: tuple[int, ...], device):
+        self.size, self.count = size, 0
+        self.images = torch.zeros(size, *shape, device=device)
+
+    def query(self, fakes: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return fakes
+        out = []
+        for fake in fakes.detach():
+            if self.count < self.size:
+                self.images[self.count] = fake
+                self.count += 1
+                out.append(fake)
+            elif torch.rand(()) < 0.5:
+                j = int(torch.randint(self.size, ()))
+                out.append(self.images[j].to(fake.dtype, copy=True))  # fakes may be bf16/fp16 under autocast
+                self.images[j] = fake
+            else:
+                out.append(fake)
+        return torch.stack(out)
+
+
+@torch.no_grad()
+def paired_scores(accelerator, model, data, n: int, batch_size: int = 250) -> dict:
+    """L1 and SSIM of `model`'s outputs, quantised as saved PNGs, to the targets of the first n held-out pairs,
+    pixels in [0, 1] (means over images); every process scores its share and the sums are all-reduced."""
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = list(range(accelerator.process_index, n, accelerator.num_processes))
+    for first in range(0, len(mine), batch_size):
+        inputs, targets = data[mine[first : first + batch_size]]
+        outputs = to_uint8(model(inputs.to(accelerator.device))).double() / 255
+        targets = to_uint8(targets).double().to(accelerator.device) / 255
+        sums += torch.stack([(outputs - targets).abs().flatten(1).mean(1).sum(), ssim(outputs, targets).sum()])
+    l1, similarity = (accelerator.reduce(sums, reduction="sum") / n).tolist()
+    return {"l1": l1, "ssim": similarity, "n_samples": n}
+
+
+def main(cfg: Config) -> None:
+    cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
+    run = Run(cfg, f"{cfg.dataset}_{cfg.model}{'_BtoA' if cfg.direction == 'BtoA' else ''}", RESUME_KEYS)
+    paired = cfg.model == "pix2pix"
+
+    # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
+    accelerator = Accelerator(**run.accelerator_kwargs())
+    device, is_main, rank, world = (
+        accelerator.device, accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    )  # fmt: skip
+    run.open(accelerator)
+
+    # Data: pairs (pix2pix) or two domains (CycleGAN), and the held-out data the evaluation translates.
+    with accelerator.main_process_first():
+        train, held_out = build_data(cfg)
+    n_eval = min(cfg.eval_samples, len(held_out if paired else held_out[0]))
+
+    def make_scorer():
+        """pix2pix: L1/SSIM to held-out targets. CycleGAN: FD of translated held-out A images to the B training
+        images, with the reference statistics cached in <run>/eval (fid.py's code: metrics/evaluate.py)."""
+        if paired:
+            return lambda model: paired_scores(accelerator, model, held_out, n_eval)
+        inputs = held_out[0]
+        metric = resolve_metric("auto", tuple(train[1].sample_shape))
+        source = Path(cfg.resume) if cfg.only_test and cfg.resume not in ("", "latest") else run.dir
+        ref = source / "eval" / f"ref-target-{metric}.npz"
+        evaluator = Evaluator(accelerator, metric, n_eval, train[1], ref, cfg.eval_weights)
+        translate = lambda model, seeds, labels, device: (model(inputs[seeds][0].to(device)), 1)  # noqa: E731
+        return lambda model: {"fd_target": evaluator(translate, model, 0)["value"], "n_samples": n_eval}
+
+    if cfg.only_test:
+        scorer = make_scorer()
+
+        def scores_fn(model, meta):
+            if meta["kind"] != "translation":
+                raise UserError(f"{meta['path']} is a {meta['kind']!r} snapshot, not a translate.py one")
+            return scorer(model)
+
+        run.test(accelerator, None, scores_fn)
+        return
+    workers = cfg.num_workers if cfg.dataset in ("paired", "unpaired") else 0  # in-memory demos need no decoding
+    loaders = [  # CycleGAN: A and B are drawn independently, from seeds seed and seed + 1
+        iter(make_loader(data, cfg.batch_size, rank, world, cfg.seed + k, run.start_step, workers))
+        for k, data in enumerate([train] if paired else train)
+    ]
+
+    # Models: same init on every rank; the EMA is made before prepare() wraps anything.
+    torch.manual_seed(cfg.seed)
+    in_ch, out_ch = (train.in_channels, train.out_channels) if paired else (d.sample_shape[0] for d in train)
+    snapshot_model = "unet" if paired else "cycle"  # the snapshot holds pix2pix's G, or CycleGAN's G and F
+    channels = dict(in_channels=in_ch, out_channels=out_ch) if paired else dict(a_channels=in_ch, b_channels=out_ch)
+    gen_kwargs = dict(img_size=cfg.img_size) | channels | cfg.gen_kwargs
+    judged = [(out_ch, in_ch)] if paired else [(out_ch, 0), (in_ch, 0)]  # (image, condition) channels of each D
+    try:
+        gen_module = build_translator(snapshot_model, **gen_kwargs)
+        discs = [
+            PatchDiscriminator(**dict(img_size=cfg.img_size, in_channels=c, cond_channels=k) | cfg.disc_kwargs)
+            for c, k in judged
+        ]
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"cannot build --model {cfg.model}: {e.args[0] if e.args else e}")
+    gens = [gen_module] if paired else [gen_module.ab, gen_module.ba]  # CycleGAN: G: A -> B, F: B -> A
+    if not paired and cfg.identity_weight > 0 and in_ch != out_ch:
+        raise UserError(f"the identity loss needs domains of equal channels ({in_ch}, {out_ch}): --identity_weight 0")
+    ema = EMA(gen_module, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
+    if ema is not None:
+        ema.module.to(device)
+    loss_fn = Pix2PixLoss(cfg.l1_weight) if paired else LeastSquaresLoss()
+    pools = [ImagePool(cfg.pool_size, (c, cfg.img_size, cfg.img_size), device) for c, _ in judged] if not paired else []
+
+    # Optimizers: one for the generator(s), one for the discriminator(s), as the reference code.
+    betas = (cfg.beta1, cfg.beta2)
+    optim_g = make_optimizer("Adam", [p for g in gens for p in g.parameters()], cfg.lr, betas)
+    optim_d = make_optimizer("Adam", [p for d in discs for p in d.parameters()], cfg.lr, betas)
+
+    # Prepare.
+    *prepared, optim_g, optim_d = accelerator.prepare(*gens, *discs, optim_g, optim_d)
+    gens, discs = prepared[: len(gens)], prepared[len(gens) :]
+    g_group, d_group = torch.nn.ModuleList(gens), torch.nn.ModuleList(discs)  # for step_optimizer's gradient check
+
+    # Resume: networks, optimizers, EMA and every process's image pools.
+    names = ["gen", "disc"] if paired else ["gen_ab", "gen_ba", "disc_b", "disc_a"]
+    nets = dict(zip(names, [*gens, *discs], strict=True))
+    nets |= dict(optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
+    resumed = run.restore(**nets)
+    if resumed.get("pools"):
+        saved = resumed["pools"]
+        if saved["counts"].shape[0] == world:
+            for k, pool in enumerate(pools):
+                pool.images.copy_(saved[f"images_{k}"][rank])
+                pool.count = int(saved["counts"][rank, k])
+        else:
+            accelerator.print(f"note: the image pools were saved by {saved['counts'].shape[0]} processes; start empty")
+    n_params = [sum(p.numel() for m in ms for p in unwrap(m).parameters()) / 1e6 for ms in (gens, discs)]
+    sizes = f"{len(train)} pairs" if paired else f"{len(train[0])} A / {len(train[1])} B images"
+    run.begin(accelerator, None, f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {sizes}")
+    scorer = make_scorer() if cfg.eval_interval else None
+
+    def pool_state() -> dict:
+        """Every process's pools (each keeps its own history), gathered so that a resume restores all of them."""
+        state = {f"images_{k}": accelerator.gather(pool.images[None]) for k, pool in enumerate(pools)}
+        counts = torch.tensor([[pool.count for pool in pools]], device=device)
+        return state | {"counts": accelerator.gather(counts)}
+
+    # Fixed held-out examples for the grids: pix2pix (input, target) pairs; CycleGAN A and B images.
+    if paired:
+        grid_inputs = [t.to(device) for t in held_out[list(range(min(GRID_EXAMPLES, len(held_out))))]]
+    else:
+        grid_inputs = [d[list(range(min(GRID_EXAMPLES // 2, len(d))))][0].to(device) for d in held_out]
+
+    @torch.no_grad()
+    def save_grids(step: int) -> None:
+        """[input | output | target] triplets (CycleGAN: [A | G(A) | F(G(A))] and [B | F(B) | G(F(B))]), two a row."""
+        for tag, module in [("raw", gen_module)] + ([("ema", ema.module)] if ema else []):
+            was_training = module.training
+            module.eval()  # no dropout
+            if paired:
+                x, y = grid_inputs
+                columns = [x, module(x), y]
+            else:
+                a, b = grid_inputs
+                fake_b, fake_a = module(a), module(b, reverse=True)
+                cycles = module(fake_b, reverse=True), module(fake_a)
+                columns = [torch.cat(pair) for pair in ((a, b), (fake_b, fake_a), cycles)]
+            module.train(was_training)
+            c = max(t.shape[1] for t in columns)
+            tiles = torch.stack([t.expand(-1, c, -1, -1) for t in columns], dim=1).flatten(0, 1)  # (3n, C, H, W)
+            save_grid(tiles, run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=6)
+
+    # Loop.
+    images_per_step = cfg.batch_size * world
+    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
+    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
+    decay_from = cfg.lr_decay_start * cfg.n_steps
+    pbar = progress(
+        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
+    )
+    for step in pbar:
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
+        # Learning rate: constant, then linear to 0 over the last part of the run (both papers); a function of step.
+        lr = cfg.lr * min(1.0, (cfg.n_steps - step) / max(cfg.n_steps - decay_from, 1))
+        for optimizer in (optim_g, optim_d):
+            set_hyperparameters(optimizer, lr, betas)
+        if paired:
+            inputs, targets = (t.to(device, non_blocking=True) for t in next(loaders[0]))
+            outputs = gens[0](inputs)  # one forward: the D step sees it detached, the G step differentiates it
+
+            # Discriminator step: real pairs (x, y) against (x, G(x)).
+            d_reals, d_fakes = discs[0](targets, inputs), discs[0](outputs.detach(), inputs)
+            loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
+            optim_d.zero_grad(set_to_none=True)
+            accelerator.backward(loss_d)
+            d_applied, _ = step_optimizer(accelerator, optim_d, d_group)
+
+            # Generator step: fool the (frozen) D and stay close to the target in L1.
+            discs[0].requires_grad_(False)
+            loss_g = loss_fn.g_loss(discs[0](outputs, inputs), outputs, targets).mean()
+            optim_g.zero_grad(set_to_none=True)
+            accelerator.backward(loss_g)
+            discs[0].requires_grad_(True)
+            g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
+            stats = {"loss/d": loss_d, "loss/g": loss_g, "loss/l1": l1_distance(outputs, targets).mean()}
+        else:
+            (reals_a, _), (reals_b, _) = next(loaders[0]), next(loaders[1])
+            reals_a, reals_b = reals_a.to(device, non_blocking=True), reals_b.to(device, non_blocking=True)
+            gen_ab, gen_ba = gens
+            disc_b, disc_a = discs  # disc_b judges B images (G's outputs), disc_a judges A images (F's)
+            fakes_b, fakes_a = gen_ab(reals_a), gen_ba(reals_b)
+
+            # Generator step: fool both (frozen) discriminators, come back by the cycle, leave the target domain be.
+            d_group.requires_grad_(False)
+            loss_adv = (loss_fn.g_loss(disc_b(fakes_b)) + loss_fn.g_loss(disc_a(fakes_a))).mean()
+            loss_cycle = cycle_loss(gen_ab, gen_ba, reals_a, reals_b, fakes_b, fakes_a).mean()
+            loss_g = loss_adv + cfg.cycle_weight * loss_cycle
+            stats = {"loss/g_adv": loss_adv, "loss/cycle": loss_cycle}
+            if cfg.identity_weight > 0:
+                loss_identity = identity_loss(gen_ab, gen_ba, reals_a, reals_b).mean()
+                loss_g = loss_g + cfg.identity_weight * cfg.cycle_weight * loss_identity
+                stats["loss/identity"] = loss_identity
+            optim_g.zero_grad(set_to_none=True)
+            accelerator.backward(loss_g)
+            d_group.requires_grad_(True)
+            g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
+
+            # Discriminator step: reals against fakes drawn from the pools of earlier generators.
+            pooled_b, pooled_a = pools[0].query(fakes_b), pools[1].query(fakes_a)
+            d_reals, d_fakes = disc_b(reals_b), disc_b(pooled_b)
+            loss_d = (loss_fn.d_loss(d_reals, d_fakes) + loss_fn.d_loss(disc_a(reals_a), disc_a(pooled_a))).mean()
+            optim_d.zero_grad(set_to_none=True)
+            accelerator.backward(loss_d)
+            d_applied, _ = step_optimizer(accelerator, optim_d, d_group)
+            stats |= {"loss/d": loss_d, "loss/g": loss_g}
+        stats |= {"d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+
+        # Update EMA, only after an update that really happened.
+        if ema is not None and g_applied:
+            ema.update(gen_module, images_per_step, (step + 1) * images_per_step)
+        meters.add(**stats)
+        skips.update(d_applied and g_applied, step)
+
+        # Log.
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
+
+        # Grids; evaluate the EMA generator on held-out data; save checkpoints (also at a new best evaluation).
+        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+            save_grids(done)
+        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+            model = ema.module if ema else gen_module
+            was_training = model.training
+            run.evaluate(accelerator, done, scores=scorer(model.eval()))
+            model.train(was_training)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+            module = ema.module if ema else gen_module
+            snapshot = dict(kind="translation", model=snapshot_model, model_kwargs=gen_kwargs, module=module)
+            extra = dict(pools=pool_state()) if pools else {}  # a collective: every process takes part
+            replicas = (*gens, *discs)
+            run.save(accelerator, done, replicas=replicas, snapshot=snapshot, **nets, **extra, skipped=skips.total)
+
+    # Final save happened at the last step; close the trackers.
+    accelerator.end_training()
+    run.close()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
+    with user_errors(Path(__file__).name):
+        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
+
+
+if __name__ == "__main__":
+    cli()
