@@ -15,6 +15,8 @@ import discriminator_flow
 import fid
 import sample as sample_script
 import score_gan
+from losses import gradient_penalty
+from losses.particle import score_gan_loss
 from tests.conftest import REPO, assert_same_images, cli_error, read_stats, run_script
 from tests.test_configs import load
 from utils.ckpt import list_states, load_snapshot, load_training_state
@@ -89,13 +91,24 @@ def test_discriminator_flow_finds_the_five_gaussians(tmp_path):
         assert animation.n_frames == 11  # the starting noise and the 10 steps
 
 
-def test_discriminator_flow_images_resume_sampling_and_only_test(tmp_path, mnist_dir):
+def test_discriminator_flow_images_resume_sampling_and_only_test(tmp_path, mnist_dir, monkeypatch):
     """A GP-penalised IPM flow on 32 px images: 2 + 2 resumed steps equal 4 straight ones bit for bit (critic, Adam,
-    EMA, stats); samples depend on the seed only; --only_test scores the saved run as its in-loop evaluation did."""
+    EMA, stats); the penalty is GPM's zero-centred one at the particles' times; samples depend on the seed only;
+    --only_test scores the saved run as its in-loop evaluation did."""
+    calls = []
+
+    def spy(critic, reals, fakes, t, **kwargs):
+        calls.append((kwargs["center"], t.clone(), reals.shape))
+        return gradient_penalty(critic, reals, fakes, t, **kwargs)
+
+    monkeypatch.setattr(discriminator_flow, "gradient_penalty", spy)
     args = ["--dataset", "mnist", "--data_dir", str(mnist_dir), "--no-download", "--log_dir", str(tmp_path),
             "--critic_kwargs", IMG_CRITIC, "--flow_steps", "3", "--batch_size", "4", "--ema", "--eval_interval",
             "4", "--eval_samples", "12", "--checkpoint_interval", "2", *QUIET]  # fmt: skip
     discriminator_flow.cli([*args, "--log_name", "straight", "--n_steps", "4"])
+    assert len(calls) == 4 and all(center == 0.0 for center, _, _ in calls)
+    times = torch.cat([t for _, t, _ in calls])
+    assert set((times * 3).tolist()) == {0.0, 1.0, 2.0}  # t = k/K, k drawn per sample from 0..K-1
     discriminator_flow.cli([*args, "--log_name", "resumed", "--n_steps", "2"])
     discriminator_flow.cli([*args, "--log_name", "resumed", "--n_steps", "4", "--resume", "latest"])
     a, b = tmp_path / "straight", tmp_path / "resumed"
@@ -118,17 +131,29 @@ def test_discriminator_flow_images_resume_sampling_and_only_test(tmp_path, mnist
 
 
 # ---------------------------------------------------------------------------------------------------- ScoreGAN
-def test_score_gan_resume_sampling_fid_and_only_test(tmp_path, data_scores):
-    """ScoreGAN on images from a data score: data and size come from the score; 2 + 2 resumed steps equal 4 straight
-    ones bit for bit (generator, D_gen, both Adams, EMA); samples depend on the seed only; fid.py scores them;
-    --only_test equals the in-loop evaluation."""
+def test_score_gan_resume_sampling_fid_and_only_test(tmp_path, data_scores, monkeypatch):
+    """ScoreGAN on images from a data score: data and size come from the score; the generator loss gets the frozen
+    data score and the trained D_gen; 2 + 2 resumed steps equal 4 straight ones bit for bit (generator, D_gen, both
+    Adams, EMA); samples depend on the seed only; fid.py scores them; --only_test equals the in-loop evaluation."""
+    calls = []
+
+    def spy(fakes, data_denoiser, gen_denoiser, sigma, w_data, w_gen):
+        calls.append((data_denoiser, gen_denoiser, sigma, w_data, w_gen))
+        return score_gan_loss(fakes, data_denoiser, gen_denoiser, sigma, w_data, w_gen)
+
+    monkeypatch.setattr(score_gan, "score_gan_loss", spy)
     args = ["--data_score", str(data_scores["img"]), "--no-download", "--log_dir", str(tmp_path), "--gen_kwargs",
             '{"base_dim": 4}', "--z_dim", "8", "--score_kwargs", TINY_UNET, "--batch_size", "4", "--score_steps",
             "2", "--ema", "--eval_interval", "4", "--eval_samples", "12", "--checkpoint_interval", "2",
             *QUIET]  # fmt: skip
-    score_gan.cli([*args, "--log_name", "straight", "--n_steps", "4"])
-    score_gan.cli([*args, "--log_name", "resumed", "--n_steps", "2"])
-    score_gan.cli([*args, "--log_name", "resumed", "--n_steps", "4", "--resume", "latest"])
+    score_gan.cli([*args, "--log_name", "straight", "--n_steps", "4", "--w_data", "1.5"])
+    assert len(calls) == 2 and all((w_d, w_g) == (1.5, 1.0) for *_, w_d, w_g in calls)
+    for data_denoiser, gen_denoiser, sigma, _, _ in calls:
+        assert not any(p.requires_grad for p in data_denoiser.parameters())  # the frozen data score
+        assert all(p.requires_grad for p in gen_denoiser.parameters()) and gen_denoiser is not data_denoiser
+        assert ((0.32 <= sigma) & (sigma <= 40)).all()
+    score_gan.cli([*args, "--log_name", "resumed", "--n_steps", "2", "--w_data", "1.5"])
+    score_gan.cli([*args, "--log_name", "resumed", "--n_steps", "4", "--resume", "latest", "--w_data", "1.5"])
     a, b = tmp_path / "straight", tmp_path / "resumed"
     assert states_equal(final_state(a), final_state(b))
     rows = read_stats(a)

@@ -3,6 +3,8 @@ each loss, the critic losses' signs, the zero-centred gradient penalty, the crit
 stored Fourier frequencies); ScoreGAN's noise law, its unweighted score loss and its generator gradient, and T6:
 SGD on the surrogate with exact Gaussian scores lands on the data's mean and std."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -16,9 +18,11 @@ from losses.particle import (
     score_gan_sigma,
 )
 from modelling import CRITICS, build_critic, build_discr_flow, build_score_gan_generator
-from modelling.discr_flow import DiscriminatorFlow
-from sampling.particles import discr_flow_images, discriminator_flow
+from modelling.discr_flow import DiscriminatorFlow, FourierEmbedding
+from sampling.particles import discr_flow_images, discriminator_flow, flow_settings
 from utils.ckpt import build_from_snapshot
+from utils.cli import UserError
+from utils.data import mode_frequencies, toy_points
 
 
 class LinearCritic(nn.Module):
@@ -33,8 +37,15 @@ class LinearCritic(nn.Module):
         return x.flatten(1) @ self.w + self.b
 
 
-def flow_of(critic, loss: str, n_steps: int = 8, eta: float = 2.0) -> DiscriminatorFlow:
-    return DiscriminatorFlow(critic, loss=loss, n_steps=n_steps, eta=eta)
+class TimeLinearCritic(LinearCritic):
+    """c(x, t) = (1 + t)·w·x: the velocity tells which time the flow evaluated the critic at."""
+
+    def forward(self, x, t):
+        return (1 + t) * (x.flatten(1) @ self.w)
+
+
+def flow_of(critic, loss: str, n_steps: int = 8, eta: float = 2.0, **kwargs) -> DiscriminatorFlow:
+    return DiscriminatorFlow(critic, loss=loss, n_steps=n_steps, eta=eta, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ T7: the flow's signs
@@ -52,9 +63,57 @@ def test_ipm_and_hinge_move_every_particle_by_eta_over_k_times_w():
         assert states.shape == (9, 64, 2)
         torch.testing.assert_close(states[1:] - states[:-1], (2.0 / 8 * w).expand(8, 64, 2), rtol=0, atol=1e-5)
         torch.testing.assert_close(states[-1], z0 + 2.0 * w, rtol=0, atol=1e-5)
-    # GPM's "14 of 56": 14 steps of the 56-step grid go 14/56 of the way.
-    early = discriminator_flow(flow_of(LinearCritic(w), "ipm", n_steps=56, eta=20.0), z0, num_steps=14)
-    torch.testing.assert_close(early, z0 + 20.0 * 14 / 56 * w, rtol=0, atol=1e-4)
+    # GPM's "14 of 56": 14 steps of the 56-step grid, t_k = k/56, go 14/56 of the way (plus the time factor below).
+    early = discriminator_flow(flow_of(TimeLinearCritic(w), "ipm", n_steps=56, eta=20.0), z0, num_steps=14)
+    torch.testing.assert_close(early, z0 + sum(20.0 / 56 * (1 + k / 56) for k in range(14)) * w, rtol=0, atol=1e-4)
+    # Step k evaluates the critic at t_k = k/K: with c = (1 + t)·w·x it moves by eta/K·(1 + k/K)·w.
+    states = discriminator_flow(flow_of(TimeLinearCritic(w), "ipm", n_steps=8, eta=2.0), z0, trajectory=True)
+    steps = torch.stack([(2.0 / 8) * (1 + k / 8) * w for k in range(8)])[:, None].expand(8, 64, 2)
+    torch.testing.assert_close(states[1:] - states[:-1], steps, rtol=0, atol=1e-5)
+
+
+def test_entropy_noise_and_sample_settings():
+    """GPM's entropy term: sqrt(entropy_reg/K)·eps after every step but the last, so a zero critic leaves the
+    particles N(p_mean, p_std² + entropy_reg·(K - 1)/K). sample.py's --num_steps/--total_steps default to GPM's."""
+    model = flow_of(LinearCritic([0.0, 0.0]), "ipm", n_steps=5, eta=2.0, p_mean=1.0, p_std=0.5, entropy_reg=2.0)
+    z, nfe = discr_flow_images(model, list(range(20_000)), None, "cpu")
+    assert nfe == 5 and z.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert z.var().item() == pytest.approx(0.25 + 2.0 * 4 / 5, rel=0.02)
+    assert flow_settings(model, None, None) == dict(num_steps=5, total_steps=5)
+    assert flow_settings(model, 3, None) == dict(num_steps=3, total_steps=3)  # GPM: total defaults to nb_steps
+    assert flow_settings(model, 14, 56) == dict(num_steps=14, total_steps=56)
+    with pytest.raises(UserError, match="num_steps <= --total_steps"):
+        flow_settings(model, 60, 56)
+
+
+def test_mode_frequencies_of_the_data_itself():
+    """The 2-D check's yardstick: real gaussians points sit a fifth per mode, and 1 - exp(-4.5) = 98.9 % of them
+    within 3 std of their mode."""
+    freqs, off = mode_frequencies(toy_points("gaussians", train=True)[0])
+    assert off == pytest.approx(math.exp(-4.5), abs=0.002)
+    torch.testing.assert_close(
+        freqs, torch.full((5,), (1 - math.exp(-4.5)) / 5, dtype=torch.float64), atol=0.005, rtol=0
+    )
+
+
+def test_fp16_recipe_scales_and_unscales_the_velocity():
+    """Under fp16 the velocity is the gradient of the loss-scaled sum, divided by the scale again (PyTorch's AMP
+    recipe): the same field, computed where small gradients do not underflow."""
+    torch.manual_seed(0)
+    critic = build_critic("mlp", dim=2, width=16, depth=2, emb_channels=8, init="default")
+    z, t = torch.randn(32, 2), torch.rand(32)
+    for loss in ("vanilla", "ipm"):
+        plain = particle_velocity(critic, z, t, particle_loss(loss))
+        scaled = particle_velocity(critic, z, t, particle_loss(loss), scale=2.0**14)
+        torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-9)
+
+
+def test_fourier_features_are_cos_and_sin_of_two_pi_f_t():
+    emb = FourierEmbedding(8)
+    t = torch.tensor([0.0, 0.25, 0.9])
+    angles = 2 * math.pi * t[:, None] * emb.freqs[None]
+    torch.testing.assert_close(emb(t), torch.cat([angles.cos(), angles.sin()], dim=1))
+    assert FourierEmbedding(8192).freqs.std().item() == pytest.approx(16, rel=0.05)  # frequencies ~ N(0, 16²)
 
 
 def test_vanilla_velocity_with_the_exact_log_ratio_points_to_the_data():
