@@ -19,6 +19,10 @@
     # distilled characteristic generators (distill_characteristic.py): one step, or a few through intermediate times
     python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --out_dir samples/char_1step
     python sample.py --checkpoint logs/fmnist_char_cond --num_steps 1 --n_samples 256 --grid_size 256 --out_dir teaser
+    # GPM: ScoreGAN generators sample in one pass; Discriminator Flow runs its critic's particle flow (NFE = steps)
+    python sample.py --checkpoint logs/fashion_mnist_score_gan --start_seed 0 --end_seed 9999 --out_dir samples/sg
+    python sample.py --checkpoint logs/gaussians_discr_flow --n_samples 4000 --trajectory webp --out_dir samples/df
+    python sample.py --checkpoint logs/gaussians_discr_flow --num_steps 14 --total_steps 56 --out_dir samples/df14
 
 Image k is drawn from its own RNG seeded with its seed (`--seed + k`, or each seed of `--start_seed..--end_seed`,
 inclusive), so the files do not depend on the batch size or the number of processes; seeds are dealt to processes
@@ -31,9 +35,13 @@ t_min, t_max, rho are in the snapshot), jump along it with the learned flow map 
 G(x, t_min, 0): --num_steps 1 (the default for them) is the one-step generator
 G(z, t_max, 0). The number of network evaluations per image (NFE) and the sampling time (network and solver only, no
 PNG writing) are printed and stored in sample_info.json. 2-D toy snapshots write points.npy (seed order) and
-scatter.png instead of PNGs. Translation snapshots read every image under --input_dir (recursively; centre square
-resized to the model's size) and write exactly one PNG per input, at the same relative path with a .png suffix, plus
-grid.png of [input | output] pairs.
+scatter.png instead of PNGs (and, for `gaussians`, the mode frequencies in sample_info.json). Discriminator Flow
+snapshots take --num_steps (flow steps, default the snapshot's K) and --total_steps (the grid t_k = k/K; default
+--num_steps, so fewer steps alone keep the flow time eta), and --trajectory gif|webp animates the flow of the grid's
+seeds (2-D: of every point) as trajectory.<format>.
+Translation snapshots read every image under --input_dir (recursively; centre square resized to the model's
+size) and write exactly one PNG per input, at the same relative path with a .png suffix, plus grid.png of
+[input | output] pairs.
 """
 
 import dataclasses
@@ -51,10 +59,20 @@ from PIL import Image
 from modelling.precond import EDMDenoiser
 from sampling import SNAPSHOT_KINDS
 from sampling.diffusion import SOLVERS, use_distilled_grid
+from sampling.particles import flow_settings
 from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
-from utils.data import image_files, read_image, to_signed_unit
-from utils.grid import check_finite, save_grid, save_png, save_scatter, to_uint8
+from utils.data import image_files, mode_frequencies, read_image, to_signed_unit
+from utils.grid import (
+    check_finite,
+    grid_image,
+    save_animation,
+    save_grid,
+    save_png,
+    save_scatter,
+    scatter_image,
+    to_uint8,
+)
 from utils.tracking import progress
 
 
@@ -82,7 +100,12 @@ class Config:
     # Diffusion snapshots only (seed 004's names; None = the method's default).
     ode_solver: str | None = field(default=None, metadata={"choices": list(SOLVERS), "help": "EDM heun, Föllmer deis"})
     num_steps: int | None = field(
-        default=None, metadata={"help": "time-grid points N (Heun: NFE 2N - 1, others N); default 18, distilled 1"}
+        default=None,
+        metadata={"help": "time-grid points N (Heun: NFE 2N - 1, others N); default 18, distilled 1; flow: steps"},
+    )
+    total_steps: int | None = field(default=None, metadata={"help": "discriminator flow: grid K (GPM total_nb_steps)"})
+    trajectory: str = field(
+        default="", metadata={"choices": ["", "gif", "webp"], "help": "discriminator flow: animate the particles"}
     )
     rho: float | None = field(default=None, metadata={"help": "grid exponent: EDM 7, Föllmer 1 (uniform)"})
     sigma_min: float | None = field(default=None, metadata={"help": "EDM: last noise level (0.002)"})
@@ -206,7 +229,14 @@ def main(cfg: Config) -> None:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"
         raise UserError(f"--class_label {cfg.class_label}: {detail}")
     # Refuse bad flags before writing anything.
-    settings = solver_settings(model, cfg) if meta["kind"] != "gan" else truncation_settings(model, cfg)
+    if meta["kind"] in ("diffusion", "characteristic"):
+        settings = solver_settings(model, cfg)
+    elif meta["kind"] == "discr_flow":
+        settings = flow_settings(model, cfg.num_steps, cfg.total_steps)
+    else:  # a generator: gan, score_gan
+        settings = truncation_settings(model, cfg)
+    if cfg.trajectory and meta["kind"] != "discr_flow":
+        raise UserError(f"--trajectory animates a particle flow; {meta['path']} is a {meta['kind']!r} snapshot")
     points = len(getattr(model, "sample_shape", (1, 1, 1))) == 1  # 2-D toy data: no images
 
     out_dir = Path(cfg.out_dir)
@@ -255,6 +285,12 @@ def main(cfg: Config) -> None:
             tiles = [torch.from_numpy(np.array(Image.open(out_dir / f"{s:06d}.png"))) for s in grid_seeds]
             tiles = torch.stack([t[None] if t.ndim == 2 else t.permute(2, 0, 1) for t in tiles])
             save_grid(tiles.float() / 127.5 - 1, out_dir / "grid.png", nrow=nrow)
+        if cfg.trajectory:  # the flow again for the grid's seeds (2-D: all points), every state kept
+            frame_seeds = seeds if points else seeds[: cfg.grid_size]
+            states, _ = sample_fn(model, frame_seeds, None, device, trajectory=True, **settings)
+            nrow = max(10, round(len(frame_seeds) ** 0.5))
+            frames = [scatter_image(state) if points else grid_image(state, nrow) for state in states]
+            save_animation(frames, out_dir / f"trajectory.{cfg.trajectory}")
         info = {
             "snapshot": meta["path"],
             "step": meta["step"],
@@ -269,6 +305,9 @@ def main(cfg: Config) -> None:
             "seconds_per_1k_images": round(seconds / max(len(my_seeds), 1) * 1000, 3),
             "sampler": {k: "inf" if v == float("inf") else v for k, v in settings.items()},  # strict JSON
         }
+        if points and meta["config"].get("dataset") == "gaussians":
+            freqs, off = mode_frequencies(torch.from_numpy(merged))
+            info |= {"mode_frequencies": [round(f, 4) for f in freqs.tolist()], "off_mode": round(off, 4)}
         (out_dir / "sample_info.json").write_text(json.dumps(info, indent=2))
         what = "points" if points else "images"
         print(

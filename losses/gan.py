@@ -66,18 +66,22 @@ def soft_real_targets(n: int, soft: bool, device=None) -> torch.Tensor | float:
 # WGAN-GP: Gulrajani et al. 2017, arXiv 1704.00028, Algorithm 1 (two-sided penalty, lambda applied by the caller).
 # Mixed precision: PyTorch's AMP recipe for gradient penalties (docs "Automatic Mixed Precision examples",
 # "Gradient penalty"): scale the output before autograd.grad so fp16 gradients do not underflow, then unscale.
-def gradient_penalty(critic, reals, fakes, labels=None, scale: float = 1.0, one_sided: bool = False) -> torch.Tensor:
-    """Per-sample (||grad_x D(x_hat)|| - 1)^2 at x_hat = eps * real + (1 - eps) * fake, eps ~ U[0, 1] per sample.
+def gradient_penalty(
+    critic, reals, fakes, labels=None, scale: float = 1.0, one_sided: bool = False, center: float = 1.0
+) -> torch.Tensor:
+    """Per-sample (||grad_x D(x_hat)|| - center)^2 at x_hat = eps * real + (1 - eps) * fake, eps ~ U[0, 1] per sample
+    (center 1: WGAN-GP; 0: the zero-centred penalty of GPM's configs). `labels` is passed on as D's second input
+    (class labels, or the time of a time-conditioned critic); samples may be images or flat points.
 
     `critic` must be an eager module (never torch.compile'd: double backward through compiled graphs is wrong or
     unsupported, pytorch #91469). `scale` is the GradScaler's current scale under fp16, else 1.
     """
-    eps = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
+    eps = torch.rand(reals.shape[0], *[1] * (reals.ndim - 1), device=reals.device, dtype=reals.dtype)
     x_hat = (eps * reals.detach() + (1 - eps) * fakes.detach()).requires_grad_(True)
     d_hat = critic(x_hat, labels)
     (grads,) = torch.autograd.grad(at_least_fp32(d_hat).sum() * scale, x_hat, create_graph=True)  # fp32 product
     grad_norm = (at_least_fp32(grads) / scale).flatten(1).norm(dim=1)  # norm in fp32 from unscaled gradients
-    excess = grad_norm - 1
+    excess = grad_norm - center
     return (excess.clamp(min=0) if one_sided else excess).square()
 
 

@@ -1,6 +1,8 @@
 """Architectures, selected by name: `build_generator(name, **kwargs)`, `build_discriminator`, `build_network`
 (denoiser backbones), `build_denoiser(method, net, net_kwargs, **kwargs)` (a backbone inside EDM or Föllmer
-preconditioning) and `build_translator` / `build_patch_discriminator` (image-to-image translation, translate.py).
+preconditioning), `build_translator` / `build_patch_discriminator` (image-to-image translation, translate.py);
+GPM's particle models: `build_discr_flow(critic, critic_kwargs, **flow)` (a time-conditioned critic and its
+flow) and `build_score_gan_generator` (any generator of GENERATORS, or an MLP for 2-D points).
 
 The kwargs go straight to the constructor and are stored in snapshots, so `sample.py` rebuilds a model without
 the training script's flags. One architecture family per file.
@@ -15,6 +17,7 @@ from modelling import (
     biggan,
     classifier,
     dcgan,
+    discr_flow,
     mlp,
     precond,
     progressive_gan,
@@ -56,6 +59,11 @@ TRANSLATORS = {
 DENOISERS = {"edm": precond.EDMDenoiser, "follmer": precond.FollmerDenoiser}
 # `--model` names of diffusion_train.py: (network, preset kwargs); user kwargs override the preset.
 NETWORK_PRESETS = {f"ddpmpp-{k}": ("ddpmpp", v) for k, v in unet.PRESETS.items()} | {"mlp": ("mlp", {})}
+# Time-conditioned critics f(x, t) of Discriminator Flow (GPM): no BatchNorm, no generator.
+CRITICS = {"mlp": discr_flow.TimeMLPCritic, "dcgan": discr_flow.TimeDCGANCritic, "resnet": discr_flow.TimeResNetCritic}
+# ScoreGAN's generators: the GAN ones, and an MLP for 2-D points (kept out of GENERATORS, whose every entry has a
+# discriminator for the GAN scripts).
+SCORE_GAN_GENERATORS = GENERATORS | {"mlp": mlp.ToyGenerator}
 
 
 def _lookup(registry: dict, name: str, what: str):
@@ -86,3 +94,15 @@ def build_denoiser(name: str, net: str, net_kwargs: dict, **kwargs) -> precond.D
 
 def build_translator(name: str, **kwargs) -> nn.Module:
     return _lookup(TRANSLATORS, name, "translator")(**kwargs)
+
+
+def build_critic(name: str, **kwargs) -> nn.Module:
+    return _lookup(CRITICS, name, "critic")(**kwargs)
+
+
+def build_discr_flow(name: str, critic_kwargs: dict, **kwargs) -> discr_flow.DiscriminatorFlow:
+    return discr_flow.DiscriminatorFlow(build_critic(name, **critic_kwargs), **kwargs)
+
+
+def build_score_gan_generator(name: str, **kwargs) -> nn.Module:
+    return _lookup(SCORE_GAN_GENERATORS, name, "generator")(**kwargs)

@@ -3,6 +3,8 @@
 # hidden layers on [x, embedding(c_noise)]. Deviations: width 256 by default (GPM: 512; `width` sets it), SiLU
 # instead of leaky ReLU, a positional (not random-Fourier) embedding, so no random buffers need saving; labels add
 # a learned embedding.
+# `ToyGenerator` is GPM's ScoreGAN generator for the same data (config/score_gan/gaussians): latent -> depth x
+# (Linear, ReLU) -> Linear to the data dimension, PyTorch's default init, no output activation.
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +64,25 @@ class ToyMLP(nn.Module):
             h = F.silu(layer(h))
         with torch.autocast(h.device.type, enabled=False):  # fp32 output layer, as in unet.py (adaptive weight)
             return self.out(h.float())
+
+
+class ToyGenerator(nn.Module):
+    """G(z) for 2-D toy data: an MLP from a latent of size z_dim (GPM: 4 hidden layers of 512, ReLU, latent 128)."""
+
+    def __init__(self, dim: int = 2, z_dim: int = 128, width: int = 512, depth: int = 4):
+        super().__init__()
+        self.dim, self.z_dim, self.n_classes, self.sample_shape = dim, z_dim, 0, (dim,)
+        widths = [z_dim] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        self.out = nn.Linear(width, dim)
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    def forward(self, zs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = zs
+        for layer in self.hidden:
+            h = F.relu(layer(h))
+        return self.out(h)

@@ -7,8 +7,9 @@ number of processes. `SNAPSHOT_KINDS` maps a snapshot's kind to (builder, sample
 
 import torch
 
-from modelling import build_denoiser, build_generator, build_translator
+from modelling import build_denoiser, build_discr_flow, build_generator, build_score_gan_generator, build_translator
 from sampling.diffusion import StackedNoise, sample
+from sampling.particles import discr_flow_images
 
 
 def seed_latents(seeds: list[int], z_dim: int) -> torch.Tensor:
@@ -63,4 +64,7 @@ SNAPSHOT_KINDS = {
     "diffusion": (build_denoiser, diffusion_images),
     "characteristic": (build_denoiser, diffusion_images),
     "translation": (build_translator, translated_images),
+    # GPM: ScoreGAN's generator samples in one pass; Discriminator Flow has no generator, its critic's flow samples.
+    "score_gan": (build_score_gan_generator, gan_images),
+    "discr_flow": (build_discr_flow, discr_flow_images),
 }

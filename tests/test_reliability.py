@@ -69,6 +69,14 @@ FAMILIES = {
         "--pool_size", "3", "--ema", "--n_steps", "16", "--eval_interval", "4", "--eval_samples", "8",
         "--num_workers", "0",
     ]),
+    "discriminator_flow": ("discriminator_flow.py", [
+        "--dataset", "gaussians", "--critic_kwargs", TOY_NET, "--flow_steps", "4", "--batch_size", "16",
+        "--grad_penalty", "0.1", "--ema", "--n_steps", "16", "--eval_interval", "4", "--eval_samples", "64",
+    ]),
+    "score_gan": ("score_gan.py", [
+        "--gen_kwargs", '{"width": 16, "depth": 2}', "--z_dim", "8", "--score_steps", "2", "--batch_size", "16",
+        "--ema", "--n_steps", "16", "--eval_interval", "8", "--eval_samples", "64",
+    ]),
 }
 # fmt: on
 COMMON = ["--checkpoint_interval", "2", "--log_interval", "1", "--sample_interval", "6", "--loggers", "none"]
@@ -77,16 +85,19 @@ TIMING = {"sec_per_kimg", "mem_gb"}  # wall-clock fields of a stats row
 
 @pytest.fixture(scope="module")
 def toy_teacher(tmp_path_factory) -> Path:
+    """A Föllmer toy denoiser (the distillation teacher) in t/, and an EDM one (ScoreGAN's data score) in edm/."""
     log_dir = tmp_path_factory.mktemp("toy_teacher")
-    run_script("diffusion_train.py", "--dataset", "gaussians", "--model", "mlp", "--method", "follmer",
-               "--net_kwargs", TOY_NET, "--batch_size", "32", "--n_steps", "4", "--log_dir", log_dir,
-               "--log_name", "t", "--loggers", "none", "--sample_interval", "0")  # fmt: skip
+    for name, method in (("t", "follmer"), ("edm", "edm")):
+        run_script("diffusion_train.py", "--dataset", "gaussians", "--model", "mlp", "--method", method,
+                   "--net_kwargs", TOY_NET, "--batch_size", "32", "--n_steps", "4", "--log_dir", log_dir,
+                   "--log_name", name, "--loggers", "none", "--sample_interval", "0")  # fmt: skip
     return log_dir / "t"
 
 
 def family_args(name: str, run_dir: Path, mnist_dir: Path, toy_teacher: Path) -> list[str]:
     script, args = FAMILIES[name]
     data = ["--teacher", str(toy_teacher)] if name == "distill_characteristic" else ["--data_dir", str(mnist_dir)]
+    data += ["--data_score", str(toy_teacher.parent / "edm")] if name == "score_gan" else []
     return [str(REPO / script), *data, "--no-download", *args, *COMMON, "--workdir", str(run_dir)]
 
 
@@ -293,6 +304,26 @@ BAD_INPUTS = {
         "the teacher must be a diffusion_train.py snapshot",
     ),
     "sample-pickle": ("sample", lambda c: ["--checkpoint", str(c["files"] / "evil.pth")], "not a genzoo snapshot"),
+    "trajectory-of-a-generator": (
+        "sample",
+        lambda c: ["--checkpoint", str(c["run"]), "--trajectory", "gif", "--out_dir", str(c["root"] / "t")],
+        "--trajectory animates a particle flow",
+    ),
+    "data-score-from-a-gan": (
+        "score_gan",
+        lambda c: ["--data_score", str(c["run"]), "--log_dir", str(c["root"])],
+        "the data score must be a diffusion_train.py --method edm snapshot",
+    ),
+    "batchnorm-in-a-flow-critic": (
+        "discriminator_flow",
+        lambda c: ["--dataset", "gaussians", "--critic_kwargs", '{"norm": "batch"}', "--log_dir", str(c["root"])],
+        "cannot build --critic mlp",
+    ),
+    "flow-critic-for-other-data": (
+        "discriminator_flow",
+        lambda c: ["--dataset", "mnist", "--critic", "mlp", "--log_dir", str(c["root"])],
+        "--critic mlp does not fit --dataset mnist",
+    ),
     "sample-huge-kwargs": (
         "sample",
         lambda c: ["--checkpoint", str(c["files"] / "huge.safetensors")],
