@@ -1,6 +1,6 @@
 """Architectures, selected by name: `build_generator(name, **kwargs)`, `build_discriminator`, `build_network`
 (denoiser backbones) and `build_denoiser(method, net, net_kwargs, **kwargs)` (a backbone inside EDM or Föllmer
-preconditioning).
+preconditioning) and `build_gebm(name, **kwargs)` (a Generalized EBM: base generator + energy, modelling/gebm.py).
 
 The kwargs go straight to the constructor and are stored in snapshots, so `sample.py` rebuilds a model without
 the training script's flags. One architecture family per file.
@@ -10,7 +10,7 @@ from functools import partial
 
 from torch import nn
 
-from modelling import classifier, dcgan, mlp, precond, progressive_gan, sagan, stylegan, stylegan2, unet
+from modelling import classifier, dcgan, gebm, mlp, precond, progressive_gan, sagan, stylegan, stylegan2, unet
 
 GENERATORS = {
     "dcgan": dcgan.Generator,
@@ -33,6 +33,8 @@ NETWORKS = {"ddpmpp": unet.SongUNet, "mlp": mlp.ToyMLP}
 DENOISERS = {"edm": precond.EDMDenoiser, "follmer": precond.FollmerDenoiser}
 # `--model` names of diffusion_train.py: (network, preset kwargs); user kwargs override the preset.
 NETWORK_PRESETS = {f"ddpmpp-{k}": ("ddpmpp", v) for k, v in unet.PRESETS.items()} | {"mlp": ("mlp", {})}
+# Generalized EBMs: the wrapper; its base and energy architectures are chosen by name in gebm.BASES / gebm.ENERGIES.
+GEBMS = {"gebm": gebm.GEBM}
 
 
 def _lookup(registry: dict, name: str, what: str):
@@ -59,3 +61,7 @@ def build_network(name: str, **kwargs) -> nn.Module:
 
 def build_denoiser(name: str, net: str, net_kwargs: dict, **kwargs) -> precond.Denoiser:
     return _lookup(DENOISERS, name, "denoiser")(build_network(net, **net_kwargs), **kwargs)
+
+
+def build_gebm(name: str, **kwargs) -> gebm.GEBM:
+    return _lookup(GEBMS, name, "energy-based model")(**kwargs)
