@@ -2,13 +2,15 @@
 
 Every sample function has the signature `sample_fn(model, seeds, labels, device, **settings) -> (samples, nfe)`:
 sample k is drawn from its own RNG seeded with seeds[k], so it depends on its seed only, not on the batch or the
-number of processes. `SNAPSHOT_KINDS` maps a snapshot's kind to (builder, sample function).
+number of processes. `SNAPSHOT_KINDS` maps a snapshot's kind to (builder, sample function). GEBM snapshots sample
+by latent MCMC (sampling/latent_mcmc.py); with default settings they give the base generator's samples.
 """
 
 import torch
 
-from modelling import build_denoiser, build_generator
+from modelling import build_denoiser, build_gebm, build_generator
 from sampling.diffusion import StackedNoise, sample
+from sampling.latent_mcmc import gebm_images
 
 
 def seed_latents(seeds: list[int], z_dim: int) -> torch.Tensor:
@@ -37,4 +39,5 @@ SNAPSHOT_KINDS = {
     "gan": (build_generator, gan_images),
     "diffusion": (build_denoiser, diffusion_images),
     "characteristic": (build_denoiser, diffusion_images),
+    "gebm": (build_gebm, gebm_images),
 }
