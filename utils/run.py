@@ -150,9 +150,13 @@ def code_version(root: Path = REPO) -> tuple[dict, str]:
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, default_name: str, resume_keys: tuple[str, ...]):
+    def __init__(self, cfg: RunConfig, default_name: str, resume_keys: tuple[str, ...], metrics: dict | None = None):
         cfg.check()
         self.cfg, self.resume_keys = cfg, resume_keys
+        # A family's own evaluation metrics: name -> factory(accelerator, dataset, run_dir) returning an evaluator
+        # called like metrics.evaluate.Evaluator; --eval_metric may name them (the script adds them to its choices).
+        # An evaluator whose `picks_best` is False is scored and logged but never makes a best checkpoint.
+        self.metrics = metrics or {}
         self.dir = run_folder(cfg, default_name)
         self.state: dict | None = None  # the training state to resume from, until restore() consumes it
         self.start_step = 0
@@ -395,6 +399,8 @@ class Run:
 
         if dataset is None:
             raise UserError("this script has no training data to evaluate against; --eval_interval is not available")
+        if self.cfg.eval_metric in self.metrics:
+            return self.metrics[self.cfg.eval_metric](accelerator, dataset, run_dir)
         metric = resolve_metric(self.cfg.eval_metric, tuple(dataset.sample_shape))
         ref_path = run_dir / "eval" / f"ref-{metric}.npz"
         return Evaluator(accelerator, metric, self.cfg.eval_samples, dataset, ref_path, self.cfg.eval_weights)
@@ -416,17 +422,20 @@ class Run:
         `new_best` if it beats every earlier evaluation of this timeline (the script then saves a checkpoint)."""
         result = {"step": step} | self._evaluator(sample_fn, model, n_classes)
         value = result["value"]
-        self.new_best = value == value and (self.best is None or value < self.best["value"])  # NaN is never best
+        ranks = getattr(self._evaluator, "picks_best", True)  # False: a family metric that ranks nothing (KALE)
+        self.new_best = ranks and value == value and (self.best is None or value < self.best["value"])  # not NaN
         if self.new_best:
             self.best = {"step": step, "metric": result["metric"], "value": value}
         if accelerator.is_main_process:
             (self.dir / "eval").mkdir(exist_ok=True)
             write_atomic(self.dir / "eval" / f"step-{step:08d}.json", json.dumps(result, indent=2))
             extra = f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+            note = " - new best" if self.new_best else ""
+            if self.best is not None and not self.new_best:
+                note = f" (best {self.best['value']:.4f} at step {self.best['step']})"
             tqdm.write(
                 f"step {step}: {result['metric']} {value:.4f} on {result['n_samples']} samples{extra} "
-                f"({result['seconds']:.1f} s)"
-                + (" - new best" if self.new_best else f" (best {self.best['value']:.4f} at step {self.best['step']})")
+                f"({result['seconds']:.1f} s){note}"
             )
         accelerator.log({f"eval/{result['metric']}": value}, step=step)
         return result
