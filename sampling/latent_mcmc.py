@@ -257,3 +257,33 @@ def gebm_images(model, seeds: list[int], labels, device, record: dict | None = N
             if record.get("frames_every") and "frames" not in record:
                 record["frames"] = frames
     return model.base(zs), nfe
+
+
+def acceptance_summary(accepted_per_step: torch.Tensor, chains: int, settings: dict) -> dict:
+    """Acceptance rates of a Metropolis sampler: overall and per step-size phase (the decay changes them)."""
+    rates = accepted_per_step.double() / chains
+    every = settings["lmc_gamma_decay_every"]
+    phases = [
+        {"steps": [first + 1, min(first + every, len(rates))],
+         "gamma": float(f"{settings['lmc_gamma'] * settings['lmc_gamma_decay'] ** i:.6g}"),
+         "acceptance": round(rates[first : first + every].mean().item(), 4)}
+        for i, first in enumerate(range(0, len(rates), every))
+    ]  # fmt: skip
+    return {"overall": round(rates.mean().item(), 4), "by_phase": phases}
+
+
+@torch.no_grad()
+def save_chain_animation(model, frames: list[torch.Tensor], path, duration_ms: int = 200) -> None:
+    """An animated GIF of chains: one grid of G(z) per recorded step (frames of latents, each (K, z_dim))."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from utils.grid import to_uint8
+
+    device = next(model.parameters()).device
+    nrow = max(1, round(len(frames[0]) ** 0.5))
+    pictures = []
+    for zs in frames:
+        grid = make_grid(to_uint8(model.base(zs.to(device))).cpu(), nrow=nrow, padding=2)  # (3, H, W) uint8
+        pictures.append(Image.fromarray(grid.permute(1, 2, 0).numpy()))
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
