@@ -122,7 +122,7 @@ def main(cfg: Config) -> None:
         test = build_dataset(train_cfg["dataset"], **data, train=False, download=train_cfg.get("download", True))
     metric = resolve_metric(cfg.metric, tuple(dataset.sample_shape))
     fd = Evaluator(accelerator, metric, cfg.n_samples, dataset, out_dir / f"ref-{metric}.npz", cfg.eval_weights)
-    kale = KALEEvaluator(accelerator, cfg.n_samples, dataset, test) if cfg.kale else None
+    kale = KALEEvaluator(accelerator, cfg.n_samples, dataset, test, fixed=True) if cfg.kale else None
 
     # Chains: this process's seeds in batches; every chain is a pure function of its seed.
     mine = list(range(rank, cfg.n_samples, world))
@@ -156,7 +156,8 @@ def main(cfg: Config) -> None:
         row = {"step": target, "gamma": batches[0].gamma_at(max(target, 1)) if batches else None}
         row[fd.metric] = fd(chain_samples, model, 0)["value"]
         if kale is not None:
-            row["kale"] = kale(chain_samples, model)["value"]
+            scores = kale(chain_samples, model)
+            row |= {"kale": scores["value"]} | ({"kale_test": scores["kale_test"]} if "kale_test" in scores else {})
         if settings["latent_sampler"] in METROPOLIS and steps_done:
             counts = torch.tensor([sum(int(c.accepted.sum()) for c in batches) - accepted_before, len(mine)])
             counts = accelerator.reduce(counts.to(device), reduction="sum").cpu() if world > 1 else counts
