@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from metrics.evaluate import Evaluator, resolve_metric
@@ -70,31 +70,39 @@ class Config:
     lmc_gamma_decay_every: int | None = field(default=None, metadata={"help": "(200)"})
 
 
-def save_plot(rows: list[dict], keys: list[str], path: Path, width: int = 640, panel: int = 240) -> None:
-    """One line-chart panel per key (value against sampler step), min/max and first/last step labelled."""
-    image = Image.new("RGB", (width, panel * len(keys)), "white")
+def save_plot(
+    rows: list[dict], keys: list[str], path: Path, title: str = "", width: int = 720, panel: int = 260
+) -> None:
+    """One line-chart panel per key (value against sampler step), with 5 labelled y levels and the evaluated steps
+    as x ticks (at most 11 labelled)."""
+    font = ImageFont.load_default(size=13)
+    image = Image.new("RGB", (width, panel * len(keys) + 24), "white")
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 70, 20, 24, 30
+    draw.text((10, 4), title, fill="black", font=font)
+    left, right, top, bottom = 80, 20, 50, 40
     for i, key in enumerate(keys):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         y0 = i * panel
-        draw.rectangle([left, y0 + top, width - right, y0 + panel - bottom], outline="black")
-        draw.text((left, y0 + 5), f"{key} against sampler steps", fill="black")
+        x_end, y_end = width - right, y0 + panel - bottom
+        draw.rectangle([left, y0 + top, x_end, y_end], outline="black")
+        draw.text((left, y0 + top - 18), f"{key} against the number of sampler steps", fill="black", font=font)
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
-        sx = (width - right - left) / max(x_hi - x_lo, 1)
-        sy = (panel - top - bottom) / ((y_hi - y_lo) or 1.0)
-        line = [(left + (x - x_lo) * sx, y0 + panel - bottom - (y - y_lo) * sy) for x, y in points]
+        sx, sy = (x_end - left) / max(x_hi - x_lo, 1), (y_end - y0 - top) / ((y_hi - y_lo) or 1.0)
+        for k in range(5):  # y levels
+            value = y_lo + (y_hi - y_lo) * k / 4
+            y = y_end - (value - y_lo) * sy
+            draw.line([(left, y), (x_end, y)], fill=(225, 225, 225))
+            draw.text((6, y - 7), f"{value:.4g}", fill="black", font=font)
+        for x in xs[:: max(1, -(-len(xs) // 11))] + [xs[-1]]:  # x ticks
+            draw.text((left + (x - x_lo) * sx - 8, y_end + 6), str(x), fill="black", font=font)
+        line = [(left + (x - x_lo) * sx, y_end - (y - y_lo) * sy) for x, y in points]
         if len(line) > 1:
             draw.line(line, fill=(200, 30, 30), width=2)
         for x, y in line:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(200, 30, 30))
-        draw.text((4, y0 + top - 4), f"{y_hi:.4g}", fill="black")
-        draw.text((4, y0 + panel - bottom - 8), f"{y_lo:.4g}", fill="black")
-        draw.text((left, y0 + panel - bottom + 4), str(x_lo), fill="black")
-        draw.text((width - right - 30, y0 + panel - bottom + 4), str(x_hi), fill="black")
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 30, 30))
     image.save(path)
 
 
@@ -173,7 +181,9 @@ def main(cfg: Config) -> None:
     if accelerator.is_main_process:
         info = {"snapshot": meta["path"], "n_samples": cfg.n_samples, "metric": fd.metric, "sampler": settings}
         (out_dir / "chain.json").write_text(json.dumps(info | {"rows": rows}, indent=2))
-        save_plot(rows, [fd.metric] + (["kale"] if kale is not None else []), out_dir / "chain.png")
+        title = (f"{meta['path']}: {settings['latent_sampler']}, gamma {settings['lmc_gamma']:g}, temperature "
+                 f"{settings['temperature']:g}, {cfg.n_samples} chains")  # fmt: skip
+        save_plot(rows, [fd.metric] + (["kale"] if kale is not None else []), out_dir / "chain.png", title)
         if frames and len(model.sample_shape) == 3:
             save_chain_animation(model, frames, out_dir / "chain.gif", duration_ms=300)
         best = min(rows, key=lambda r: r[fd.metric])
