@@ -23,6 +23,9 @@
     python sample.py --checkpoint logs/fashion_mnist_score_gan --start_seed 0 --end_seed 9999 --out_dir samples/sg
     python sample.py --checkpoint logs/gaussians_discr_flow --n_samples 4000 --trajectory webp --out_dir samples/df
     python sample.py --checkpoint logs/gaussians_discr_flow --num_steps 14 --total_steps 56 --out_dir samples/df14
+    # GEBMs (ebm_train.py): latent MCMC with seed 001's flags; --num_sampler_steps 0 = the base generator
+    python sample.py --checkpoint logs/fmnist_gebm --latent_sampler mala --lmc_gamma 1e-4 --num_sampler_steps 100 \
+        --temperature 100 --animation_every 10 --out_dir samples/gebm_mala
 
 Image k is drawn from its own RNG seeded with its seed (`--seed + k`, or each seed of `--start_seed..--end_seed`,
 inclusive), so the files do not depend on the batch size or the number of processes; seeds are dealt to processes
@@ -42,6 +45,9 @@ seeds (2-D: of every point) as trajectory.<format>.
 Translation snapshots read every image under --input_dir (recursively; centre square resized to the model's
 size) and write exactly one PNG per input, at the same relative path with a .png suffix, plus grid.png of
 [input | output] pairs.
+scatter.png instead of PNGs. GEBM snapshots run one latent chain per seed (sampling/latent_mcmc.py; defaults: the
+seed's sampling run, langevin, 1000 steps, gamma 1e-4 x 0.1 every 200 steps, temperature 100) and record the
+acceptance rates of mala/hmc/mh in sample_info.json; --animation_every K writes chain.gif.
 """
 
 import dataclasses
@@ -59,6 +65,13 @@ from PIL import Image
 from modelling.precond import EDMDenoiser
 from sampling import SNAPSHOT_KINDS
 from sampling.diffusion import SOLVERS, use_distilled_grid
+from sampling.latent_mcmc import (
+    METROPOLIS,
+    SAMPLERS,
+    acceptance_summary,
+    latent_sampler_settings,
+    save_chain_animation,
+)
 from sampling.particles import flow_settings
 from utils.ckpt import build_from_snapshot, load_snapshot
 from utils.cli import UserError, parse, user_errors
@@ -129,6 +142,15 @@ class Config:
     # Translation snapshots only (translate.py).
     input_dir: str = field(default="", metadata={"help": "translation: folder of input images, one output each"})
     reverse: bool = field(default=False, metadata={"help": "translation: a CycleGAN snapshot's B -> A generator"})
+    # GEBM snapshots only (seed 001's names; None = its sampling run's value, in brackets).
+    latent_sampler: str | None = field(default=None, metadata={"choices": SAMPLERS, "help": "latent MCMC (langevin)"})
+    num_sampler_steps: int | None = field(default=None, metadata={"help": "MCMC steps (1000); 0 = the base generator"})
+    lmc_gamma: float | None = field(default=None, metadata={"help": "step size gamma (1e-4)"})
+    lmc_kappa: float | None = field(default=None, metadata={"help": "lmc: friction (100)"})
+    temperature: float | None = field(default=None, metadata={"help": "multiplies the energy (100); 1: the GEBM"})
+    lmc_gamma_decay: float | None = field(default=None, metadata={"help": "gamma x this every ... steps (0.1)"})
+    lmc_gamma_decay_every: int | None = field(default=None, metadata={"help": "... this many steps (200)"})
+    animation_every: int = field(default=0, metadata={"help": "GEBM: chain.gif of the first chains every K steps"})
 
 
 def seed_list(cfg: Config) -> list[int]:
@@ -229,15 +251,20 @@ def main(cfg: Config) -> None:
         detail = f"labels are 0..{n_classes - 1}" if n_classes else "the model is unconditional"
         raise UserError(f"--class_label {cfg.class_label}: {detail}")
     # Refuse bad flags before writing anything.
+    gebm = meta["kind"] == "gebm"
+    settings = latent_sampler_settings(cfg, applies=gebm)  # refuses latent-MCMC flags for other snapshots
     if meta["kind"] in ("diffusion", "characteristic"):
         settings = solver_settings(model, cfg)
     elif meta["kind"] == "discr_flow":
         settings = flow_settings(model, cfg.num_steps, cfg.total_steps)
-    else:  # a generator: gan, score_gan
+    elif not gebm:  # a generator: gan, score_gan
         settings = truncation_settings(model, cfg)
     if cfg.trajectory and meta["kind"] != "discr_flow":
         raise UserError(f"--trajectory animates a particle flow; {meta['path']} is a {meta['kind']!r} snapshot")
     points = len(getattr(model, "sample_shape", (1, 1, 1))) == 1  # 2-D toy data: no images
+    if cfg.animation_every and (not gebm or points or cfg.animation_every < 0):
+        raise UserError("--animation_every K (K >= 1) animates the chains of a GEBM snapshot of images")
+    record = {"frames_every": cfg.animation_every} if gebm else None  # chain acceptance (and frames) of GEBMs
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +277,7 @@ def main(cfg: Config) -> None:
             labels = torch.tensor([cfg.class_label if cfg.class_label is not None else s % n_classes for s in batch])
             labels = labels.to(device)
         start = time.perf_counter()
-        images, nfe = sample_fn(model, batch, labels, device, **settings)
+        images, nfe = sample_fn(model, batch, labels, device, **settings, **({"record": record} if gebm else {}))
         check_finite(images, f"the samples of seeds {batch[0]}..{batch[-1]}")  # never a silent black PNG
         if device.type != "cpu":
             torch.accelerator.synchronize()  # time the work, not its queueing
@@ -265,6 +292,12 @@ def main(cfg: Config) -> None:
         shard = np.concatenate(my_points) if my_points else np.zeros((0, *model.sample_shape), np.float32)
         np.save(out_dir / f".points-{accelerator.process_index}.npy", shard)
     accelerator.wait_for_everyone()
+    mcmc = {}
+    if gebm and settings["latent_sampler"] in METROPOLIS and settings["num_sampler_steps"]:
+        per_step = record.get("accepted_per_step", torch.zeros(settings["num_sampler_steps"], dtype=torch.int64))
+        counts = torch.cat([per_step, torch.tensor([record.get("chains", 0)])]).to(device)  # every process joins
+        counts = accelerator.reduce(counts, reduction="sum").cpu() if accelerator.num_processes > 1 else counts.cpu()
+        mcmc["acceptance"] = acceptance_summary(counts[:-1], int(counts[-1]), settings)
 
     # The grid is assembled from the written files, so it shows exactly what was saved, whoever wrote it.
     if accelerator.is_main_process:
@@ -304,11 +337,14 @@ def main(cfg: Config) -> None:
             "sampling_seconds": round(seconds, 3),
             "seconds_per_1k_images": round(seconds / max(len(my_seeds), 1) * 1000, 3),
             "sampler": {k: "inf" if v == float("inf") else v for k, v in settings.items()},  # strict JSON
+            **mcmc,
         }
         if points and meta["config"].get("dataset") == "gaussians":
             freqs, off = mode_frequencies(torch.from_numpy(merged))
             info |= {"mode_frequencies": [round(f, 4) for f in freqs.tolist()], "off_mode": round(off, 4)}
         (out_dir / "sample_info.json").write_text(json.dumps(info, indent=2))
+        if record and record.get("frames"):
+            save_chain_animation(model, record["frames"], out_dir / "chain.gif")
         what = "points" if points else "images"
         print(
             f"wrote {len(seeds)} {what} (seeds {seeds[0]}..{seeds[-1]}, {nfe} NFE each, "

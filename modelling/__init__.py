@@ -2,7 +2,8 @@
 (denoiser backbones), `build_denoiser(method, net, net_kwargs, **kwargs)` (a backbone inside EDM or Föllmer
 preconditioning), `build_translator` / `build_patch_discriminator` (image-to-image translation, translate.py);
 GPM's particle models: `build_discr_flow(critic, critic_kwargs, **flow)` (a time-conditioned critic and its
-flow) and `build_score_gan_generator` (any generator of GENERATORS, or an MLP for 2-D points).
+flow) and `build_score_gan_generator` (any generator of GENERATORS, or an MLP for 2-D points); `build_gebm(name,
+**kwargs)` (a Generalized EBM: base generator + energy, modelling/gebm.py).
 
 The kwargs go straight to the constructor and are stored in snapshots, so `sample.py` rebuilds a model without
 the training script's flags. One architecture family per file.
@@ -18,6 +19,7 @@ from modelling import (
     classifier,
     dcgan,
     discr_flow,
+    gebm,
     mlp,
     precond,
     progressive_gan,
@@ -64,6 +66,8 @@ CRITICS = {"mlp": discr_flow.TimeMLPCritic, "dcgan": discr_flow.TimeDCGANCritic,
 # ScoreGAN's generators: the GAN ones, and an MLP for 2-D points (kept out of GENERATORS, whose every entry has a
 # discriminator for the GAN scripts).
 SCORE_GAN_GENERATORS = GENERATORS | {"mlp": mlp.ToyGenerator}
+# Generalized EBMs: the wrapper; its base and energy architectures are chosen by name in gebm.BASES / gebm.ENERGIES.
+GEBMS = {"gebm": gebm.GEBM}
 
 
 def _lookup(registry: dict, name: str, what: str):
@@ -106,3 +110,7 @@ def build_discr_flow(name: str, critic_kwargs: dict, **kwargs) -> discr_flow.Dis
 
 def build_score_gan_generator(name: str, **kwargs) -> nn.Module:
     return _lookup(SCORE_GAN_GENERATORS, name, "generator")(**kwargs)
+
+
+def build_gebm(name: str, **kwargs) -> gebm.GEBM:
+    return _lookup(GEBMS, name, "energy-based model")(**kwargs)

@@ -2,13 +2,22 @@
 
 Every sample function has the signature `sample_fn(model, seeds, labels, device, **settings) -> (samples, nfe)`:
 sample k is drawn from its own RNG seeded with seeds[k], so it depends on its seed only, not on the batch or the
-number of processes. `SNAPSHOT_KINDS` maps a snapshot's kind to (builder, sample function).
+number of processes. `SNAPSHOT_KINDS` maps a snapshot's kind to (builder, sample function). GEBM snapshots sample
+by latent MCMC (sampling/latent_mcmc.py); with default settings they give the base generator's samples.
 """
 
 import torch
 
-from modelling import build_denoiser, build_discr_flow, build_generator, build_score_gan_generator, build_translator
+from modelling import (
+    build_denoiser,
+    build_discr_flow,
+    build_gebm,
+    build_generator,
+    build_score_gan_generator,
+    build_translator,
+)
 from sampling.diffusion import StackedNoise, sample
+from sampling.latent_mcmc import gebm_images
 from sampling.particles import discr_flow_images
 
 
@@ -67,4 +76,5 @@ SNAPSHOT_KINDS = {
     # GPM: ScoreGAN's generator samples in one pass; Discriminator Flow has no generator, its critic's flow samples.
     "score_gan": (build_score_gan_generator, gan_images),
     "discr_flow": (build_discr_flow, discr_flow_images),
+    "gebm": (build_gebm, gebm_images),
 }

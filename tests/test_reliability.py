@@ -77,6 +77,12 @@ FAMILIES = {
         "--gen_kwargs", '{"width": 16, "depth": 2}', "--z_dim", "8", "--score_steps", "2", "--batch_size", "16",
         "--ema", "--n_steps", "16", "--eval_interval", "8", "--eval_samples", "64",
     ]),
+    "ebm_train": ("ebm_train.py", [
+        "--dataset", "mnist", "--batch_size", "8", "--gen_kwargs", '{"base_dim": 8}', "--disc_kwargs",
+        '{"base_dim": 8}', "--z_dim", "16", "--n_iter_d_init", "2", "--n_iter_d", "1", "--initialize_log_partition",
+        "--ema", "--n_steps", "16", "--eval_interval", "4", "--eval_samples", "16", "--eval_kale", "--kale_interval",
+        "4",
+    ]),
 }
 # fmt: on
 COMMON = ["--checkpoint_interval", "2", "--log_interval", "1", "--sample_interval", "6", "--loggers", "none"]
@@ -455,6 +461,36 @@ BAD_INPUTS = {
         lambda c: ["--checkpoint", str(c["run"]), "--input_dir", str(c["files"] / "rgb"), "--out_dir", str(c["root"])],
         "apply to translation snapshots",
     ),
+    "gebm-toy-data-with-dcgan": (
+        "ebm_train",
+        lambda c: ["--dataset", "gaussians", "--log_dir", str(c["root"]), "--log_name", "gebm"],
+        "do not fit --dataset gaussians",
+    ),
+    "gebm-energy-from-a-gan": (
+        "ebm_train",
+        lambda c: [
+            "--dataset",
+            "mnist",
+            "--data_dir",
+            str(c["mnist"]),
+            "--no-download",
+            "--log_dir",
+            str(c["root"]),
+            "--log_name",
+            "gebm",
+            "--z_dim",
+            "16",
+            "--d_path",
+            str(c["run"]),
+        ],
+        "has no energy to load",
+    ),
+    "latent-sampler-on-a-gan": (
+        "sample",
+        lambda c: ["--checkpoint", str(c["run"]), "--latent_sampler", "mala", "--out_dir", str(c["root"] / "mcmc")],
+        "applies to GEBM snapshots",
+    ),
+    "chain-of-a-gan": ("ebm_chain", lambda c: ["--checkpoint", str(c["run"])], "needs a GEBM"),
     "missing-inception": (
         "gan_mnist",
         lambda c: _gan(

@@ -56,6 +56,9 @@ REPO = Path(__file__).resolve().parents[1]
 # name is in HIGHER_IS_BETTER.
 EVAL_METRIC_CHOICES = ["auto", "fd_cls", "fd_pixels", "fid", "fd_points"]
 HIGHER_IS_BETTER = frozenset({"ssim", "psnr"})
+# Family metrics that are written and logged but never make a best checkpoint: KALE rises when a GEBM's energy
+# corrects more and falls when its base improves (metrics/kale.py), so neither direction means "better".
+NOT_RANKED = frozenset({"kale"})
 # Fields that steer how a run starts, not what it trains: never a reason to refuse or report a resume.
 _CONTROL_FIELDS = {"resume", "load_best", "only_test", "delete"}
 
@@ -427,7 +430,8 @@ class Run:
                 raise ValueError(f"--eval_metric {metric}: the script passed no such score ({sorted(result)})")
             result |= {"metric": metric, "value": float(result[metric])}
         value, sign = result["value"], -1 if result["metric"] in HIGHER_IS_BETTER else 1
-        self.new_best = value == value and (self.best is None or sign * value < sign * self.best["value"])  # not NaN
+        ranked = result["metric"] not in NOT_RANKED and value == value  # NaN is never best
+        self.new_best = ranked and (self.best is None or sign * value < sign * self.best["value"])
         if self.new_best:
             self.best = {"step": step, "metric": result["metric"], "value": value}
         if accelerator.is_main_process:
@@ -436,10 +440,10 @@ class Run:
             extra = f" on {result['n_samples']} samples" if "n_samples" in result else ""
             extra += f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
             extra += f" ({result['seconds']:.1f} s)" if "seconds" in result else ""
-            tqdm.write(
-                f"step {step}: {result['metric']} {value:.4f}{extra}"
-                + (" - new best" if self.new_best else f" (best {self.best['value']:.4f} at step {self.best['step']})")
-            )
+            note = " - new best" if self.new_best else ""
+            if self.best is not None and not self.new_best:
+                note = f" (best {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']})"
+            tqdm.write(f"step {step}: {result['metric']} {value:.4f}{extra}{note}")
         tracked = {f"eval/{k}": float(v) for k, v in (scores or {}).items()} | {f"eval/{result['metric']}": value}
         accelerator.log(tracked, step=step)
         return result

@@ -64,12 +64,17 @@ def tracker_config(cfg: dict) -> dict:
     return {k: json.dumps(v) if isinstance(v, dict) or v is None else v for k, v in cfg.items()}
 
 
-def step_optimizer(accelerator, optimizer, model, max_norm: float = float("inf")) -> tuple[bool, torch.Tensor]:
-    """Clip and apply the update unless the gradients are non-finite; return (applied, gradient norm)."""
+def step_optimizer(
+    accelerator, optimizer, model, max_norm: float = float("inf"), transform=None
+) -> tuple[bool, torch.Tensor]:
+    """Clip and apply the update unless the gradients are non-finite; return (applied, gradient norm).
+    `transform()`, if given, rewrites the unscaled gradients in place before the step (GEBM's energy step)."""
     # Unscale this optimizer's gradients only: unscaling several optimizers at once would count another network's
     # stale overflow against this step and halve the fp16 loss scale again.
     accelerator.unscale_gradients(optimizer=optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if transform is not None:
+        transform()
     if accelerator.scaler is not None:
         optimizer.step()  # the GradScaler skips inf/NaN steps itself and lowers its scale
         return not optimizer.step_was_skipped, grad_norm
