@@ -114,7 +114,7 @@ def main() -> None:
         n = len(files)
         print(
             f"torch {torch.__version__}, {args.threads} thread(s), device {device}, {n} images "
-            f"{tuple(dataset[0].shape)}, batch size {args.batch_size}, {args.num_workers} worker(s)"
+            f"{tuple(dataset.read(0)[1].shape)}, batch size {args.batch_size}, {args.num_workers} worker(s)"
         )
 
         out = tmp / "pytorch_fid_stats.npz"  # 1. pytorch-fid's CLI, as its users run it
@@ -148,9 +148,9 @@ def main() -> None:
 
         pfid_inception.load_state_dict_from_url = lambda *a, **k: state  # 2. pytorch-fid in this process
         model = pfid_inception.InceptionV3([3]).to(device).eval()
-        warm = torch.stack([dataset[i] for i in range(min(2, n))]).to(device)
+        warm = torch.stack([dataset.read(i)[1] for i in range(min(2, n))]).to(device)
         with torch.no_grad():
-            model(warm.float() / 255)
+            model(warm.expand(-1, 3, -1, -1).float() / 255)  # pytorch-fid reads grey PNGs as RGB
             detector(warm)
         # 3. genzoo's fid.py in this process. The two in-process runs alternate `--repeats` times and the fastest of
         # each counts: single runs on a shared CPU drift by +-10 %, which would swamp the comparison.
