@@ -5,8 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.idx import make_mnist_dir
+
+# Under pytest-xdist (the README's command runs one worker per core) a worker that also ran torch's intra-op threads
+# would only oversubscribe the cores; subprocesses get OMP_NUM_THREADS=1 from run() below anyway.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny DCGAN so a script-level step takes milliseconds on a CPU.
