@@ -252,12 +252,14 @@ def main(cfg: Config) -> None:
         raise UserError(f"--class_label {cfg.class_label}: {detail}")
     # Refuse bad flags before writing anything.
     gebm = meta["kind"] == "gebm"
-    settings = latent_sampler_settings(cfg, applies=gebm)  # refuses latent-MCMC flags for other snapshots
-    if meta["kind"] in ("diffusion", "characteristic"):
+    latent = latent_sampler_settings(cfg, applies=gebm)  # also refuses latent-MCMC flags for other snapshots
+    if gebm:
+        settings = latent
+    elif meta["kind"] in ("diffusion", "characteristic"):
         settings = solver_settings(model, cfg)
     elif meta["kind"] == "discr_flow":
         settings = flow_settings(model, cfg.num_steps, cfg.total_steps)
-    elif not gebm:  # a generator: gan, score_gan
+    else:  # a generator: gan, score_gan
         settings = truncation_settings(model, cfg)
     if cfg.trajectory and meta["kind"] != "discr_flow":
         raise UserError(f"--trajectory animates a particle flow; {meta['path']} is a {meta['kind']!r} snapshot")
