@@ -31,17 +31,12 @@ from modelling import CRITICS, build_discr_flow
 from sampling.particles import discr_flow_images, discriminator_flow
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
-from utils.dist import unwrap
+from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
 from utils.optim import set_hyperparameters
 from utils.run import Run, RunConfig
 from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
-
-# Fast paths on GPUs, set once in plain sight (as the GAN scripts).
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
 
 GRID_ROWS = 10  # grids of 10 x 10 flowed images
 SCATTER_POINTS = 2000  # 2-D data: flowed points per scatter plot
@@ -133,6 +128,7 @@ def main(cfg: Config) -> None:
     run = Run(cfg, f"{cfg.dataset}_discr_flow", RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
+    set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
     run.open(accelerator)

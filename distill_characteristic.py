@@ -41,15 +41,11 @@ from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, time_grid
 from utils.ckpt import build_from_snapshot, load_snapshot, tensors_sha256
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, build_dataset, make_loader, step_seed
-from utils.dist import unwrap
+from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
 from utils.run import Run, RunConfig
 from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
-
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
 
 GRID_ROWS = 10
 SCATTER_POINTS = 4000
@@ -158,6 +154,7 @@ def main(cfg: Config) -> None:
     run = Run(cfg, f"{teacher_run}_characteristic", RESUME_KEYS)
 
     # Accelerator.
+    set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
     global_bsz = cfg.global_bsz or cfg.bsz * accelerator.num_processes

@@ -48,17 +48,12 @@ from sampling.latent_mcmc import gebm_images
 from utils.ckpt import load_snapshot
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
-from utils.dist import unwrap
+from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
 from utils.run import EVAL_METRIC_CHOICES, Run, RunConfig
 from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
-
-# Fast paths on GPUs, set once in plain sight.
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
 
 GRID_ROWS = 10  # base-sample grids are 10 x 10; toy data: scatter plots of SCATTER_POINTS points
 SCATTER_POINTS = 4000
@@ -215,6 +210,7 @@ def main(cfg: Config) -> None:
     run = Run(cfg, name, RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
+    set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
     run.open(accelerator)

@@ -45,16 +45,12 @@ from modelling.progressive_gan import growth_at, stage_changed
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, select_class, step_seed
-from utils.dist import uncompiled, unwrap, zero_term
+from utils.dist import set_backends, uncompiled, unwrap, zero_term
 from utils.ema import EMA
 from utils.grid import save_grid
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
 from utils.run import Run, RunConfig
 from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
-
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
 
 GRID_COLS = 10  # 10 x 10 grids; conditional grids have one row of 10 per class
 STYLE_MODELS = ("stylegan", "stylegan2")  # generators with a mapping network (ws, truncation, path length)
@@ -183,6 +179,7 @@ def main(cfg: Config) -> None:
     lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
 
     # Accelerator. A growing network leaves its future levels unused: DDP must be told.
+    set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(
         **run.accelerator_kwargs(), kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=growing)]
     )

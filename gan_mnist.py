@@ -40,17 +40,12 @@ from modelling.common import latent_batches, recalibrate_batchnorm
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, build_dataset, make_loader, select_class, step_seed
-from utils.dist import unwrap
+from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
 from utils.run import Run, RunConfig
 from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
-
-# Fast paths on GPUs, set once in plain sight. TF32 matmuls are fine for GAN training (not for FID statistics).
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
 
 GRID_ROWS = 10  # sample grids are 10 x 10; conditional grids have one row per class
 # A resumed run must match these; anything else (lr, n_steps, intervals) may change, with a note.
@@ -150,6 +145,7 @@ def main(cfg: Config) -> None:
     run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{suffix}", RESUME_KEYS)
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
+    set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
     run.open(accelerator)  # refuses an existing run without --resume/--delete; loads the state to resume from

@@ -40,17 +40,13 @@ from modelling import build_translator
 from modelling.translation import PatchDiscriminator
 from utils.cli import UserError, parse, user_errors
 from utils.data import make_loader, step_seed
-from utils.dist import unwrap
+from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, to_uint8
 from utils.optim import make_optimizer, set_hyperparameters
 from utils.pairs import DEMOS, fashion_mnist_edges, fashion_mnist_sneakers_boots, paired_folder, unpaired_folders
 from utils.run import Run, RunConfig
 from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
-
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
 
 GRID_EXAMPLES = 12  # grids: 12 triplets, two per row
 PAIRED = {"pix2pix": ("fashion_mnist_edges", "paired"), "cyclegan": ("fashion_mnist_sneakers_boots", "unpaired")}
@@ -175,6 +171,7 @@ def main(cfg: Config) -> None:
     paired = cfg.model == "pix2pix"
 
     # Accelerator: mixed precision, DDP and torch.compile come from the flags or from `accelerate launch`.
+    set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main, rank, world = (
         accelerator.device, accelerator.is_main_process, accelerator.process_index, accelerator.num_processes

@@ -314,3 +314,45 @@ def test_a_family_metric_picks_the_best_in_its_own_direction(tmp_path):
         written = json.loads((tmp_path / metric / "eval" / "step-00000003.json").read_text())
         assert written == {"step": 3, "ssim": 0.6, "l1": pytest.approx(0.4), "metric": metric, "value": written[metric]}
         run.close()
+
+
+def test_deterministic_sets_the_kernel_choices_and_resumes_bit_exactly(tmp_path, mnist_dir, capsys, monkeypatch):
+    """--deterministic: cudnn autotuning off, deterministic cudnn/torch algorithms, cuBLAS's fixed workspace, all set
+    before the Accelerator; a run without the flag gets the fast settings back. The resume is bit-exact either way
+    on CPU; the flag is what a GPU run needs for the same (it cannot be checked on a CPU-only machine)."""
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        train(mnist_dir, tmp_path, "--log_name", "straight", "--n_steps", "4", "--deterministic")
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert json.loads((tmp_path / "straight" / "config.json").read_text())["deterministic"] is True
+        train(mnist_dir, tmp_path, "--log_name", "split", "--n_steps", "2", "--checkpoint_interval", "2")
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.deterministic and torch.backends.cuda.matmul.allow_tf32
+        capsys.readouterr()
+        train(
+            mnist_dir,
+            tmp_path,
+            "--log_name",
+            "split",
+            "--n_steps",
+            "4",
+            "--resume",
+            "latest",
+            "--deterministic",
+            "--checkpoint_interval",
+            "2",
+        )
+        assert "changed: ['deterministic', 'n_steps']" in capsys.readouterr().out
+        straight = load_training_state(tmp_path / "straight" / "states" / "state-00000004")
+        split = load_training_state(tmp_path / "split" / "states" / "state-00000004")
+        for key in ("gen", "disc"):
+            assert straight[key].keys() == split[key].keys()
+            assert all(torch.equal(straight[key][k], split[key][k]) for k in straight[key]), key
+    finally:
+        from utils.dist import set_backends
+
+        set_backends(False)  # the fast settings the other tests in this process expect

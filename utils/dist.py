@@ -1,10 +1,30 @@
 """What DDP and torch.compile need from the training scripts: reaching the plain module inside the wrappers, the
 zero-gradient term that lets a regulariser step through DDP, and the check that every process holds the same
-weights (NVIDIA's check_ddp_consistency). File I/O lives in utils/ckpt.py."""
+weights (NVIDIA's check_ddp_consistency); and the GPU kernel settings (fast, or deterministic). File I/O lives in
+utils/ckpt.py."""
+
+import os
 
 import torch
 
 from utils.ckpt import tensors_sha256
+
+
+def set_backends(deterministic: bool) -> None:
+    """The GPU kernels a training run uses, set before the Accelerator touches the device. By default the fast
+    ones: TF32 matmuls and convolutions (fine for training these models; fid.py turns TF32 off for statistics) and
+    cudnn's autotuner, which times several algorithms per shape and may pick another one in a new process, so a
+    resumed run follows the same data and noise but not the same bits. `--deterministic` keeps TF32 (it is
+    deterministic) but turns the autotuner off, asks cudnn for deterministic algorithms, fixes cuBLAS's workspace
+    (its documented condition for reproducible results) and makes torch use deterministic implementations; an op
+    without one warns once, naming itself, and the run goes on. No effect on CPU runs, which are bit-exact anyway."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any GPU work
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

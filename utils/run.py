@@ -70,6 +70,9 @@ class RunConfig:
 
     n_steps: int = field(default=10000, metadata={"min": 1, "help": "optimizer steps in total"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the trained networks"})
+    deterministic: bool = field(
+        default=False, metadata={"help": "GPU: deterministic kernels, no cudnn autotuning (bit-exact resume, slower)"}
+    )
     mixed_precision: str | None = field(
         default=None, metadata={"choices": ["no", "fp16", "bf16"], "help": "default: from accelerate launch"}
     )
