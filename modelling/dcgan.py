@@ -2,7 +2,8 @@
 
 Paper: Radford et al. 2016, "Unsupervised Representation Learning with Deep Convolutional GANs", arXiv 1511.06434.
 Conditioning: Mirza & Osindero 2014, arXiv 1411.1784, in gau-nernst/gan's CNN form: G gets concat(z, embed(y));
-D gets embed(y) broadcast over H x W as extra input channels. Each network owns its label embedding.
+D gets embed(y) broadcast over H x W as extra input channels (computed without building the broadcast, see
+Discriminator._first_conv_with_labels). Each network owns its label embedding.
 Reference code read for facts: gau-nernst/gan `modelling/dcgan.py`, `modelling/cgan.py`.
 
 Layout (all kernels 4; stride-2 convs halve, stride-2 transposed convs double):
@@ -114,7 +115,21 @@ class Discriminator(nn.Module):
         _init_weights(self)
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            n, _, h, w = imgs.shape
-            imgs = torch.cat([imgs, self.embed(labels)[:, :, None, None].expand(n, -1, h, w)], dim=1)
-        return self.net(imgs).flatten()  # (N,)
+        if self.embed is None:
+            return self.net(imgs).flatten()  # (N,)
+        return self.net[1:](self._first_conv_with_labels(imgs, self.embed(labels))).flatten()
+
+    def _first_conv_with_labels(self, imgs: torch.Tensor, label_embs: torch.Tensor) -> torch.Tensor:
+        """conv(concat(imgs, label_embs broadcast over H x W)) without building the broadcast: the label channels
+        are constant over the image, so their share at an output position is the sum, over the kernel taps that
+        fall inside the image (padding is zero), of that tap's weights applied to the embedding. Same weights and
+        result up to float rounding; the label part costs label_dim * k^2 per output channel and sample instead of
+        per output position (the broadcast made the first conv label_dim / img_channels = 64x dearer)."""
+        conv, c = self.net[0], self.img_channels
+        weight = conv.weight  # read once: spectral norm's parametrization recomputes it on access
+        out = nn.functional.conv2d(imgs, weight[:, :c], conv.bias, conv.stride, conv.padding)
+        per_tap = torch.einsum("oikl,ni->nokl", weight[:, c:], label_embs).flatten(2)  # (N, out, k*k)
+        inside = nn.functional.unfold(  # (1, k*k, H_out*W_out): 1 where a tap lands inside the image
+            imgs.new_ones(1, 1, *imgs.shape[2:]), conv.kernel_size, padding=conv.padding, stride=conv.stride
+        )
+        return out + (per_tap @ inside).view_as(out)

@@ -69,6 +69,36 @@ def test_conditional_inputs_are_concatenated():
     assert not torch.allclose(gen(zs, torch.tensor([0, 0])), gen(zs, torch.tensor([1, 1])))
 
 
+@pytest.mark.parametrize("img_size,img_channels,sn", [(32, 1, False), (16, 3, True), (64, 1, False)])
+def test_conditional_dcgan_disc_equals_conv_of_the_broadcast_labels(img_size, img_channels, sn):
+    """The first conv without the broadcast equals the literal conv(concat(imgs, embed(y) over H x W)) with the
+    same weights: outputs, gradients of the weights and embedding, and the input gradient's own gradient
+    (WGAN-GP's second order), in fp64. The border positions, where taps fall on the zero padding, are where a
+    wrong in-bounds mask would differ."""
+    torch.manual_seed(0)
+    disc = build_discriminator(
+        "dcgan", img_size=img_size, img_channels=img_channels, n_classes=10, norm="none", spectral_norm=sn
+    ).double()
+    disc.eval()  # spectral norm's power iteration stays put between the two forwards (no BatchNorm with norm none)
+    imgs = torch.randn(5, img_channels, img_size, img_size, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, 9, 3, 7])
+
+    def literal(x):
+        n, _, h, w = x.shape
+        return disc.net(torch.cat([x, disc.embed(labels)[:, :, None, None].expand(n, -1, h, w)], 1)).flatten()
+
+    def penalised(forward):
+        out = forward(imgs, labels) if forward is disc else forward(imgs)
+        (grad,) = torch.autograd.grad(out.sum(), imgs, create_graph=True)
+        loss = out.square().sum() + grad.square().sum()
+        return [out.detach(), *torch.autograd.grad(loss, [*disc.parameters(), imgs])]
+
+    for got, want in zip(penalised(disc), penalised(literal), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    first = disc.net[0]
+    assert first.in_channels == img_channels + 64 and first.weight.shape[1] == img_channels + 64  # same weights
+
+
 def test_unknown_name_and_bad_size_give_clear_errors():
     with pytest.raises(KeyError, match=re.escape(f"valid: {sorted(GENERATORS)}")):
         build_generator("stylegan9")
