@@ -1,13 +1,15 @@
 """Per-step overhead of gan_mnist.py's training loop against a bare PyTorch loop of the same models, batch and losses.
 
     python benchmarks/bench_gan_step.py --method gan --batch_size 64 --n_steps 300 --warmup 30 --threads 2
+    python benchmarks/bench_gan_step.py --conditional ...     # the README's quick start: labels into G and D
 
 The script side runs `gan_mnist.py --ema` in a subprocess, as a user would, and reads its steady-state seconds per
 step from stats.jsonl (rows after step `warmup`). Its timer stops before a log row is written and restarts after it,
 and with large sample/checkpoint intervals the only save comes after the last row: the number covers the loop
 itself (Accelerate wrappers, reseeding, sampler, finite-gradient checks, loss meters), not logging or saving.
 The bare side then runs in this process, after the subprocess has exited, and does the same work per step:
-D step, G step with D frozen, weight clipping for wgan, and an EMA lerp plus buffer copy into a copy of G.
+D step, G step with D frozen, weight clipping for wgan, and an EMA lerp plus buffer copy into a copy of G; with
+--conditional both networks take the real batch's labels, as gan_mnist.py gives them to the fakes too.
 The last line printed is the ratio of the two.
 """
 
@@ -65,7 +67,7 @@ def script_sec_per_step(args: argparse.Namespace, data_dir: str, log_dir: str) -
         log_dir,
         "--log_name",
         "bench",
-    ]
+    ] + (["--conditional"] if args.conditional else [])
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -77,14 +79,16 @@ def script_sec_per_step(args: argparse.Namespace, data_dir: str, log_dir: str) -
 def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
     """The same D step, G step and EMA update in plain PyTorch; returns seconds per step after `warmup` steps."""
     device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
-    images = build_dataset("mnist", data_dir, 32, download=False).images.to(device)  # uint8 (N, 1, 32, 32)
+    dataset = build_dataset("mnist", data_dir, 32, download=False)
+    images, all_labels = dataset.images.to(device), dataset.labels.to(device)  # uint8 (N, 1, 32, 32), int64 (N,)
+    n_classes = 10 if args.conditional else 0
     torch.manual_seed(0)
-    gen = build_generator("dcgan", img_size=32, img_channels=1, z_dim=128, n_classes=0, spectral_norm=False)
+    gen = build_generator("dcgan", img_size=32, img_channels=1, z_dim=128, n_classes=n_classes, spectral_norm=False)
     disc = build_discriminator(
         "dcgan",
         img_size=32,
         img_channels=1,
-        n_classes=0,
+        n_classes=n_classes,
         spectral_norm=False,
         norm="none" if args.method == "wgan-gp" else "batch",
     )
@@ -96,12 +100,13 @@ def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
     loss_fn, n = get_gan_loss(args.method), args.batch_size
 
     def step() -> None:
-        reals = images[torch.randint(len(images), (n,), device=device)].float().div_(127.5).sub_(1.0)
+        batch = torch.randint(len(images), (n,), device=device)
+        reals, labels = images[batch].float().div_(127.5).sub_(1.0), all_labels[batch] if n_classes else None
         with torch.no_grad():
-            fakes = gen(torch.randn(n, 128, device=device))
-        loss_d = loss_fn.d_loss(disc(reals), disc(fakes)).mean()
+            fakes = gen(torch.randn(n, 128, device=device), labels)
+        loss_d = loss_fn.d_loss(disc(reals, labels), disc(fakes, labels)).mean()
         if args.method == "wgan-gp":
-            loss_d = loss_d + 10.0 * gradient_penalty(disc, reals, fakes).mean()
+            loss_d = loss_d + 10.0 * gradient_penalty(disc, reals, fakes, labels).mean()
         optim_d.zero_grad(set_to_none=True)
         loss_d.backward()
         optim_d.step()
@@ -110,7 +115,7 @@ def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
                 for p in disc.parameters():
                     p.clamp_(-0.01, 0.01)
         disc.requires_grad_(False)
-        loss_g = loss_fn.g_loss(disc(gen(torch.randn(n, 128, device=device)))).mean()
+        loss_g = loss_fn.g_loss(disc(gen(torch.randn(n, 128, device=device), labels), labels)).mean()
         optim_g.zero_grad(set_to_none=True)
         loss_g.backward()
         disc.requires_grad_(True)
@@ -134,6 +139,7 @@ def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--method", default="gan", choices=["gan", "wgan-gp", "hinge", "wgan"])
+    parser.add_argument("--conditional", action="store_true", help="class-conditional G and D (10 classes)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--n_steps", type=int, default=300, help="timed steps, after the warm-up")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (>= 1)")
@@ -145,7 +151,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), method {args.method}, batch size {args.batch_size}, "
-        f"{args.warmup} warm-up + {args.n_steps} timed steps, EMA on"
+        f"{args.warmup} warm-up + {args.n_steps} timed steps, EMA on" + (", conditional" if args.conditional else "")
     )
 
     with tempfile.TemporaryDirectory(prefix="bench_gan_") as tmp:

@@ -136,13 +136,20 @@ class Case:
     bare: Callable[[Bench, str, int], float | None] | None = None  # (bench, variant, batch) -> bare sec/kimg
 
 
-def bare_gan(bench: Bench, variant: str, batch: int) -> float | None:
-    """bench_gan_step.py's loop mirrors `gan_mnist.py --method gan --ema` at the default sizes, in fp32 only."""
-    if variant != "fp32":
-        return None
-    warmup, timed = bench.steps
-    args = argparse.Namespace(method="gan", batch_size=batch, n_steps=timed, warmup=warmup)
-    return bench_gan_step.bare_sec_per_step(args, bench.mnist) / (batch / 1000)
+def bare_gan(conditional: bool) -> Callable[[Bench, str, int], float | None]:
+    """bench_gan_step.py's loop mirrors `gan_mnist.py --method gan --ema [--conditional]` at the default sizes, in
+    fp32 only."""
+
+    def bare(bench: Bench, variant: str, batch: int) -> float | None:
+        if variant != "fp32":
+            return None
+        warmup, timed = bench.steps
+        args = argparse.Namespace(
+            method="gan", conditional=conditional, batch_size=batch, n_steps=timed, warmup=warmup
+        )  # fmt: skip
+        return bench_gan_step.bare_sec_per_step(args, bench.mnist) / (batch / 1000)
+
+    return bare
 
 
 def bare_diffusion(model: str, img_size: int) -> Callable[[Bench, str, int], float | None]:
@@ -168,7 +175,11 @@ FOLDER64 = "--dataset folder --data_dir {b.rgb64} --img_size 64 --num_workers {b
 EDM = f"--method edm {MNIST} --model"
 
 TRAINING = {
-    "dcgan32": Case("gan_mnist.py", f"--method gan --ema {MNIST}", (64, 32), bare=bare_gan),
+    "dcgan32": Case("gan_mnist.py", f"--method gan --ema {MNIST}", (64, 32), bare=bare_gan(conditional=False)),
+    # The README's quick start: labels into G and D (before issue 18 factored D's first conv it cost 1.8x dcgan32).
+    "dcgan32-cond": Case(
+        "gan_mnist.py", f"--method gan --ema --conditional {MNIST}", (64, 32), bare=bare_gan(conditional=True)
+    ),
     "dcgan64": Case("gan_celeba.py", f"--model dcgan {FOLDER64}", (128, 32)),
     "stylegan2-64": Case("gan_celeba.py", f"--model stylegan2 {FOLDER64}", (32, 16)),
     "sagan64": Case("gan_celeba.py", f"--model sagan {FOLDER64}", (64, 16)),

@@ -24,14 +24,17 @@ def table(md: str) -> list[list[str]]:
 def test_quick_gan_case_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
     # channels_last is never run (no script has the option), on any device: a "not run" row without numbers.
-    run_script("benchmarks/run_all.py", "--quick", "--only", "dcgan32", "--variants", "fp32,channels_last",
+    run_script("benchmarks/run_all.py", "--quick", "--only", "dcgan32,dcgan32-cond", "--variants", "fp32,channels_last",
                "--batch_size", "8", "--n_steps", "3", "--warmup", "1", "--threads", "1", "--out", out)  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["mode"] == "quick" and (results["meta"]["warmup"], results["meta"]["n_steps"]) == (1, 3)
-    fp32, channels_last = results["rows"]
+    fp32, channels_last, cond_fp32, _ = results["rows"]
     assert (fp32["case"], fp32["variant"], fp32["status"]) == ("dcgan32", "fp32", "ok")
+    assert (cond_fp32["case"], cond_fp32["status"]) == ("dcgan32-cond", "ok") and "--conditional" in cond_fp32[
+        "command"
+    ]
     for key in ("img_per_s", "sec_per_kimg", "peak_mem_gb", "ratio_vs_bare", "bare_sec_per_kimg"):
-        assert fp32[key] > 0, key
+        assert fp32[key] > 0 and cond_fp32[key] > 0, key
     assert fp32["img_per_s"] == pytest.approx(1000 / fp32["sec_per_kimg"])
     assert "gan_mnist.py" in fp32["command"] and "--batch_size 8 --n_steps 4 --log_interval 1" in fp32["command"]
     assert channels_last["status"] == "skipped" and channels_last["note"].startswith("not run: ")
@@ -39,7 +42,9 @@ def test_quick_gan_case_writes_json_and_markdown(tmp_path):
 
     cells = table((out / "results.md").read_text())
     assert cells[0] == COLUMNS
-    assert [row[:2] for row in cells[1:]] == [["dcgan32", "fp32"], ["dcgan32", "channels_last"]]
+    assert [row[:2] for row in cells[1:]] == [
+        ["dcgan32", "fp32"], ["dcgan32", "channels_last"], ["dcgan32-cond", "fp32"], ["dcgan32-cond", "channels_last"]
+    ]  # fmt: skip
     assert float(cells[1][3]) > 0 and cells[1][8] == f"`{fp32['command']}`"
     assert cells[2][3:7] == ["–"] * 4 and cells[2][7] == channels_last["note"]
 
