@@ -148,6 +148,10 @@ def resolve_config(cfg: Config) -> Config:
         raise UserError("--model acgan is class-conditional (D classifies its input): add --conditional")
     if cfg.image_class is not None and cfg.conditional:
         raise UserError("--image_class trains on one label: it cannot be combined with --conditional")
+    if cfg.model == "progressive_gan" and "growing" in cfg.gen_kwargs | cfg.disc_kwargs:
+        # Both networks and the loop's growth schedule must agree: one flag decides for all three.
+        raise UserError("progressive_gan's growing is set by --progressive_growing / --no-progressive_growing, "
+                        "not by --gen_kwargs/--disc_kwargs")  # fmt: skip
     if gradient_penalised(cfg) and cfg.model in DCGAN_LIKE and cfg.disc_kwargs.get("norm", "none") == "batch":
         raise UserError("gradient penalties (wgan-gp, R1) need a critic without BatchNorm (they are per sample)")
     return cfg

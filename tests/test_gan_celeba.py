@@ -277,6 +277,7 @@ def test_bad_flags_are_refused(tmp_path):
         (dict(model="dcgan", method="wgan-gp", disc_kwargs={"norm": "batch"}), "without BatchNorm"),
         (dict(model="stylegan2", r1_interval=0), "--r1_interval must be >= 1"),
         (dict(model="sagan", beta2=1.0), "--beta2 must be in [0, 1)"),
+        (dict(model="progressive_gan", disc_kwargs={"growing": False}), "is set by --progressive_growing"),
     ]
     for kwargs, fragment in cases:
         with pytest.raises(UserError, match=re.escape(fragment)):
