@@ -93,6 +93,8 @@ def check_config(cfg: Config) -> None:
     fixed = sorted({"img_size", "img_channels", "dim", "n_classes"} & set(cfg.net_kwargs))
     if fixed:
         raise UserError(f"--net_kwargs may not set {fixed}: they come from the data and --img_size/--conditional")
+    if cfg.ema_decay is not None and not cfg.ema:
+        raise UserError("--ema_decay sets the EMA's decay: it needs --ema (it was given with --no-ema)")
     if cfg.sigma_data is not None and cfg.sigma_data <= 0:
         raise UserError(f"--sigma_data must be > 0, got {cfg.sigma_data}")
 

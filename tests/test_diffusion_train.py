@@ -199,6 +199,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, mnist_dir):
         (["--net_kwargs", '{"n_classes": 3}'], "--net_kwargs may not set \\['n_classes'\\]"),
         (["--method", "follmer", "--loss_kwargs", '{"P_mean": -1}'], "do not fit --method follmer"),
         (["--beta2", "1.5"], "--beta1 and --beta2 must be in"),
+        (["--no-ema", "--ema_decay", "0.999"], "--ema_decay sets the EMA's decay: it needs --ema"),
     ]:
         argv = ["--dataset", "mnist", "--data_dir", str(mnist_dir), "--no-download", "--log_dir", str(tmp_path)]
         with pytest.raises(UserError, match=message):
