@@ -17,7 +17,7 @@ def set_backends(deterministic: bool) -> None:
     resumed run follows the same data and noise but not the same bits. `--deterministic` keeps TF32 (it is
     deterministic) but turns the autotuner off, asks cudnn for deterministic algorithms, fixes cuBLAS's workspace
     (its documented condition for reproducible results) and makes torch use deterministic implementations; an op
-    without one warns once, naming itself, and the run goes on. No effect on CPU runs, which are bit-exact anyway."""
+    without one warns once, naming itself, and the run goes on. CPU runs are bit-exact with or without it."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any GPU work
     torch.backends.cuda.matmul.allow_tf32 = True
