@@ -30,10 +30,9 @@ from losses import get_diffusion_loss  # noqa: E402
 from modelling import NETWORK_PRESETS, build_denoiser  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
 from utils.data import build_dataset  # noqa: E402
+from utils.dist import set_backends  # noqa: E402
 
-torch.backends.cuda.matmul.allow_tf32 = True  # the script's settings, so that both sides run the same kernels
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
+set_backends(deterministic=False)  # the script's settings, so that both sides run the same kernels
 
 
 def script_run(args: argparse.Namespace, data_dir: str, log_dir: str) -> tuple[float, float]:

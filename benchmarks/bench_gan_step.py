@@ -32,11 +32,9 @@ from losses import get_gan_loss, gradient_penalty  # noqa: E402
 from modelling import build_discriminator, build_generator  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
 from utils.data import build_dataset  # noqa: E402
+from utils.dist import set_backends  # noqa: E402
 
-# The script's settings, so that both sides run the same kernels.
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
-torch.backends.cudnn.benchmark = True
+set_backends(deterministic=False)  # the script's settings, so that both sides run the same kernels
 
 
 def script_sec_per_step(args: argparse.Namespace, data_dir: str, log_dir: str) -> float:
