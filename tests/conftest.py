@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,37 @@ def mnist_dir(tmp_path_factory) -> Path:
     return make_mnist_dir(tmp_path_factory.mktemp("mnist"))
 
 
+def script_env(env: dict | None = None) -> dict:
+    """The environment of every process a test starts: one torch thread (CPU fp32 sums depend on the thread count,
+    so runs that a test compares bit for bit must all use the same; and pytest-xdist already runs a worker per
+    core), unbuffered output (a test may read a script's progress as it happens)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=script_env(env))
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    """A process the test drives by what it prints (stdout, with stderr merged in, read line by line)."""
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=script_env()
+    )
+
+
+def kill_after_line(process: subprocess.Popen, prefix: str) -> list[str]:
+    """SIGKILL `process` as soon as it prints a line starting with `prefix`: a moment picked by progress, not by
+    wall time. Returns the lines read; fails the test if the process ended without printing it."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.stdout.close()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, f"never printed {prefix!r}:\n{''.join(lines[-40:])}"
+    return lines
 
 
 def run_script(script: str, *args: str, ok: bool = True, launcher: list[str] | None = None, **kw):

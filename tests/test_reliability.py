@@ -9,7 +9,7 @@ Fault points (tests/faults.py kills the process at the n-th call of a function):
 - utils.ckpt:_fsync        inside a training-state write, after some files are written, before COMPLETE/rename
 - utils.ckpt:save_training_state   after the snapshot (and the best copy) are in place, before the state exists
 - utils.tracking:step_optimizer    in the middle of a training step (between D and G updates for the GANs)
-- a SIGKILL from outside at a random moment (seeded plan; the moment itself is wall-clock)
+- a SIGKILL from outside right after a seeded step is logged (the exact instruction it lands on is the OS's)
 """
 
 import hashlib
@@ -19,9 +19,7 @@ import pickle
 import random
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ import torch
 from PIL import Image
 
 import gan_mnist
-from tests.conftest import REPO, cli_error, read_stats, run, run_script
+from tests.conftest import REPO, cli_error, kill_after_line, read_stats, run, run_script, start
 from tests.idx import write_idx
 from utils.ckpt import list_states, load_snapshot, load_training_state, save_snapshot
 
@@ -150,11 +148,13 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, mnist_dir, toy_teac
         assert result.returncode == -signal.SIGKILL, f"{target} #{n} was not reached:\n{result.stderr[-3000:]}"
         for _, state in list_states(crashed / "states"):  # whatever survived a kill is complete and loadable
             load_training_state(state)
-    plan = random.Random(f"{family}-kill")
-    victim = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(plan.uniform(3.0, 8.0))
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    # A kill at a moment picked by progress: right after the victim logs a seeded step between the state it
+    # resumes and the end (at least two steps and the final save still to go), wherever in the next step's work
+    # that lands. With one training process per folder, the step it prints is the step it has just finished.
+    resumed = list_states(crashed / "states")[-1][0]
+    assert resumed + 1 <= n_steps - 2, f"the fault points left too little to kill at random (state at {resumed})"
+    target = random.Random(f"{family}-kill").randint(resumed + 1, n_steps - 2)
+    kill_after_line(start([sys.executable, *cmd]), f"step {target}/{n_steps} ")
     result = run_script(*cmd)
     assert "resuming from" in result.stdout
     assert not list(crashed.rglob(".tmp-*")) and not list(crashed.rglob(".old-state-*"))
@@ -276,9 +276,9 @@ BAD_INPUTS = {
         lambda c: _gan(c, "--log_name", "run", "--resume", "latest", "--n_steps", "6", "--method", "hinge"),
         "method: saved 'gan' vs now 'hinge'",
     ),
-    "resume-done": (
+    "resume-beyond-the-end": (  # a state at step 4 cannot be a run of 3 steps (at 4 itself, the run is done)
         "gan_mnist",
-        lambda c: _gan(c, "--log_name", "run", "--resume", "latest", "--n_steps", "4"),
+        lambda c: _gan(c, "--log_name", "run", "--resume", "latest", "--n_steps", "3"),
         "pass --n_steps > 4",
     ),
     "resume-into-other-run": (

@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import gan_mnist
-from tests.conftest import REPO, TINY, cli_error, read_stats, run_script
+from tests.conftest import REPO, TINY, cli_error, read_stats, run, run_script, start
 from utils.ckpt import list_states, load_snapshot, load_training_state
 
 QUIET = ["--loggers", "none", "--sample_interval", "0", "--log_interval", "2"]
@@ -156,12 +156,13 @@ def test_a_second_process_on_the_same_folder_is_refused(tmp_path, mnist_dir):
     cmd = [sys.executable, str(REPO / "gan_mnist.py"), "--data_dir", str(mnist_dir), "--no-download",
            "--log_dir", str(tmp_path), "--log_name", "busy", *TINY, *QUIET, "--n_steps", "100000",
            "--checkpoint_interval", "5"]  # fmt: skip
-    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    first = start(cmd)
     try:
-        deadline = time.time() + 120
-        while not list_states(tmp_path / "busy" / "states") and time.time() < deadline:
-            time.sleep(0.5)
+        # Wait for the first checkpoint by reading the first run's own output (no clock). Once the test stops
+        # reading, the first run blocks on a full pipe at worst: it stays alive and holds the folder.
+        for line in first.stdout:
+            if "saved training state" in line:
+                break
         assert list_states(tmp_path / "busy" / "states"), "the first run never checkpointed"
         second = run_script("gan_mnist.py", *cmd[2:], "--resume", "latest", ok=False)
         assert second.returncode == 2 and "Traceback" not in second.stderr
@@ -174,6 +175,71 @@ def test_a_second_process_on_the_same_folder_is_refused(tmp_path, mnist_dir):
     # The OS released the lock with the killed process: the run resumes.
     run_script("gan_mnist.py", *cmd[2:-4], "--n_steps", str(list_states(tmp_path / "busy" / "states")[-1][0] + 1),
                "--checkpoint_interval", "1", "--resume", "latest")  # fmt: skip
+
+
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_launched_again_is_done_and_untouched(tmp_path, mnist_dir, capsys):
+    """A requeued cluster job runs its command again: a finished run says so in one line, exits 0 and writes
+    nothing, with or without --resume latest; a state beyond --n_steps is still refused."""
+    args = ["--log_name", "r", "--n_steps", "4", "--checkpoint_interval", "2", "--eval_interval", "2",
+            "--eval_samples", "16"]  # fmt: skip
+    train(mnist_dir, tmp_path, *args)
+    run_dir = tmp_path / "r"
+    before = {k: v for k, v in _digest(run_dir).items() if k != ".lock"}
+    for extra in ([], ["--resume", "latest"], ["--resume", "latest", "--load_best"]):
+        capsys.readouterr()
+        train(mnist_dir, tmp_path, *args, *extra)  # returns normally: exit code 0
+        assert "the run is done (step 4 of 4), nothing to do" in capsys.readouterr().out
+        assert {k: v for k, v in _digest(run_dir).items() if k != ".lock"} == before
+    # Not the same command: still refused as before.
+    line = cli_error(gan_mnist.cli, ["--data_dir", str(mnist_dir), "--log_dir", str(tmp_path), *TINY, *QUIET,
+                                     *args[:-4], "--lr", "1e-3"], capsys)  # fmt: skip
+    assert "already holds a run" in line
+    line = cli_error(gan_mnist.cli, ["--data_dir", str(mnist_dir), "--log_dir", str(tmp_path), *TINY, *QUIET,
+                                     "--log_name", "r", "--n_steps", "3", "--resume", "latest"], capsys)  # fmt: skip
+    assert "the training state is at step 4 already; pass --n_steps > 4" in line
+
+
+def test_killed_after_the_final_state_the_relaunch_finishes_pruning(tmp_path, mnist_dir):
+    """SIGKILL after the final state is renamed into place but before older states are pruned: the same command
+    again exits 0, prunes, and changes nothing else."""
+    cmd = [str(REPO / "gan_mnist.py"), "--data_dir", str(mnist_dir), "--no-download", "--log_dir", str(tmp_path),
+           "--log_name", "k", *TINY, *QUIET, "--n_steps", "6", "--checkpoint_interval", "2",
+           "--resume", "latest"]  # fmt: skip
+    # prune_states runs once per checkpoint, after the rename: its 3rd call is the final state's.
+    killed = run([sys.executable, "-m", "tests.faults", "utils.ckpt:prune_states", "3", *cmd])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "k"
+    assert [s for s, _ in list_states(run_dir / "states")] == [2, 4, 6]
+    others = {k: v for k, v in _digest(run_dir).items() if not k.startswith("states/") and k != ".lock"}
+    result = run_script(*cmd)
+    assert "the run is done (step 6 of 6), nothing to do" in result.stdout
+    assert [s for s, _ in list_states(run_dir / "states")] == [4, 6]
+    assert {k: v for k, v in _digest(run_dir).items() if not k.startswith("states/") and k != ".lock"} == others
+
+
+def test_a_resume_with_another_thread_count_says_it_is_not_bit_identical(tmp_path, mnist_dir, capsys):
+    threads = torch.get_num_threads()
+    other = 2 if threads == 1 else 1
+    try:
+        torch.set_num_threads(other)
+        train(mnist_dir, tmp_path, "--log_name", "t", "--n_steps", "2", "--checkpoint_interval", "2")
+        assert load_training_state(list_states(tmp_path / "t" / "states")[-1][1])["run"]["threads"] == other
+        torch.set_num_threads(threads)
+        capsys.readouterr()
+        train(mnist_dir, tmp_path, "--log_name", "t", "--n_steps", "4", "--checkpoint_interval", "2",
+              "--resume", "latest")  # fmt: skip
+        out = capsys.readouterr().out
+        assert f"written with {other} threads, now {threads}: " in out and "not be bit-identical" in out
+        capsys.readouterr()
+        train(mnist_dir, tmp_path, "--log_name", "t", "--n_steps", "6", "--checkpoint_interval", "2",
+              "--resume", "latest")  # fmt: skip
+        assert "bit-identical" not in capsys.readouterr().out  # the same count as the state it resumes
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_edited_snapshot_headers_give_one_line(tmp_path, mnist_dir, capsys):

@@ -28,11 +28,18 @@ class UserError(Exception):
     """Bad input from the user (flags, data, checkpoints): reported as one line, never a traceback."""
 
 
+class NothingToDo(Exception):
+    """The command has nothing left to do (a finished run launched again, as a requeued cluster job is): the
+    process ends with exit code 0 after the one line that the raiser printed."""
+
+
 @contextlib.contextmanager
 def user_errors(prog: str | None = None):
     prog = prog or Path(sys.argv[0]).name
     try:
         yield
+    except NothingToDo:
+        pass
     except UserError as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a DataLoader worker, which wraps it in the traceback

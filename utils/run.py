@@ -6,12 +6,13 @@ evaluate and save; `Run` does the filesystem side:
 
     run = Run(cfg, default_name, RESUME_KEYS)   # the folder: logs/<log_name>, or --workdir
     accelerator = Accelerator(..., project_config=ProjectConfiguration(project_dir=str(run.dir), ...))
-    run.open(accelerator)                       # refuse / --delete / lock / load the state to resume (run.start_step)
+    run.open(accelerator)                       # refuse / --delete / lock / load the state to resume (run.start_step);
+                                                # a finished run launched again ends here with exit 0 (NothingToDo)
     ... data, models, optimizers, accelerator.prepare(...)
     extras = run.restore(gen=gen, optim_g=optim_g, ema=ema, scaler=accelerator.scaler)   # {} on a fresh start
     run.begin(accelerator, dataset)             # folders, config.json, code version, stats, trackers, evaluator
     for step in range(run.start_step, cfg.n_steps): ...
-        run.log(accelerator, record)
+        run.log(accelerator, step, values)
         run.evaluate(accelerator, done, sample_fn, model, n_classes)   # sets run.new_best
         run.save(accelerator, done, replicas=(gen, disc), snapshot=dict(...), gen=gen, optim_g=optim_g, ...)
 
@@ -41,12 +42,13 @@ from utils.ckpt import (
     list_states,
     load_snapshot,
     load_training_state,
+    prune_states,
     resolve_state,
     save_snapshot,
     save_training_state,
     write_atomic,
 )
-from utils.cli import UserError, check_bounds
+from utils.cli import NothingToDo, UserError, check_bounds
 from utils.dist import check_replicas_agree, unwrap
 from utils.tracking import peak_memory_gb, status_line, tracker_config
 
@@ -203,6 +205,8 @@ class Run:
         state_path = None
         if not cfg.delete:
             if not cfg.resume and not cfg.load_best:
+                if content and self._finished_with_this_config():
+                    self._done(accelerator)
                 if content:
                     raise UserError(
                         f"{self.dir} already holds a run ({', '.join(content)}); pass --resume latest to continue "
@@ -226,11 +230,14 @@ class Run:
             self.state = load_training_state(state_path)
             self.start_step = self.state["step"]
             changed = self._check_compatible(self.state["config"])
+            if self.start_step == cfg.n_steps and own:
+                self._done(accelerator)
             if self.start_step >= cfg.n_steps:
                 raise UserError(
                     f"the training state is at step {self.start_step} already; pass --n_steps > {self.start_step} "
                     "to go on"
                 )
+            self._note_other_parallelism(accelerator, self.state.get("run", {}))
         elif cfg.resume:
             accelerator.print(
                 f"--resume {cfg.resume}: no training state in {self.dir / 'states'}; starting from scratch"
@@ -243,6 +250,41 @@ class Run:
         if state_path is not None:
             accelerator.print(
                 f"resuming from {state_path} (step {self.start_step})" + (f"; changed: {changed}" if changed else "")
+            )
+
+    def _finished_with_this_config(self) -> bool:
+        """The folder's newest state is its last step, saved by a run with exactly this configuration: the same
+        command launched again (a requeued job without --resume)."""
+        states = list_states(self.dir / "states")
+        if not states or states[-1][0] != self.cfg.n_steps:
+            return False
+        saved = load_training_state(states[-1][1])["config"]
+        now = dataclasses.asdict(self.cfg)
+        return all(saved.get(k) == v for k, v in now.items() if k not in _CONTROL_FIELDS)
+
+    def _done(self, accelerator) -> None:
+        """A finished run launched again (a requeued job, or a restart after a kill that came after the final
+        state): finish the pruning that the kill may have cut short, say so in one line, and end with exit 0.
+        Nothing else is written."""
+        if accelerator.is_main_process:
+            state = self.state or load_training_state(list_states(self.dir / "states")[-1][1])
+            best = state.get("run", {}).get("best")
+            prune_states(self.dir / "states", self.cfg.keep_states, (best["step"],) if best else ())
+        accelerator.wait_for_everyone()
+        accelerator.print(f"{self.dir}: the run is done (step {self.cfg.n_steps} of {self.cfg.n_steps}), nothing to do")
+        self.close()
+        raise NothingToDo
+
+    @staticmethod
+    def _note_other_parallelism(accelerator, saved_run: dict) -> None:
+        """CPU fp32 sums depend on the torch thread count, and data sharding on the process count: a resume with
+        other counts is correct but not bit-identical to an uninterrupted run."""
+        now = {"threads": torch.get_num_threads(), "processes": accelerator.num_processes}
+        other = [f"{saved_run[k]} {k}, now {v}" for k, v in now.items() if k in saved_run and saved_run[k] != v]
+        if other:
+            accelerator.print(
+                f"note: the training state was written with {'; '.join(other)}: the run goes on correctly, but its "
+                "result will not be bit-identical to an uninterrupted run"
             )
 
     def _lock(self) -> None:
@@ -466,7 +508,8 @@ class Run:
             )  # fmt: skip
             if self.new_best:
                 self._write_best(path)
-            tree = {"step": step, "config": self.config, "run": {"best": self.best}, **capture(**state)}
+            run_info = {"best": self.best, "threads": torch.get_num_threads(), "processes": accelerator.num_processes}
+            tree = {"step": step, "config": self.config, "run": run_info, **capture(**state)}
             protect = (self.best["step"],) if self.best else ()
             save_training_state(self.dir / "states", step, tree, keep=self.cfg.keep_states, protect=protect)
             tqdm.write(
