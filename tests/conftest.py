@@ -10,10 +10,10 @@ import torch
 
 from tests.idx import make_mnist_dir
 
-# Under pytest-xdist (the README's command runs one worker per core) a worker that also ran torch's intra-op threads
-# would only oversubscribe the cores; subprocesses get OMP_NUM_THREADS=1 from run() below anyway.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# One torch thread in the test process too, with or without pytest-xdist: the scripts a test starts get
+# OMP_NUM_THREADS=1 (script_env below), CPU fp32 sums depend on the thread count, and a test that compares an
+# in-process run with a launched one bit for bit must not depend on how pytest itself was started.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny DCGAN so a script-level step takes milliseconds on a CPU.
