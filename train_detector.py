@@ -1,6 +1,6 @@
 """Train the small CNN classifier that `fid.py --detector fmnist` uses as its feature extractor (FD_cls).
 
-    python train_detector.py --dataset fashion_mnist --out detectors/fmnist_cnn.safetensors
+    python train_detector.py --dataset fashion_mnist --out metrics/fmnist_cnn.safetensors
 
 Deterministic on a CPU (fixed seed, data order a pure function of the seed), a few CPU minutes. Prints the test
 accuracy and the SHA-256 of the weights; the shipped weights' hash is in README.md and in `metrics/detectors.py`,
@@ -28,7 +28,7 @@ class Config:
     dataset: str = field(default="fashion_mnist", metadata={"choices": sorted(MNIST_LIKE)})
     data_dir: str = "data"
     download: bool = True
-    out: str = "detectors/fmnist_cnn.safetensors"
+    out: str = "metrics/fmnist_cnn.safetensors"
     model_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the classifier"})
     batch_size: int = 128
     n_steps: int = 2000

@@ -1,8 +1,8 @@
 """Every family's training speed and peak memory, its overhead against a bare PyTorch loop where one exists, and
 sample.py / fid.py throughput, in one command; writes results.json and results.md (a table the README can include).
 
-    python benchmarks/run_all.py --out bench/h200                      # everything, paper-sized batches
-    python benchmarks/run_all.py --quick --out bench/quick             # few steps, small batches (< 8 min, one GPU)
+    python benchmarks/run_all.py --out benchmarks/results/h200          # everything, paper-sized batches
+    python benchmarks/run_all.py --quick --out benchmarks/results/quick  # few steps, small batches (< 8 min, one GPU)
     python benchmarks/run_all.py --quick --only dcgan32,edm-small --batch_size 8 --n_steps 4 --warmup 2 --out /tmp/b
 
 Training cases run their script in a subprocess, as a user would, for `warmup` untimed plus `n_steps` timed steps on

@@ -6,7 +6,8 @@
   `pt_inception-2015-12-05-6726825d.pth` (SHA-256 prefix 6726825d) from `--inception_weights` or the torch hub cache,
   loaded with `torch.load(weights_only=True)`; never downloaded, never substituted by ImageNet weights.
 - `fmnist`: genzoo's Fashion-MNIST classifier (modelling/classifier.py, trained by train_detector.py), its 128-d
-  penultimate layer; shipped in detectors/ and checked against its SHA-256 so numbers are comparable across machines.
+  penultimate layer; its weights ship beside this file (fmnist_cnn.safetensors), checked against their SHA-256 so
+  numbers are comparable across machines.
 - `pixels`: raw pixels scaled to [0, 1], flattened (the protocol of seed 004's MNIST table).
 - `points`: the coordinates of 2-D toy samples (the in-loop `fd_points` metric of the training scripts).
 """
@@ -24,7 +25,7 @@ from utils.cli import UserError
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256_PREFIX = "6726825d"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
-FMNIST_FILE = Path(__file__).resolve().parents[1] / "detectors" / "fmnist_cnn.safetensors"
+FMNIST_FILE = Path(__file__).resolve().parent / "fmnist_cnn.safetensors"
 # SHA-256 of the shipped detector's tensors (utils.ckpt.tensors_sha256, in name order): reproduced by
 # train_detector.py, unlike the file's own hash, whose header order varies from one write to the next.
 FMNIST_WEIGHTS_SHA256 = "e1dc6e5a14ccc32c896a34c359c2422c0dafd292a8003ca5e9554c4828933245"
