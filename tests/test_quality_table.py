@@ -1,0 +1,44 @@
+"""benchmarks/quality.py end to end on tiny budgets (--smoke): a family that needs another (the student and its
+Föllmer teacher), a conditional GAN (class accuracy), a row chosen from several latent samplers (GEBM) and a
+translation family scored by its own script, each trained, sampled and scored by the real scripts."""
+
+import json
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+KEYS = {"family", "kimg", "minutes", "fd_cls", "first_fd_cls", "precision", "recall", "command"}
+
+
+def test_the_quality_table_runs_every_path_on_tiny_budgets(tmp_path, mnist_dir):
+    out = tmp_path / "quality"
+    result = run([sys.executable, "benchmarks/quality.py", "--smoke", "--data_dir", str(mnist_dir), "--out", str(out),
+                  "--only", "dcgan_cond,student,gebm,cyclegan"], timeout=1800)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["row"]: r for r in json.loads((out / "results.json").read_text())}
+    expected = {"follmer", "student_1step", "student_4step", "dcgan_cond", "gebm_base", "gebm_sampler", "cyclegan"}
+    assert set(rows) == expected, rows
+    for name in expected - {"cyclegan"}:
+        row = rows[name]
+        assert KEYS <= set(row), (name, sorted(row))
+        assert row["fd_cls"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert row["curve"][0]["value"] == row["first_fd_cls"] and row["curve"][0]["step"] == 2
+        assert [p["step"] for p in row["curve"]] == [2, 4] and row["curve"][0]["minutes"] < row["curve"][1]["minutes"]
+        assert Image.open(out / "grids" / f"{name}.png").size[0] > 0
+    assert 0 <= rows["dcgan_cond"]["class_accuracy"] <= 1 and "class_accuracy" not in rows["gebm_base"]
+    # The two student rows sample one run with 1 and 4 flow-map steps; the teacher ran first, as its own family.
+    assert rows["student_1step"]["command"] == rows["student_4step"]["command"]
+    assert "--teacher" in rows["student_1step"]["command"] and rows["follmer"]["family"] == "follmer"
+    assert rows["student_1step"]["sample_command"].endswith("--num_steps 1")
+    # The GEBM sampler row keeps the lowest FD_cls of its three candidates.
+    candidates = rows["gebm_sampler"]["candidates"]
+    assert len(candidates) == 3 and rows["gebm_sampler"]["fd_cls"] == min(candidates.values())
+    # CycleGAN: its own metric, FD to the target domain, from translate.py --only_test.
+    assert rows["cyclegan"]["metric"] == "fd_target" and rows["cyclegan"]["fd_cls"] == rows["cyclegan"]["value"] > 0
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in expected) and "error" not in table
+    assert Image.open(out / "curves.png").size == (900, 560)
