@@ -3,6 +3,7 @@ samples are particles moved from noise along the input gradient of one time-cond
 
     python discriminator_flow.py --dataset gaussians             # GPM's 2-D setting: vanilla loss, K 56, eta 20, MLP
     python discriminator_flow.py --dataset mnist                 # GPM's MNIST setting: IPM, K 64, eta 2, GP 0.04 at 0
+    python discriminator_flow.py --dataset mnist --flow_steps 16 # eta 0.5: each step stays GPM's eta/K = 1/32
     python discriminator_flow.py --config configs/gpm/discr_flow_celeba.yaml --data_dir data   # ResNet, K 25
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] discriminator_flow.py ...
     torchrun --nproc_per_node 2 discriminator_flow.py ...        # also on CPU (gloo)
@@ -14,9 +15,12 @@ critic (sampling/particles.py), each sample keeps the state z_k of one random k 
 optimizer step on its GAN loss between those particles and a real batch, both scored at t = k/K, plus a gradient
 penalty. A step therefore costs K - 1 critic forwards and input gradients before the update. Flags left unset take
 GPM's settings for the data (`GPM_SETTINGS`; config.json records them): --dataset gaussians/rings the gaussians
-config, celeba the CelebA one, every other dataset the MNIST one. The snapshot holds the critic (or its EMA with
---ema) and its flow; sample.py runs the flow from per-seed noise. The run folder, resume, evaluation (--eval_interval:
-FD of flowed samples, best checkpoint, --only_test) and --delete are gan_mnist.py's (utils/run.py).
+config, celeba the CelebA one, every other dataset the MNIST one. An unset --eta follows --flow_steps so that each
+Euler step keeps GPM's size eta/K for the data (MNIST 2/64); a given --eta (flag or config file) is kept as is. The
+log holds the critic's GAN term (loss/d), its total loss (loss/critic) and, with a penalty, critic/gap_over_2gp (1 is
+a penalised IPM critic's equilibrium). The snapshot holds the critic (or its EMA with --ema) and its flow; sample.py
+runs the flow from per-seed noise. The run folder, resume, evaluation (--eval_interval: FD of flowed samples, best
+checkpoint, --only_test) and --delete are gan_mnist.py's (utils/run.py).
 """
 
 from dataclasses import dataclass, field
@@ -67,7 +71,10 @@ class Config(RunConfig):
     flow_steps: int | None = field(
         default=None, metadata={"min": 1, "help": "K, Euler steps of the flow (GPM nb_steps)"}
     )
-    eta: float | None = field(default=None, metadata={"help": "flow time: each step moves eta/K times the velocity"})
+    eta: float | None = field(
+        default=None,
+        metadata={"help": "flow time: each step moves eta/K times the velocity; default GPM's eta/K for the data x K"},
+    )
     p_mean: float = field(default=0.0, metadata={"help": "initial particles N(p_mean, p_std^2)"})
     p_std: float = 1.0
     entropy_reg: float = field(default=0.0, metadata={"min": 0, "help": "noise variance along the flow (GPM 0)"})
@@ -89,9 +96,12 @@ def gpm_settings(dataset: str) -> dict:
 
 def resolve_config(cfg: Config) -> Config:
     """Fill unset flags with GPM's settings for the data, then refuse what cannot work, before anything is written."""
-    for name, value in gpm_settings(cfg.dataset).items():
-        if getattr(cfg, name) is None:
+    settings = gpm_settings(cfg.dataset)
+    for name, value in settings.items():
+        if name != "eta" and getattr(cfg, name) is None:
             setattr(cfg, name, value)
+    if cfg.eta is None:  # GPM's step eta/K, not its eta: a fixed eta with a smaller K takes longer steps
+        cfg.eta = settings["eta"] * cfg.flow_steps / settings["flow_steps"]
     cfg.check()
     if (cfg.dataset in TOY_DATASETS) != (cfg.critic == "mlp"):
         raise UserError(
@@ -101,8 +111,8 @@ def resolve_config(cfg: Config) -> Config:
     fixed = sorted({"img_size", "img_channels", "dim"} & set(cfg.critic_kwargs))
     if fixed:
         raise UserError(f"--critic_kwargs may not set {fixed}: they come from the data and --img_size")
-    if cfg.lr <= 0 or cfg.p_std <= 0 or not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
-        raise UserError("--lr and --p_std must be > 0, --beta1 and --beta2 in [0, 1)")
+    if min(cfg.lr, cfg.eta, cfg.p_std) <= 0 or not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError("--lr, --eta and --p_std must be > 0, --beta1 and --beta2 in [0, 1)")
     return cfg
 
 
@@ -121,6 +131,36 @@ def build_model(cfg: Config, sample_shape: tuple[int, ...]):
         return build_discr_flow(cfg.critic, **model_kwargs), model_kwargs
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"cannot build --critic {cfg.critic} with {cfg.critic_kwargs}: {e.args[0] if e.args else e}")
+
+
+def training_particles(flow_model, reals: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic step's particles (GPM `DiscrFlow.forward`): z_0 ~ N(p_mean, p_std²) like `reals`, K - 1 Euler steps
+    z <- z + (eta/K)·u(z, k/K) of the current critic, every state kept, and per sample the state z_k of one k ~
+    U{0..K-1} with its time t = k/K (z_K is never trained on). Returns (fakes, t), without parameter gradients."""
+    K, n = flow_model.n_steps, reals.shape[0]
+    z0 = flow_model.p_mean + flow_model.p_std * torch.randn_like(reals)
+    states = discriminator_flow(flow_model, z0, num_steps=K - 1, trajectory=True, scale=scale)  # (K, B, ...)
+    k = torch.randint(K, (n,), device=reals.device)
+    return states[k, torch.arange(n, device=reals.device)], k.float() / K
+
+
+def critic_loss(
+    model, loss_fn, reals, fakes, t, grad_penalty: float, center: float = 0.0, scale: float = 1.0
+) -> tuple[torch.Tensor, dict]:
+    """The critic's loss: its GAN loss between `reals` and `fakes`, both scored at the particles' times t, plus
+    grad_penalty x the mean (||grad c(x_hat, t)|| - center)² at random interpolates (on the eager module: second-order
+    gradients). Logged: the GAN term (loss/d), the total (loss/critic) and, with a penalty, the gap
+    c(reals) - c(fakes) over 2·lambda·GP. An IPM critic's loss -gap + lambda·GP is stationary under rescaling c by a
+    factor where gap = 2·lambda·GP, so a ratio near 1 is the penalised critic's equilibrium, not a divergence."""
+    d_reals, d_fakes = model(reals, t), model(fakes, t)
+    loss = loss_fn.d_loss(d_reals, d_fakes).mean()
+    gap = d_reals.detach().float().mean() - d_fakes.detach().float().mean()
+    stats = {"loss/d": loss.detach(), "d/real": d_reals.detach().mean(), "d/fake": d_fakes.detach().mean()}
+    if grad_penalty > 0:
+        gp = gradient_penalty(unwrap(model), reals, fakes, t, scale=scale, center=center).mean()
+        loss = loss + grad_penalty * gp
+        stats |= {"penalty/gp": gp.detach(), "critic/gap_over_2gp": gap / (2 * grad_penalty * gp.detach())}
+    return loss, stats | {"loss/critic": loss.detach()}
 
 
 def main(cfg: Config) -> None:
@@ -152,7 +192,7 @@ def main(cfg: Config) -> None:
     ema = EMA(model, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
     if ema is not None:
         ema.module.to(device)
-    loss_fn, K = particle_loss(cfg.loss), cfg.flow_steps
+    loss_fn = particle_loss(cfg.loss)
 
     # Optimizer.
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -164,9 +204,8 @@ def main(cfg: Config) -> None:
     resumed = run.restore(critic=model, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
     set_hyperparameters(optimizer, cfg.lr, (cfg.beta1, cfg.beta2))
     n_params = sum(p.numel() for p in unwrap(model).parameters()) / 1e6
-    run.begin(
-        accelerator, dataset, f"{cfg.critic} critic ({n_params:.2f}M parameters), {cfg.loss} flow, K {K}, eta {cfg.eta}"
-    )
+    flow = f"{cfg.loss} flow, K {cfg.flow_steps}, eta {cfg.eta:g} (step {cfg.eta / cfg.flow_steps:.4g})"
+    run.begin(accelerator, dataset, f"{cfg.critic} critic ({n_params:.2f}M parameters), {flow}")
 
     @torch.no_grad()
     def save_grids(step: int) -> None:
@@ -189,32 +228,21 @@ def main(cfg: Config) -> None:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         reals, _ = next(loader)
         reals = reals.to(device, non_blocking=True)
-        n = reals.shape[0]
         # Under fp16 the input gradients of the flow and of the penalty follow PyTorch's AMP recipe (scaled, then
         # unscaled in fp32); the particles themselves stay fp32.
         scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
 
-        # Simulate particles: K - 1 steps of the current critic's flow from fresh noise, every state kept. The plain
-        # module runs them (no DDP forward without a backward) without parameter gradients.
+        # Simulate particles: K - 1 steps of the current critic's flow from fresh noise, one state per sample at a
+        # random time. The plain module runs them (no DDP forward without a backward) without parameter gradients.
         flow_model = unwrap(model).requires_grad_(False)
         with accelerator.autocast():
-            z0 = cfg.p_mean + cfg.p_std * torch.randn_like(reals)
-            states = discriminator_flow(flow_model, z0, num_steps=K - 1, trajectory=True, scale=scale)  # (K, B, ...)
+            fakes, t = training_particles(flow_model, reals, scale)
         flow_model.requires_grad_(True)
 
-        # One time per sample, k ~ U{0..K-1}: the critic learns every time of the flow; z_K is never trained on.
-        k = torch.randint(K, (n,), device=device)
-        fakes, t = states[k, torch.arange(n, device=device)], k.float() / K
-
-        # Critic step: the GAN loss between particles and reals at the particles' times, plus the gradient penalty
-        # at random interpolates (on the eager module: second-order gradients, as gan_mnist.py's WGAN-GP).
-        d_reals, d_fakes = model(reals, t), model(fakes, t)
-        loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
-        stats = {"loss/d": loss_d, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
-        if cfg.grad_penalty > 0:
-            gp = gradient_penalty(unwrap(model), reals, fakes, t, scale=scale, center=cfg.grad_penalty_center).mean()
-            loss_d = loss_d + cfg.grad_penalty * gp
-            stats["penalty/gp"] = gp
+        # Critic step: the GAN loss between particles and reals at the particles' times, plus the gradient penalty.
+        loss_d, stats = critic_loss(
+            model, loss_fn, reals, fakes, t, cfg.grad_penalty, center=cfg.grad_penalty_center, scale=scale
+        )
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         applied, grad_norm = step_optimizer(accelerator, optimizer, model)

@@ -137,6 +137,8 @@ def load_data_score(path: str):
     denoiser = build_from_snapshot(meta, state_dict, build_denoiser)
     if denoiser.n_classes:
         raise UserError(f"--data_score {meta['path']}: class-conditional; ScoreGAN needs an unconditional score")
+    # Eval mode: the data score is one fixed function (its dropout off). GPM's D_data is a submodule of its model and
+    # follows model.train(), so its dropout (0.13 in GPM's MNIST data score) stays on in every generator step.
     return denoiser.eval().requires_grad_(False), meta, tensors_sha256(sorted(denoiser.state_dict().items()))
 
 
@@ -159,6 +161,29 @@ def build_models(cfg: Config, data_meta: dict, sample_shape: tuple[int, ...]):
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"cannot build D_gen with --score_kwargs {cfg.score_kwargs}: {e.args[0] if e.args else e}")
     return gen, gen_kwargs, score_net
+
+
+def score_step_loss(score_net, gen, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """D_gen's loss (GPM `forward_score_noise`): denoising score matching, mean over the batch of the per-sample sum
+    of (D_gen(x + sigma·n; sigma) - x)² on generator samples x = G(z) drawn without G's graph (G gets no gradient)."""
+    with torch.no_grad():
+        fakes = gen(z)
+    return generator_score_loss(score_net, fakes, sigma).mean()
+
+
+def generator_step_loss(
+    gen, data_score, score_net, z: torch.Tensor, sigma: torch.Tensor, w_data: float, w_gen: float, gen_loss_scale: float
+) -> torch.Tensor:
+    """The generator's loss (GPM `forward_generator`, paper Eq. 13): gen_loss_scale x the batch mean of the surrogate
+    sum x~·sg[w_gen·S_gen(x~) - w_data·S_data(x~)] at x~ = G(z) + sigma·n. Both scores are held fixed: only G gets
+    gradients, and they move its samples along sigma·(w_data ∇log p_data - w_gen ∇log p_gen)."""
+    fakes = gen(z)
+    return gen_loss_scale * score_gan_loss(fakes, data_score, unwrap(score_net), sigma, w_data, w_gen).mean()
+
+
+def is_generator_step(step: int, score_steps: int) -> bool:
+    """GPM's schedule: one generator step after every `score_steps` score steps (0-based steps K_s - 1, 2 K_s - 1)."""
+    return (step + 1) % score_steps == 0
 
 
 def main(cfg: Config) -> None:
@@ -242,9 +267,8 @@ def main(cfg: Config) -> None:
         n = cfg.batch_size
 
         # Score step: D_gen learns the score of the current generator's samples (drawn without G's graph).
-        with torch.no_grad():
-            fakes = gen(torch.randn(n, cfg.z_dim, device=device))
-        loss_s = generator_score_loss(score_net, fakes, sigmas(n)).mean()
+        z, sigma = torch.randn(n, cfg.z_dim, device=device), sigmas(n)
+        loss_s = score_step_loss(score_net, gen, z, sigma)
         optim_s.zero_grad(set_to_none=True)
         accelerator.backward(loss_s)
         s_applied, _ = step_optimizer(accelerator, optim_s, score_net)
@@ -253,12 +277,11 @@ def main(cfg: Config) -> None:
         # Generator step, every `score_steps` score steps (GPM: at k = K_s, 2 K_s, ...): both scores at fresh noisy
         # samples, neither in the backward graph; only G gets gradients. GPM applies gen_loss_scale twice; here once.
         g_applied = True
-        if (step + 1) % cfg.score_steps == 0:
+        if is_generator_step(step, cfg.score_steps):
+            z, sigma = torch.randn(n, cfg.z_dim, device=device), sigmas(n)
             with accelerator.autocast():  # the frozen data score is not prepared: autocast it here
-                fakes = gen(torch.randn(n, cfg.z_dim, device=device))
-                loss_g = (
-                    cfg.gen_loss_scale
-                    * score_gan_loss(fakes, data_score, unwrap(score_net), sigmas(n), cfg.w_data, cfg.w_gen).mean()
+                loss_g = generator_step_loss(
+                    gen, data_score, score_net, z, sigma, cfg.w_data, cfg.w_gen, cfg.gen_loss_scale
                 )
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
