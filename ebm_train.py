@@ -1,4 +1,4 @@
-"""Train a Generalized Energy-Based Model (seed 001): a base generator and an energy, with the KALE criterion.
+"""Train a Generalized Energy-Based Model (Arbel et al. 2021): a base generator and an energy, with the KALE criterion.
 
     python ebm_train.py --config configs/gebm/cifar10.yaml --dataset cifar10     # GEBM's training.yaml
     python ebm_train.py --config configs/gebm/fashion_mnist.yaml                 # the README's CPU run
@@ -289,7 +289,8 @@ def main(cfg: Config) -> None:
     model.to(device)
     if cfg.initialize_log_partition and run.start_step == 0:
         # A <- the Monte-Carlo log-partition of the initial networks (fresh start only), from the same latents on
-        # every rank, so every rank gets the same A; fakes as the energy step makes them (batch statistics).
+        # every rank, so every rank gets the same A; fakes as the energy step makes them (batch statistics: GEBM
+        # runs the base in eval mode here, on the running statistics of a base that has not trained yet).
         rng = torch.Generator().manual_seed(cfg.seed + 2)
         batches = [torch.randn(LOG_PARTITION_BATCH, cfg.z_dim, generator=rng) for _ in range(LOG_PARTITION_BATCHES)]
         model.base.train()

@@ -80,7 +80,9 @@ def test_energy_step_loss_by_hand(penalty_type):
     assert loss.item() == pytest.approx((kale_loss + EBM_LAMBDA * penalty[penalty_type]).item(), rel=1e-10)
     assert stats["loss/energy"].item() == pytest.approx(kale_loss.item(), rel=1e-10)
     assert stats["penalty"].item() == pytest.approx(float(penalty[penalty_type]), rel=1e-10, abs=1e-12)
-    assert (stats["d/real"].item(), stats["d/fake"].item()) == pytest.approx((d_reals.mean().item(), d_fakes.mean().item()))
+    assert (stats["d/real"].item(), stats["d/fake"].item()) == pytest.approx(
+        (d_reals.mean().item(), d_fakes.mean().item())
+    )
 
     # D and A receive the gradient, the base none; dL_E/dA = 1 - mean exp(-(D(G(z)) + A)).
     loss.backward()
