@@ -136,6 +136,9 @@ def test_schedule_of_energy_and_base_steps_by_hand():
     assert firsts[499:503] == [1500, 1504, 1506, 1509]  # 500th at 9 + 3 * 497; then a long phase to 1504
     assert firsts[999:1002] == [3000, 3004, 3006]  # the 1,000th
     assert [ebm_train.iterations_for(n, cfg) for n in (1, 3, 501)] == [4, 9, 1504]
+    # No base step up to iteration n_iter_d_init, whatever the count (a run resumed with a larger --n_iter_d_init).
+    late = ebm_train.Config(n_iter_d_init=6, n_iter_d=2)
+    assert [c for c in range(1, 13) if ebm_train.is_base_step(c, 5, late)] == [9, 12]
     for mode, expected in (("energy", False), ("base", True)):
         mode_cfg = ebm_train.Config(n_iter_d_init=3, n_iter_d=2, train_mode=mode)
         assert all(ebm_train.is_base_step(c, 0, mode_cfg) == expected for c in range(1, 50))
