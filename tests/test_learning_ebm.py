@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import ebm_train
 from modelling.common import apply_spectral_norm
@@ -17,6 +18,7 @@ from modelling.gebm import Energy, ToyEnergy, ToyGenerator
 from sampling.latent_mcmc import LatentChains, latent_potential
 from tests.conftest import read_stats
 from utils.ckpt import load_training_state
+from utils.cli import parse
 
 EBM_A = 0.3  # the log-partition A of the hand-computed steps
 EBM_LAMBDA = 0.7
@@ -237,3 +239,13 @@ def test_a_short_2d_run_learns(tmp_path):
     assert fd[1] < 0.1 * fd[0], fd
     assert rows[-1]["loss/base"] < 0.25 * rows[0]["loss/base"], [r["loss/base"] for r in rows]
     assert all(1 <= r["base/ess"] <= 256 for r in rows) and rows[-1]["base_steps"] == 52
+
+
+@pytest.mark.parametrize("config", ["fashion_mnist", "cifar10"])
+def test_image_configs_have_a_spectrally_normalised_energy(config):
+    """Every GEBM image energy is spectrally normalised; without it the base's weights collapse (README)."""
+    path = f"configs/gebm/{config}.yaml"
+    cfg = parse(ebm_train.Config, ["--config", path], resolve=ebm_train.resolve_config)
+    model, _ = ebm_train.build_model(cfg, (1 if config == "fashion_mnist" else 3, 32, 32))
+    convs = [m for m in model.energy.net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(parametrize.is_parametrized(m, "weight") for m in convs)
