@@ -1,8 +1,8 @@
-"""Train a Generalized Energy-Based Model (seed 001): a base generator and an energy, with the KALE criterion.
+"""Train a Generalized Energy-Based Model (Arbel et al. 2021): a base generator and an energy, with the KALE criterion.
 
     python ebm_train.py --config configs/gebm/cifar10.yaml --dataset cifar10     # GEBM's training.yaml
     python ebm_train.py --config configs/gebm/fashion_mnist.yaml                 # the README's CPU run
-    python ebm_train.py --dataset gaussians --g_model mlp --d_model mlp --z_dim 2 --batch_size 256
+    python ebm_train.py --config configs/gebm/gaussians.yaml                     # 2-D data, MLP base and energy
     python ebm_train.py --train_mode energy --g_path logs/<a GAN or GEBM run> ...   # an energy for a fixed base
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] ebm_train.py ...
     torchrun --nproc_per_node 2 ebm_train.py ...          # also on CPU (gloo)
@@ -79,11 +79,15 @@ class Config(RunConfig):
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
     img_size: int = 32
-    g_model: str = field(default="dcgan", metadata={"choices": sorted(BASES), "help": "base generator"})
-    d_model: str = field(default="dcgan", metadata={"choices": sorted(ENERGIES), "help": "energy network"})
+    g_model: str | None = field(
+        default=None, metadata={"choices": sorted(BASES), "help": "base generator; default mlp on 2-D data, else dcgan"}
+    )
+    d_model: str | None = field(
+        default=None, metadata={"choices": sorted(ENERGIES), "help": "energy network; default as --g_model"}
+    )
     gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the base generator"})
     disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the energy network"})
-    z_dim: int = field(default=100, metadata={"min": 1})
+    z_dim: int | None = field(default=None, metadata={"min": 1, "help": "default 2 on 2-D data, else 100"})
     no_trunc: bool = field(default=False, metadata={"help": "no energy floor (GEBM clamps D below at -10)"})
     g_path: str = field(default="", metadata={"help": "initialise the base from a GEBM or GAN snapshot / run folder"})
     d_path: str = field(default="", metadata={"help": "initialise the energy and A from a GEBM snapshot / run folder"})
@@ -113,8 +117,15 @@ class Config(RunConfig):
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
-def check_config(cfg: Config) -> None:
-    """Refuse flag combinations that cannot work, before anything is written."""
+def resolve_config(cfg: Config) -> Config:
+    """Fill unset flags for the data (2-D toy data: `mlp` networks and a 2-D latent; images: DCGAN and GEBM's z 100),
+    then refuse flag combinations that cannot work, before anything is written."""
+    toy = cfg.dataset in TOY_DATASETS
+    for name, value in (("g_model", "mlp" if toy else "dcgan"), ("d_model", "mlp" if toy else "dcgan")):
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if cfg.z_dim is None:
+        cfg.z_dim = 2 if toy else 100
     cfg.check()
     toy_data, toy_nets = cfg.dataset in TOY_DATASETS, (cfg.g_model == "mlp", cfg.d_model == "mlp")
     if toy_nets != (toy_data, toy_data):
@@ -129,6 +140,7 @@ def check_config(cfg: Config) -> None:
     fixed = sorted({"img_size", "img_channels", "z_dim", "dim"} & (set(cfg.gen_kwargs) | set(cfg.disc_kwargs)))
     if fixed:
         raise UserError(f"--gen_kwargs/--disc_kwargs may not set {fixed}: they come from the data, --img_size, --z_dim")
+    return cfg
 
 
 def is_base_step(counter: int, base_steps: int, cfg: Config) -> bool:
@@ -140,6 +152,46 @@ def is_base_step(counter: int, base_steps: int, cfg: Config) -> bool:
     long_phase = base_steps < 2 or base_steps % LONG_ENERGY_PHASE_EVERY == 0
     n = cfg.n_iter_d_init if long_phase else cfg.n_iter_d
     return counter % (n + 1) == 0 and counter > cfg.n_iter_d_init
+
+
+def lr_factor(base_steps: int, step: int, cfg: Config) -> float:
+    """--use_scheduler: both learning rates x scheduler_gamma after every scheduler_interval base steps (in
+    --train_mode energy: iterations, `step` of them done). GEBM decays the same way (its 5,000 fixed) only without
+    FID evaluation; its training.yaml evaluates FID every 2,000 base steps, and there the KID test takes the place
+    of the plain decay, so the plain decay fires at 5k, 15k, 25k, ... base steps only (README)."""
+    if not cfg.use_scheduler:
+        return 1.0
+    return cfg.scheduler_gamma ** ((step if cfg.train_mode == "energy" else base_steps) // cfg.scheduler_interval)
+
+
+def energy_step_loss(gen, energy, reals, zs, cfg: Config, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """The energy step's loss, minimised over D and A: L_E + penalty_lambda * penalty (losses/kale.py), with the
+    fakes G(z) made without the base's graph, so the base receives no gradient. `energy` may be DDP-wrapped (A and
+    the penalty come from the eager module); `scale` is the fp16 GradScaler's (the penalty's AMP recipe)."""
+    with torch.no_grad():
+        fakes = gen(zs)
+    d_reals, d_fakes = energy(reals), energy(fakes)
+    loss_e = kale_energy_loss(d_reals, d_fakes, unwrap(energy).log_partition)
+    penalty = kale_penalty(cfg.penalty_type, unwrap(energy), reals, fakes, scale)
+    stats = {"loss/energy": loss_e, "penalty": penalty, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+    return loss_e + cfg.penalty_lambda * penalty, stats
+
+
+def base_step_loss(gen, energy, reals, zs) -> tuple[torch.Tensor, dict]:
+    """The base step's loss, minimised over G: L_G = -mean D(x) - log mean exp(-D(G(z))) (A replaced by its batch
+    optimum). The energy runs frozen (eval mode, parameters without gradient while the graph is built), so backward
+    reaches the base only. Also returns base/ess = 1 / sum_i w_i^2, the effective sample size of the weights
+    w = softmax(-D(G(z))) that L_G's gradient puts on the fakes (N when they are equal, 1 when one fake takes all)."""
+    energy.eval().requires_grad_(False)
+    try:
+        d_fakes = energy(gen(zs))
+        with torch.no_grad():
+            d_reals = energy(reals)
+    finally:
+        energy.train().requires_grad_(True)  # the graph is built: its energy parameters stay without gradient
+    loss_g = kale_base_loss(d_reals, d_fakes)
+    weights = torch.softmax(-d_fakes.detach().float(), dim=0)
+    return loss_g, {"loss/base": loss_g, "base/ess": 1 / weights.square().sum()}
 
 
 def iterations_for(n_base_steps: int, cfg: Config) -> int:
@@ -205,7 +257,7 @@ def kale_scores(result: dict) -> dict:
 
 
 def main(cfg: Config) -> None:
-    check_config(cfg)
+    cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
     name = f"{cfg.dataset}_gebm_{cfg.g_model}_{cfg.d_model}"
     run = Run(cfg, name, RESUME_KEYS)
 
@@ -237,7 +289,8 @@ def main(cfg: Config) -> None:
     model.to(device)
     if cfg.initialize_log_partition and run.start_step == 0:
         # A <- the Monte-Carlo log-partition of the initial networks (fresh start only), from the same latents on
-        # every rank, so every rank gets the same A; fakes as the energy step makes them (batch statistics).
+        # every rank, so every rank gets the same A; fakes as the energy step makes them (batch statistics: GEBM
+        # runs the base in eval mode here, on the running statistics of a base that has not trained yet).
         rng = torch.Generator().manual_seed(cfg.seed + 2)
         batches = [torch.randn(LOG_PARTITION_BATCH, cfg.z_dim, generator=rng) for _ in range(LOG_PARTITION_BATCHES)]
         model.base.train()
@@ -300,39 +353,25 @@ def main(cfg: Config) -> None:
         zs = torch.randn(cfg.noise_factor * reals.shape[0], cfg.z_dim, device=device)
         base_step = is_base_step(step + 1, base_steps, cfg)
 
-        # Learning rates: GEBM's plain schedule, x scheduler_gamma every scheduler_interval base steps (a pure
-        # function of the counters, so resume needs no scheduler state).
-        decays = (base_steps if cfg.train_mode != "energy" else step) // cfg.scheduler_interval
-        factor = cfg.scheduler_gamma**decays if cfg.use_scheduler else 1.0
+        # Learning rates: GEBM's plain schedule (a pure function of the counters: resume needs no scheduler state).
+        factor = lr_factor(base_steps, step, cfg)
         set_hyperparameters(optim_e, cfg.lr * factor, (cfg.beta1, cfg.beta2))
         set_hyperparameters(optim_g, cfg.lr_generator * factor, (cfg.beta1, cfg.beta2))
 
         if not base_step:
-            # Energy step: fakes from the current base without its graph; D and A minimise L_E + penalty.
-            with torch.no_grad():
-                fakes = gen(zs)
-            d_reals, d_fakes = energy(reals), energy(fakes)
-            loss_e = kale_energy_loss(d_reals, d_fakes, unwrap(energy).log_partition)
-            # Gradient penalties run on the eager module; under fp16 on gradients of the scaled output, unscaled.
+            # Energy step: D and A minimise L_E + lambda * penalty, then GEBM's gradient transform.
             scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-            penalty = kale_penalty(cfg.penalty_type, unwrap(energy), reals, fakes, scale)
+            loss, stats = energy_step_loss(gen, energy, reals, zs, cfg, scale)
             optim_e.zero_grad(set_to_none=True)
-            accelerator.backward(loss_e + cfg.penalty_lambda * penalty)
+            accelerator.backward(loss)
             applied, _ = step_optimizer(accelerator, optim_e, energy, transform=transform)
-            stats = {"loss/energy": loss_e, "penalty": penalty, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
         else:
-            # Base step: A is replaced by its batch estimate log mean exp(-D(G(z))); the energy is frozen (eval).
-            energy.eval().requires_grad_(False)
-            d_fakes = energy(gen(zs))
-            with torch.no_grad():
-                d_reals = energy(reals)
-            loss_g = kale_base_loss(d_reals, d_fakes)
+            # Base step: G minimises L_G through a frozen energy.
+            loss, stats = base_step_loss(gen, energy, reals, zs)
             optim_g.zero_grad(set_to_none=True)
-            accelerator.backward(loss_g)
-            energy.train().requires_grad_(True)
+            accelerator.backward(loss)
             applied, _ = step_optimizer(accelerator, optim_g, gen)
             base_steps += 1
-            stats = {"loss/base": loss_g}
         meters.add(**stats)
 
         # Update EMA (base, energy and A together), only after an update that really happened.
@@ -383,7 +422,7 @@ def main(cfg: Config) -> None:
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
     with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
 
 
 if __name__ == "__main__":

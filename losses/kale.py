@@ -90,7 +90,8 @@ def transform_gradients(energy) -> None:
 @torch.no_grad()
 def monte_carlo_log_partition(energy, base, latent_batches) -> torch.Tensor:
     """log mean exp(-D(G(z))) over every latent batch, a running logsumexp in float64 (GEBM's
-    `init_log_partition`, --initialize_log_partition): the exact minimiser of L_E in A for fixed D and G."""
+    `init_log_partition`, --initialize_log_partition): the exact minimiser of L_E in A for fixed D and G. The sum
+    starts empty (log 0 = -inf); GEBM's starts at log 1 = 0, one extra exp(0) in the sum."""
     total, count = torch.tensor(-math.inf, dtype=torch.float64), 0
     for zs in latent_batches:
         d = energy(base(zs)).double().cpu()

@@ -248,10 +248,12 @@ def test_fd_and_kale_along_the_chain(tmp_path, gebm_run):
 
 
 def test_toy_data_trains_mlp_networks(tmp_path):
-    ebm_train.cli(["--dataset", "gaussians", "--g_model", "mlp", "--d_model", "mlp", "--z_dim", "2", "--batch_size",
-                   "64", "--n_steps", "6", "--n_iter_d_init", "2", "--n_iter_d", "1", "--log_dir", str(tmp_path),
-                   "--log_name", "toy", "--loggers", "none", "--sample_interval", "6", "--eval_interval", "6",
-                   "--eval_samples", "64"])  # fmt: skip
+    """--dataset gaussians alone picks the 2-D networks (mlp base and energy, a 2-D latent)."""
+    ebm_train.cli(["--dataset", "gaussians", "--batch_size", "64", "--n_steps", "6", "--n_iter_d_init", "2",
+                   "--n_iter_d", "1", "--log_dir", str(tmp_path), "--log_name", "toy", "--loggers", "none",
+                   "--sample_interval", "6", "--eval_interval", "6", "--eval_samples", "64"])  # fmt: skip
+    config = json.loads((tmp_path / "toy" / "config.json").read_text())
+    assert (config["g_model"], config["d_model"], config["z_dim"]) == ("mlp", "mlp", 2)
     assert json.loads((tmp_path / "toy" / "eval" / "step-00000006.json").read_text())["metric"] == "fd_points"
     info = sample(
         tmp_path / "toy", tmp_path / "pts", "--n_samples", "8", "--latent_sampler", "lmc", "--num_sampler_steps", "3"
@@ -260,7 +262,7 @@ def test_toy_data_trains_mlp_networks(tmp_path):
 
 
 BAD_INPUTS = {
-    "toy-data-with-dcgan": (["--dataset", "gaussians"], "do not fit --dataset gaussians"),
+    "toy-data-with-dcgan": (["--dataset", "gaussians", "--g_model", "dcgan"], "do not fit --dataset gaussians"),
     "mlp-on-images": (["--g_model", "mlp", "--d_model", "mlp"], "do not fit --dataset mnist"),
     "kwargs-set-the-size": (["--gen_kwargs", '{"img_size": 64}'], "may not set ['img_size']"),
     "unknown-penalty": (["--penalty_type", "gradient2"], "invalid choice"),
@@ -291,8 +293,9 @@ def test_pretrained_snapshots_load_strictly(tmp_path, gebm_run, mnist_dir, capsy
     save_snapshot(gan, "gan", "dcgan", kwargs, build_generator("dcgan", **kwargs).state_dict(), {}, 0)
     argv = ["--dataset", "mnist", "--data_dir", str(mnist_dir), "--no-download", "--log_dir", str(tmp_path),
             "--loggers", "none", "--n_steps", "1", *TINY]  # fmt: skip
-    model, _ = ebm_train.build_model(parse(ebm_train.Config, argv + ["--g_path", str(gan)]), (1, 32, 32))
-    ebm_train.load_pretrained(parse(ebm_train.Config, argv + ["--g_path", str(gan)]), model)
+    cfg = parse(ebm_train.Config, argv + ["--g_path", str(gan)], resolve=ebm_train.resolve_config)
+    model, _ = ebm_train.build_model(cfg, (1, 32, 32))
+    ebm_train.load_pretrained(cfg, model)
     assert torch.equal(model.base.net[0].weight, load_snapshot(gan)[1]["net.0.weight"])
     wide = argv + ["--d_path", str(run_dir), "--disc_kwargs", '{"base_dim": 16}']
     assert "its energy does not fit this --d_model" in cli_error(ebm_train.cli, wide, capsys)

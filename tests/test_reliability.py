@@ -463,7 +463,7 @@ BAD_INPUTS = {
     ),
     "gebm-toy-data-with-dcgan": (
         "ebm_train",
-        lambda c: ["--dataset", "gaussians", "--log_dir", str(c["root"]), "--log_name", "gebm"],
+        lambda c: ["--dataset", "gaussians", "--g_model", "dcgan", "--log_dir", str(c["root"]), "--log_name", "gebm"],
         "do not fit --dataset gaussians",
     ),
     "gebm-energy-from-a-gan": (
