@@ -39,6 +39,8 @@ def test_mnist_like_over_the_bound_is_fitted_per_batch_to_the_same_values(mnist_
     assert deferred.fit is not None and tuple(deferred.images.shape[1:]) == (1, 28, 28)  # only the stored copy
     assert deferred.sample_shape == held.sample_shape == (1, img_size, img_size)
     assert _same(held[ALL], deferred[ALL])
+    if img_size == 32:  # MNIST's 28 -> 32 is zero padding, on demand too
+        assert (deferred[ALL][0][..., :2, :] == -1).all() and (deferred[ALL][0][..., 30:] == -1).all()
     assert _same(held[[5, 3, 250, 3]], deferred[[5, 3, 250, 3]])  # any batch, repeats included
     picked = [select_class(d, 4) for d in (held, deferred)]
     assert picked[1].fit is deferred.fit and len(picked[0]) == len(picked[1]) > 0
