@@ -18,6 +18,7 @@ of (seed, rank, step), so a resumed run equals an uninterrupted one.
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def build_model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int):
 
 @torch.no_grad()
 def class_means(dataset, n_classes: int, chunk: int = 4096) -> torch.Tensor:
-    """Per-class mean of the training data (row 0 = overall mean when unconditional), float64 accumulation."""
+    """Per-class mean of the training data (row 0 = overall mean when unconditional), float64 accumulation. Chunks
+    of at most 2^25 values, so that large images do not bring the whole set into memory as floats at once."""
+    chunk = max(1, min(chunk, 2**25 // math.prod(dataset.sample_shape)))
     sums = torch.zeros(max(n_classes, 1), *dataset.sample_shape, dtype=torch.float64)
     counts = torch.zeros(max(n_classes, 1), dtype=torch.float64)
     for start in range(0, len(dataset), chunk):

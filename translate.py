@@ -61,7 +61,9 @@ class Config(RunConfig):
     eval_dir: str = field(default="", metadata={"help": "held-out folder (same layout); demos: their test split"})
     direction: str = field(default="AtoB", metadata={"choices": ["AtoB", "BtoA"]})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download Fashion-MNIST"})
-    img_size: int = 256
+    img_size: int | None = field(
+        default=None, metadata={"help": "default: 32 for the Fashion-MNIST demos (their own size), else 256 (papers')"}
+    )
     gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the generator(s)"})
     disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the PatchGAN(s)"})
     batch_size: int = field(default=1, metadata={"min": 1, "help": "per process (both papers: 1)"})
@@ -86,6 +88,8 @@ def resolve_config(cfg: Config) -> Config:
     """Fill the model's metric, then refuse combinations that cannot work, before anything is written."""
     if cfg.eval_metric == "auto":
         cfg.eval_metric = "l1" if cfg.model == "pix2pix" else "fd_target"
+    if cfg.img_size is None:
+        cfg.img_size = 32 if cfg.dataset in DEMOS else 256
     cfg.check()
     if cfg.dataset not in PAIRED[cfg.model]:
         raise UserError(f"--model {cfg.model} trains on {' or '.join(PAIRED[cfg.model])} data, not {cfg.dataset}")
@@ -103,9 +107,9 @@ def build_data(cfg: Config):
     """(training data, held-out data): pix2pix a paired dataset each; CycleGAN (A, B) pairs of domains."""
     reverse = cfg.direction == "BtoA"
     if cfg.dataset == "fashion_mnist_edges":
-        train, held_out = (fashion_mnist_edges(cfg.data_dir, cfg.img_size, t, cfg.download) for t in (True, False))
-        if reverse:
-            train, held_out = (type(d)(d.targets, d.inputs) for d in (train, held_out))
+        train, held_out = (
+            fashion_mnist_edges(cfg.data_dir, cfg.img_size, t, cfg.download, reverse) for t in (True, False)
+        )
     elif cfg.dataset == "fashion_mnist_sneakers_boots":
         train, held_out = (
             fashion_mnist_sneakers_boots(cfg.data_dir, cfg.img_size, t, cfg.download) for t in (True, False)

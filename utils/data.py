@@ -15,12 +15,21 @@ Other datasets served by `build_dataset` (`DATASETS` lists every name):
   in memory, or decoded on demand with corrupt files skipped (`in_memory=False`).
 - `celeba`: CelebA's aligned-and-cropped JPEGs in torchvision's folder layout, decoded on demand.
 - `gaussians`, `rings`: fixed 2-D point sets whose exact population moments `toy_moments` gives, for exact checks.
+
+Memory: an in-memory set is estimated before it is built (`hold_or_defer`). If the set at `img_size` would take more
+than `memory_bound()` (a quarter of the available memory, or `GENZOO_DATA_MEMORY`), the images stay as stored and each
+batch is resized on demand (folders: decoded on demand), with the same values; if even the stored copy does not fit,
+one `UserError` line says how much it needs. Every per-item transform here works item by item, so a batch fitted on
+demand equals the same items fitted all at once, and a run keeps its data whichever way it was held.
 """
 
 import gzip
 import math
+import os
+import re
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,19 +140,27 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     """Images held in memory as uint8 (N, C, H, W); indexing with a list returns a whole batch at once.
 
     Batch indexing avoids one Python call per image, which matters for 32x32 data where a DCGAN step takes
-    milliseconds. Images are returned in [-1, 1] as float32.
-    """
+    milliseconds. Images are returned in [-1, 1] as float32. With `fit` (a `FitSize`), `images` are as stored and
+    each batch is fitted to the training size when it is read (sets too large to hold at that size)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, n_classes: int, classes: list[str] | None = None):
-        self.images, self.labels, self.n_classes = images, labels, n_classes
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        n_classes: int,
+        classes: list[str] | None = None,
+        fit: "FitSize | None" = None,
+    ):
+        self.images, self.labels, self.n_classes, self.fit = images, labels, n_classes, fit
         self.classes = classes  # class names where the data has them (folder datasets), else None
-        self.sample_shape = tuple(images.shape[1:])
+        self.sample_shape = tuple(images.shape[1:]) if fit is None else fit.shape(images.shape[1:])
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, indices):
-        imgs = to_signed_unit(self.images[indices])
+        images = self.images[indices]
+        imgs = to_signed_unit(images if self.fit is None else self.fit(images))
         return imgs, self.labels[indices]
 
 
@@ -153,11 +170,113 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     Chunked: the float copy of all 50k CIFAR images at 64x64 alone would take 2.4 GB."""
     if tuple(images.shape[-2:]) == (size, size):
         return images
-    parts = []
-    for part in images.split(chunk):
-        resized = F.interpolate(part.float(), size=(size, size), mode="bilinear", antialias=True)
-        parts.append(resized.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(parts)
+    return map_chunks(lambda part: _resize_chunk(part, size), images, chunk)
+
+
+def _resize_chunk(images: torch.Tensor, size: int) -> torch.Tensor:
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def map_chunks(fn: Callable, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """`fn` applied to `images` chunk by chunk, written into one preallocated tensor: the float intermediates of one
+    chunk at a time, never two copies of the result (torch.cat of the parts would briefly hold both)."""
+    first = fn(images[:chunk])
+    out = torch.empty((len(images), *first.shape[1:]), dtype=first.dtype)
+    out[: len(first)] = first
+    for start in range(chunk, len(images), chunk):
+        out[start : start + chunk] = fn(images[start : start + chunk])
+    return out
+
+
+class FitSize:
+    """uint8 (N, C, h, w) as stored -> uint8 (N, C, size, size): zero padding of `pad` pixels a side (MNIST's
+    28 -> 32), else `_resize`. Item by item (interpolation does not mix images), so any batch gives the same
+    values as the whole set fitted at once. A class, not a closure, so that DataLoader workers can pickle it."""
+
+    def __init__(self, size: int, pad: int = 0):
+        self.size, self.pad = size, pad
+
+    def shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        return (*stored[:-2], self.size, self.size)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            return F.pad(images, (self.pad,) * 4)
+        return _resize(images, self.size)
+
+
+# ------------------------------------------------------------------------------ memory bound of in-memory sets
+MEMORY_ENV = "GENZOO_DATA_MEMORY"  # bytes an in-memory set may take, e.g. 2G or 500M (overrides the fraction)
+MEMORY_FRACTION = 0.25  # of the available memory: the rest is for models, activations, workers, other processes
+FALLBACK_BOUND = 2 * 2**30  # where the available memory cannot be read
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping: /proc/meminfo's MemAvailable (Linux), else free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_bound() -> tuple[int, str]:
+    """(bytes an in-memory data set may take, where that figure comes from, for messages)."""
+    text = os.environ.get(MEMORY_ENV, "").strip()
+    if text:
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", text.lower())
+        if not match:
+            raise UserError(f"{MEMORY_ENV}={text!r}: give a size in bytes, e.g. 500M or 2G")
+        return int(float(match[1]) * _UNITS[match[2]]), f"{MEMORY_ENV}={text}"
+    available = available_memory()
+    if available is None:
+        return FALLBACK_BOUND, f"the fallback bound (available memory unknown; set {MEMORY_ENV} to change it)"
+    source = f"{MEMORY_FRACTION:.0%} of the {format_bytes(available)} available; set {MEMORY_ENV} to change it"
+    return int(MEMORY_FRACTION * available), source
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def hold_or_defer(what: str, stored_bytes: int, fitted_bytes: int) -> bool:
+    """Whether to hold data set `what` in memory at its training size (`fitted_bytes`, derived copies included):
+    True if that fits `memory_bound()`; False (fit each batch on demand; one note on stderr) if only the copy as
+    stored (`stored_bytes`) fits; a one-line UserError if not even that fits."""
+    bound, source = memory_bound()
+    if stored_bytes > bound:
+        raise UserError(
+            f"{what} needs {format_bytes(stored_bytes)} in memory even as stored, over the "
+            f"{format_bytes(bound)} allowed for data sets ({source}); free memory, or pass "
+            f"{MEMORY_ENV}={math.ceil(stored_bytes / 2**20)}M if the machine can spare it"
+        )
+    if fitted_bytes <= bound:
+        return True
+    print(
+        f"note: {what} would take {format_bytes(fitted_bytes)} in memory, over the {format_bytes(bound)} allowed "
+        f"for data sets ({source}): each batch is resized when it is read instead (same values)",
+        file=sys.stderr,
+    )
+    return False
+
+
+def fitted_images(what: str, images: torch.Tensor, fit: FitSize, copies: int = 1):
+    """(images, fit still to apply): `images` (uint8, as stored) fitted now if `copies` sets of them at the fitted
+    size fit in memory (`hold_or_defer`), else as stored with `fit` for each batch."""
+    fitted_bytes = copies * len(images) * math.prod(fit.shape(tuple(images.shape[1:])))
+    if hold_or_defer(what, images.numel() * images.element_size(), fitted_bytes):
+        return fit(images).contiguous(), None
+    return images, fit
 
 
 # ---------------------------------------------------------------------------------------------------- CIFAR-10
@@ -377,14 +496,25 @@ def image_file_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
     return ImageFileDataset(files, labels, len(classes), img_size, classes or None)
 
 
-def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset:
+def load_image_folder(data_dir: str | None, img_size: int) -> ImageTensorDataset | ImageFileDataset:
     """Every readable image under `data_dir` (recursively), decoded once by `ImageFileDataset` and held in memory;
-    unreadable files are skipped with the same warning. Labels as `_folder_labels`."""
+    unreadable files are skipped with the same warning. Labels as `_folder_labels`. If the decoded set would not
+    fit `memory_bound()`, the readable files are decoded on demand instead (same items, same order, same values)."""
     files = image_file_dataset(data_dir, img_size)
-    decoded = [files._decode(i) for i in range(len(files))]
-    readable = [i for i, image in enumerate(decoded) if image is not None]
-    images = torch.stack([decoded[i] for i in readable]).contiguous()
-    return ImageTensorDataset(images, files.labels[readable], files.n_classes, files.classes)
+    fitted_bytes = len(files) * files.channels * img_size**2
+    hold = hold_or_defer(f"folder {data_dir} ({len(files)} images at {img_size}x{img_size})", 0, fitted_bytes)
+    readable, decoded = [], []
+    for i in range(len(files)):
+        image = files._decode(i)
+        if image is not None:
+            readable.append(i)
+            if hold:
+                decoded.append(image)
+    labels = files.labels[readable]
+    if not hold:
+        kept = [files.files[i] for i in readable]
+        return ImageFileDataset(kept, labels, files.n_classes, img_size, files.classes, files.channels)
+    return ImageTensorDataset(torch.stack(decoded).contiguous(), labels, files.n_classes, files.classes)
 
 
 def select_class(dataset, label: int):
@@ -398,7 +528,7 @@ def select_class(dataset, label: int):
         raise UserError(f"--image_class {label}: the labels are 0..{n_classes - 1}{names}")
     keep = (dataset.labels == label).nonzero().flatten()
     if isinstance(dataset, ImageTensorDataset):
-        return ImageTensorDataset(dataset.images[keep], dataset.labels[keep], n_classes, dataset.classes)
+        return ImageTensorDataset(dataset.images[keep], dataset.labels[keep], n_classes, dataset.classes, dataset.fit)
     files = [dataset.files[i] for i in keep.tolist()]
     return ImageFileDataset(files, dataset.labels[keep], n_classes, dataset.img_size, dataset.classes, dataset.channels)
 
@@ -520,15 +650,24 @@ def build_dataset(
         return PointDataset(*toy_points(name, train), TOY_DATASETS[name])
     if name == "cifar10":
         images, labels = load_cifar10(data_dir, train)
-        return ImageTensorDataset(_resize(images, img_size).contiguous(), labels, 10)
+        images, fit = fitted_images(f"cifar10 at {img_size}x{img_size}", images, FitSize(img_size))
+        return ImageTensorDataset(images, labels, 10, fit=fit)
     if name == "folder":
         return load_image_folder(data_dir, img_size) if in_memory else image_file_dataset(data_dir, img_size)
     if name == "celeba":
         return celeba_dataset(data_dir, img_size)
+    images, labels, fit = mnist_like_images(name, data_dir, img_size, train, download)
+    return ImageTensorDataset(images, labels, MNIST_LIKE[name][2], fit=fit)
+
+
+def mnist_like_images(name: str, data_dir: str | None, img_size: int, train: bool, download: bool, copies: int = 1):
+    """(images uint8 (N, 1, ., .), labels, fit still to apply) of an MNIST-like set at `img_size` (28 -> 32 by zero
+    padding, else resized), held at that size if `copies` sets of it fit in memory (`fitted_images`)."""
     images, labels = load_mnist_like(name, data_dir, train, download)
-    images = images[:, None]  # (N, 1, 28, 28)
-    images = F.pad(images, (2, 2, 2, 2)) if img_size == 32 else _resize(images, img_size)
-    return ImageTensorDataset(images.contiguous(), labels, MNIST_LIKE[name][2])
+    fit = FitSize(img_size, pad=2) if img_size == 32 else FitSize(img_size)
+    what = f"{name} ({'train' if train else 'test'}) at {img_size}x{img_size}"
+    images, fit = fitted_images(what, images[:, None], fit, copies)
+    return images, labels, fit
 
 
 class InfiniteSampler(torch.utils.data.Sampler):

@@ -10,7 +10,8 @@ Unpaired (CycleGAN), `--dataset unpaired --data_dir D`: D/A/ and D/B/ (or CycleG
 number of images in each; an evaluation folder uses D/A, D/B or D/testA, D/testB.
 Demos (no files needed beyond Debian's `dataset-fashion-mnist`):
 - `fashion_mnist_edges` (paired): the input is the Sobel edge map of a Fashion-MNIST image (white edges on black,
-  |grad| > EDGE_THRESHOLD on the [0, 1] image), the target the image itself; test split for evaluation;
+  |grad| > EDGE_THRESHOLD on the [0, 1] image), the target the image itself; test split for evaluation. Edge maps are
+  computed chunk by chunk and stored as uint8, or per batch where the set would not fit memory (`EdgePairs`);
 - `fashion_mnist_sneakers_boots` (unpaired): A = sneakers (label 7), B = ankle boots (label 9).
 """
 
@@ -23,12 +24,15 @@ from tqdm import tqdm
 
 from utils.cli import UserError
 from utils.data import (
+    FitSize,
     ImageFileDataset,
     ImageTensorDataset,
     build_dataset,
     centre_square,
     image_channels,
     image_files,
+    map_chunks,
+    mnist_like_images,
     read_image,
     select_class,
     to_signed_unit,
@@ -41,27 +45,44 @@ DEMOS = ("fashion_mnist_edges", "fashion_mnist_sneakers_boots")
 
 def sobel_edges(images_uint8: torch.Tensor, threshold: float = EDGE_THRESHOLD) -> torch.Tensor:
     """uint8 (N, 1, H, W) -> uint8 edge maps (0 or 255) where the Sobel gradient magnitude of the [0, 1] image exceeds
-    `threshold` (replicate padding, so the border adds no edge)."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    kernels = torch.stack([kx, kx.T])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
+    `threshold` (replicate padding, so the border adds no edge). Written with shifted slices rather than a convolution,
+    so that each image's edges are the same bits whatever batch it is computed in."""
     x = F.pad(images_uint8.float() / 255, (1, 1, 1, 1), mode="replicate")
-    grads = F.conv2d(x, kernels)  # (N, 2, H, W)
-    return (grads.square().sum(dim=1, keepdim=True).sqrt() > threshold).to(torch.uint8) * 255
+    h, w = images_uint8.shape[-2:]
+
+    def at(dy: int, dx: int) -> torch.Tensor:  # the neighbour at offset (dy, dx) of every pixel
+        return x[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+    grad_x = (at(-1, 1) - at(-1, -1)) + 2 * (at(0, 1) - at(0, -1)) + (at(1, 1) - at(1, -1))
+    grad_y = (at(1, -1) - at(-1, -1)) + 2 * (at(1, 0) - at(-1, 0)) + (at(1, 1) - at(-1, 1))
+    return ((grad_x.square() + grad_y.square()).sqrt() > threshold).to(torch.uint8) * 255
 
 
-class PairedImages(torch.utils.data.Dataset):
-    """Pairs held in memory as uint8 (N, C_in, H, W) inputs and (N, C_out, H, W) targets -> ([-1, 1], [-1, 1])."""
+class EdgePairs(torch.utils.data.Dataset):
+    """The `fashion_mnist_edges` pairs (edge map, image), or (image, edge map) when `reverse`, -> ([-1, 1], [-1, 1]).
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
-        self.inputs, self.targets = inputs, targets
-        self.in_channels, self.out_channels = inputs.shape[1], targets.shape[1]
-        self.sample_shape = tuple(targets.shape[1:])
+    `fit` None: `images` uint8 (N, 1, H, W) at the training size, their edge maps computed now chunk by chunk and
+    held as uint8. Else `images` as stored, fitted and edged per batch when read (same values: both are item by
+    item)."""
+
+    def __init__(self, images: torch.Tensor, fit: FitSize | None = None, reverse: bool = False):
+        self.images, self.fit, self.reverse = images, fit, reverse
+        self.edges = map_chunks(sobel_edges, images) if fit is None else None
+        self.in_channels = self.out_channels = 1
+        self.sample_shape = tuple(images.shape[1:]) if fit is None else fit.shape(images.shape[1:])
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.images)
 
     def __getitem__(self, indices):
-        return to_signed_unit(self.inputs[indices]), to_signed_unit(self.targets[indices])
+        images = self.images[indices]
+        if self.fit is None:
+            edges = self.edges[indices]
+        else:
+            images = self.fit(images)
+            edges = sobel_edges(images)
+        pair = (images, edges) if self.reverse else (edges, images)
+        return to_signed_unit(pair[0]), to_signed_unit(pair[1])
 
 
 class PairedFileDataset(torch.utils.data.Dataset):
@@ -166,9 +187,10 @@ def unpaired_folders(data_dir: str, img_size: int, test: bool = False) -> tuple[
     return domains[0], domains[1]
 
 
-def fashion_mnist_edges(data_dir: str, img_size: int, train: bool, download: bool) -> PairedImages:
-    images = build_dataset("fashion_mnist", data_dir, img_size, train=train, download=download).images
-    return PairedImages(sobel_edges(images), images)
+def fashion_mnist_edges(data_dir: str, img_size: int, train: bool, download: bool, reverse: bool = False) -> EdgePairs:
+    """The paired demo; `reverse` swaps inputs and targets (image -> edges, pix2pix's --direction BtoA)."""
+    images, _, fit = mnist_like_images("fashion_mnist", data_dir, img_size, train, download, copies=2)
+    return EdgePairs(images, fit, reverse)
 
 
 def fashion_mnist_sneakers_boots(
