@@ -13,7 +13,7 @@ import distill_characteristic
 from losses import get_diffusion_loss
 from modelling import build_denoiser
 from sampling.diffusion import StackedNoise, sample, time_grid
-from utils.ckpt import load_snapshot
+from utils.ckpt import load_snapshot, load_training_state
 from utils.cli import parse
 from utils.data import toy_moments, toy_points
 from utils.ema import EMA
@@ -105,6 +105,43 @@ def test_diffusion_lr_warm_up_and_clip_threshold():
     assert diffusion_train.max_grad_norm(Config(method="follmer")) == 1.0
     assert diffusion_train.max_grad_norm(Config(method="edm", grad_clip=0.5)) == 0.5
     assert diffusion_train.max_grad_norm(Config(method="follmer", grad_clip=0.0)) == math.inf
+
+
+def _diffusion_states(run_dir) -> list[dict]:
+    return [load_training_state(path) for path in sorted((run_dir / "states").glob("state-*"))]
+
+
+def _diffusion_max_change(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def test_diffusion_loop_sets_the_lr_clips_and_averages(tmp_path):
+    """What the loop does around the step loss, read back from the training states after steps 1 and 2 of the
+    script (16 points a step): the optimizer's lr is learning_rate's (0, then 1e-2·16/20); the EMA follows
+    beta = 0.5^(16 / min(half-life, ramp-up·images seen)) with images seen *including* the step (ramp-up 1: beta
+    0.5 at step 1, 0.5^(1/2) at step 2), ema_2 = beta·ema_1 + (1 - beta)·denoiser_2; the update moves the weights
+    (lr 0 leaves them unchanged). A second run with --grad_clip 1e-12 barely moves them: Adam's first step is
+    lr·g/(|g| + 1e-8), at most 1e-6 for clipped gradients, against ~lr unclipped."""
+    argv = [
+        "--method", "edm", "--dataset", "gaussians", "--model", "mlp", "--net_kwargs", '{"width": 16, "depth": 1}',
+        "--batch_size", "16", "--lr", "1e-2", "--ema_rampup", "1.0", "--checkpoint_interval", "1",
+        "--sample_interval", "0", "--loggers", "none", "--log_dir", str(tmp_path),
+    ]  # fmt: skip
+    diffusion_train.main(parse(diffusion_train.Config, argv + ["--n_steps", "2", "--lr_rampup_kimg", "0.02"]))
+    first, second = _diffusion_states(tmp_path / "gaussians_edm_mlp")
+    assert [s["optimizer"]["param_groups"][0]["lr"] for s in (first, second)] == pytest.approx([0.0, 8e-3])
+    assert _diffusion_max_change(first["denoiser"], first["ema"]) == 0  # lr 0: nothing moved, ema = weights
+    assert _diffusion_max_change(first["denoiser"], second["denoiser"]) > 1e-3
+    beta = 0.5**0.5
+    for name, ema in second["ema"].items():
+        want = beta * first["ema"][name] + (1 - beta) * second["denoiser"][name]
+        torch.testing.assert_close(ema, want, rtol=1e-5, atol=1e-7)
+
+    clip = ["--n_steps", "1", "--lr_rampup_kimg", "0", "--grad_clip", "1e-12", "--log_name", "clipped"]
+    diffusion_train.main(parse(diffusion_train.Config, argv + clip))
+    (clipped,) = _diffusion_states(tmp_path / "clipped")
+    assert clipped["optimizer"]["param_groups"][0]["lr"] == 1e-2
+    assert _diffusion_max_change(first["denoiser"], clipped["denoiser"]) < 2e-6  # the same initialisation (seed 0)
 
 
 def _diffusion_toy_run(log_dir, method: str):
@@ -283,6 +320,40 @@ def test_distillation_lr_warm_up():
     rates = [distill_characteristic.learning_rate(cfg, step) for step in (0, 1, 3, 10)]
     assert rates == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3], abs=1e-12)
     assert distill_characteristic.learning_rate(distill_characteristic.Config(lr=1e-3, lr_rampup_steps=0), 0) == 1e-3
+
+
+def test_distillation_loop_sets_the_lr_clips_and_averages(diffusion_follmer_run, tmp_path):
+    """What the loop does around the step loss, read back from the training states after steps 1 and 2 (8 points a
+    step, the Föllmer toy teacher): the optimizer's lr is learning_rate's (1e-2·1/4, then 1e-2·2/4); the target
+    network is the EMA with seed 004's warm-up beta_k = min(decay, (1 + k)/(10 + k)) at update k (0.1, then 2/11
+    with --ema_decay 0.9), target_k = beta_k·target_(k-1) + (1 - beta_k)·student_k from the student that the teacher
+    initialised; the update moves the weights. A second run with --grad_clip 1e-12 barely moves them (Adam-family
+    first step ~lr·g/(|g| + 1e-8))."""
+    argv = [
+        "--teacher", str(diffusion_follmer_run), "--bsz", "8", "--num_steps", "4", "--lr", "1e-2",
+        "--lr_rampup_steps", "4", "--ema_decay", "0.9", "--checkpoint_interval", "1", "--sample_interval", "0",
+        "--log_interval", "1", "--loggers", "none",
+    ]  # fmt: skip
+    distill_characteristic.main(
+        parse(distill_characteristic.Config, argv + ["--n_steps", "2", "--workdir", str(tmp_path / "a")])
+    )
+    first, second = _diffusion_states(tmp_path / "a")
+    assert [s["optimizer"]["param_groups"][0]["lr"] for s in (first, second)] == pytest.approx([2.5e-3, 5e-3])
+    teacher_meta, teacher_state = load_snapshot(diffusion_follmer_run)
+    teacher = build_denoiser(teacher_meta["model"], **teacher_meta["model_kwargs"])
+    teacher.load_state_dict(teacher_state)
+    init = distill_characteristic.build_student(teacher_meta, teacher)[0].state_dict()
+    assert _diffusion_max_change(init, first["student"]) > 1e-4
+    assert _diffusion_max_change(first["student"], second["student"]) > 1e-4
+    for previous, state, beta in ((init, first, 0.1), (first["ema"], second, 2 / 11)):
+        for name, ema in state["ema"].items():
+            want = beta * previous[name] + (1 - beta) * state["student"][name]
+            torch.testing.assert_close(ema, want.to(ema.dtype), rtol=1e-5, atol=1e-7)
+
+    clip = ["--n_steps", "1", "--grad_clip", "1e-12", "--workdir", str(tmp_path / "clipped")]
+    distill_characteristic.main(parse(distill_characteristic.Config, argv + clip))
+    (clipped,) = _diffusion_states(tmp_path / "clipped")
+    assert _diffusion_max_change(init, clipped["student"]) < 1e-6
 
 
 def test_distillation_toy_run_learns(diffusion_follmer_run, tmp_path):
