@@ -11,11 +11,12 @@ import torch
 import diffusion_train
 import distill_characteristic
 from losses import get_diffusion_loss
+from losses.characteristic import sample_jumps
 from modelling import build_denoiser
 from sampling.diffusion import StackedNoise, sample, time_grid
 from utils.ckpt import load_snapshot, load_training_state
 from utils.cli import parse
-from utils.data import toy_moments, toy_points
+from utils.data import build_dataset, make_loader, step_seed, toy_moments, toy_points
 from utils.ema import EMA
 
 DIFFUSION_NET = dict(dim=2, width=16, depth=2)
@@ -354,6 +355,49 @@ def test_distillation_loop_sets_the_lr_clips_and_averages(diffusion_follmer_run,
     distill_characteristic.main(parse(distill_characteristic.Config, argv + clip))
     (clipped,) = _diffusion_states(tmp_path / "clipped")
     assert _diffusion_max_change(init, clipped["student"]) < 1e-6
+
+
+def test_distillation_loop_accumulates_rounds_into_one_update(diffusion_follmer_run, tmp_path):
+    """--global_bsz 16 with --bsz 8: one optimizer step of two accumulation rounds. RAdam's first update is plain
+    momentum, p_1 = p_0 - lr·g (no adaptive term before its variance estimate is trusted), so the script's first
+    update reveals its gradient g. Replayed here with the script's own data order, seeds and step function, g must
+    be the sum over both rounds of the gradients of (L_char + w·L_dsm)/2, each round with its own batch and jumps:
+    a loop that zeroed the gradients between rounds, or stepped after each, fails."""
+    workdir = tmp_path / "accumulated"
+    argv = [
+        "--teacher", str(diffusion_follmer_run), "--workdir", str(workdir), "--bsz", "8", "--global_bsz", "16",
+        "--num_steps", "4", "--lr", "1e-2", "--lr_rampup_steps", "0", "--grad_clip", "0", "--n_steps", "1",
+        "--checkpoint_interval", "1", "--sample_interval", "0", "--log_interval", "1", "--loggers", "none",
+    ]  # fmt: skip
+    cfg = parse(distill_characteristic.Config, argv)
+    distill_characteristic.main(cfg)
+    (state,) = _diffusion_states(workdir)
+
+    teacher, teacher_meta, _ = distill_characteristic.load_teacher(str(diffusion_follmer_run))
+    torch.manual_seed(0)
+    student = distill_characteristic.build_student(teacher_meta, teacher)[0].eval()
+    init = {k: v.clone() for k, v in student.state_dict().items()}
+    target = EMA(student, decay=cfg.ema_decay).module
+    grid = torch.tensor(time_grid(teacher.t_max, teacher.t_min, 4, teacher.rho) + [0.0], dtype=torch.float64)
+    loader = iter(make_loader(build_dataset("gaussians", None, 32), 8, 0, 1, 0, 0))
+    dsm_loss_fn, distance = (
+        distill_characteristic.get_dsm_loss(cfg, "follmer"),
+        distill_characteristic.get_distance(cfg),
+    )
+    torch.manual_seed(step_seed(0, 0, 0))
+    for r in range(2):
+        reals, _ = next(loader)
+        jumps = sample_jumps(
+            len(grid), 8, cfg.jump_weighting, torch.Generator().manual_seed(step_seed(0, -1, r)), "cpu"
+        )
+        loss, _ = distill_characteristic.distillation_loss(
+            cfg, student, target, teacher, dsm_loss_fn, distance, grid, reals, None, jumps, 2
+        )
+        loss.backward()
+    for name, p in student.named_parameters():
+        want = init[name] - 1e-2 * p.grad
+        torch.testing.assert_close(state["student"][name], want, rtol=0, atol=1e-6)
+    assert _diffusion_max_change(init, state["student"]) > 1e-4
 
 
 def test_distillation_toy_run_learns(diffusion_follmer_run, tmp_path):
