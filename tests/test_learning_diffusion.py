@@ -145,6 +145,34 @@ def test_diffusion_loop_sets_the_lr_clips_and_averages(tmp_path):
     assert _diffusion_max_change(first["denoiser"], clipped["denoiser"]) < 2e-6  # the same initialisation (seed 0)
 
 
+@pytest.mark.parametrize("method,conditional", [("edm", True), ("follmer", False)])
+def test_diffusion_loop_update_is_the_step_loss_gradient(method, conditional, tmp_path):
+    """With --optimizer RAdam the first update is plain momentum, p_1 = p_0 - lr·g, so the script's first step
+    reveals its gradient g. Replayed with the script's data order, step seed and denoiser_loss (labels passed when
+    --conditional), g must be that loss's gradient: not its negative, not another batch's, not without labels."""
+    argv = [
+        "--method", method, "--dataset", "gaussians", "--model", "mlp", "--net_kwargs", '{"width": 16, "depth": 1}',
+        "--batch_size", "16", "--optimizer", "RAdam", "--lr", "1e-2", "--lr_rampup_kimg", "0", "--grad_clip", "0",
+        "--n_steps", "1", "--checkpoint_interval", "1", "--sample_interval", "0", "--loggers", "none",
+        "--log_dir", str(tmp_path), "--log_name", "run", *(["--conditional"] if conditional else []),
+    ]  # fmt: skip
+    cfg = parse(diffusion_train.Config, argv)
+    diffusion_train.main(cfg)
+    (state,) = _diffusion_states(tmp_path / "run")
+
+    loader = iter(make_loader(build_dataset("gaussians", None, 32), 16, 0, 1, 0, 0))  # before the step's seed
+    torch.manual_seed(0)
+    denoiser = diffusion_train.build_model(cfg, (2,), 5 if conditional else 0)[0]
+    init = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    torch.manual_seed(step_seed(0, 0, 0))
+    reals, labels = next(loader)
+    loss = diffusion_train.denoiser_loss(denoiser, get_diffusion_loss(method), reals, labels if conditional else None)
+    loss.backward()
+    for name, p in denoiser.named_parameters():
+        torch.testing.assert_close(state["denoiser"][name], init[name] - 1e-2 * p.grad, rtol=0, atol=1e-6)
+    assert _diffusion_max_change(init, state["denoiser"]) > 1e-4
+
+
 def _diffusion_toy_run(log_dir, method: str):
     argv = DIFFUSION_TOY_ARGV + ["--method", method, "--log_dir", str(log_dir), "--log_name", method]
     diffusion_train.main(parse(diffusion_train.Config, argv))
@@ -379,7 +407,7 @@ def test_distillation_loop_accumulates_rounds_into_one_update(diffusion_follmer_
     init = {k: v.clone() for k, v in student.state_dict().items()}
     target = EMA(student, decay=cfg.ema_decay).module
     grid = torch.tensor(time_grid(teacher.t_max, teacher.t_min, 4, teacher.rho) + [0.0], dtype=torch.float64)
-    loader = iter(make_loader(build_dataset("gaussians", None, 32), 8, 0, 1, 0, 0))
+    loader = iter(make_loader(build_dataset("gaussians", None, 32), 8, 0, 1, 0, 0))  # before the step's seed
     dsm_loss_fn, distance = (
         distill_characteristic.get_dsm_loss(cfg, "follmer"),
         distill_characteristic.get_distance(cfg),
