@@ -1,7 +1,9 @@
 """Each optimizer step of diffusion_train.py (EDM, Föllmer) and distill_characteristic.py, as the scripts assemble
-it, against the formulas written out by hand on a fixed tiny batch (reference §1.3, §2.3-2.6); and short runs on
-GPM's 2-D Gaussian mixture that learn: the denoiser's loss falls and its samples spread to the data's covariance,
-the distilled one-step generator approaches its teacher's ODE map."""
+it, against the formulas written out by hand on a fixed tiny batch (reference §1.3, §2.3-2.6); what the loops do
+around it (learning rate, EMA, clipping, gradient accumulation, which batch and seed), read back from the training
+states of 1- and 2-step runs; and short runs on GPM's 2-D Gaussian mixture that learn: the denoiser's loss falls
+and its samples spread to the data's covariance, the distilled one-step generator approaches its teacher's ODE
+map."""
 
 import math
 
@@ -222,7 +224,7 @@ def test_diffusion_toy_run_learns(method, tmp_path, request):
     assert ((moments["untrained"][1] / cov.diagonal()) - 1).abs().min() > 0.3, moments["untrained"]
 
 
-def _distill_nets(method: str):
+def _diffusion_distill_nets(method: str):
     """A teacher MLP with O(1) random weights, its student (two-time, the s-branch made non-zero, else D(x, t, s)
     ignores s) and a target network that differs from the student."""
     torch.manual_seed(0)
@@ -256,7 +258,7 @@ def test_distillation_step_loss_is_characteristic_plus_weighted_dsm(method, dist
         loss = (L_char + w·L_dsm) / rounds,
     with pseudo-Huber sqrt(|a - b|² + c²) - c (c = 0.00054·sqrt(d)) or l2 = mean (a - b)². The student's gradients
     are those of the hand loss; the teacher, trainable here, gets none. With max_weight below w, w is clamped."""
-    teacher, student, target = _distill_nets(method)
+    teacher, student, target = _diffusion_distill_nets(method)
     teacher.requires_grad_(True)
     cfg = distill_characteristic.Config(loss=distance)
     times = (0.999, 1e-3, 1.0) if method == "follmer" else (80.0, 0.002, 7.0)
