@@ -117,6 +117,29 @@ def build_model(cfg: Config, sample_shape: tuple[int, ...], n_classes: int):
         raise UserError(f"cannot build --model {cfg.model} with {cfg.net_kwargs}: {e.args[0] if e.args else e}")
 
 
+def learning_rate(cfg: Config, step: int, images_per_step: int) -> float:
+    """EDM's linear warm-up in images seen before this step (training_loop.py): lr·min(nimg / (rampup·1000), 1), so
+    the first step has lr 0; a pure function of the step, so a resumed run sets the same rates."""
+    if cfg.lr_rampup_kimg <= 0:
+        return cfg.lr
+    return cfg.lr * min(step * images_per_step / (cfg.lr_rampup_kimg * 1000), 1.0)
+
+
+def max_grad_norm(cfg: Config) -> float:
+    """The clipping threshold: --grad_clip, else EDM unclipped and Föllmer 1 (seed 004); 0 = none (inf). EDM's loss
+    is a per-image sum over pixels, so its gradient norms are ~d times Föllmer's per-pixel mean: a threshold tuned
+    for one is meaningless for the other."""
+    grad_clip = cfg.grad_clip if cfg.grad_clip is not None else (0.0 if cfg.method == "edm" else 1.0)
+    return grad_clip or float("inf")
+
+
+def denoiser_loss(denoiser, loss_fn, reals: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The loss of one denoiser step: `loss_fn` draws each sample's noise level and noise and returns its weighted
+    error (EDM: lambda(sigma)-weighted, summed over elements; Föllmer: lambda(t)-weighted, averaged over elements);
+    the step averages over the batch. No loss scaling, no label dropout: the labels are always given."""
+    return loss_fn(denoiser, reals, labels).mean()
+
+
 @torch.no_grad()
 def class_means(dataset, n_classes: int, chunk: int = 4096) -> torch.Tensor:
     """Per-class mean of the training data (row 0 = overall mean when unconditional), float64 accumulation. Chunks
@@ -198,9 +221,8 @@ def main(cfg: Config) -> None:
             path = run.dir / "grids" / f"{tag}-{step:08d}.png"
             save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
 
-    # Loop. EDM's loss is a per-image sum over pixels, so its gradient norms are ~d times Föllmer's per-pixel mean:
-    # a norm threshold tuned for one is meaningless for the other, and EDM trains unclipped.
-    grad_clip = cfg.grad_clip if cfg.grad_clip is not None else (0.0 if cfg.method == "edm" else 1.0)
+    # Loop.
+    grad_clip = max_grad_norm(cfg)
     images_per_step = cfg.batch_size * accelerator.num_processes
     meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
     skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
@@ -213,17 +235,16 @@ def main(cfg: Config) -> None:
         reals = reals.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if n_classes else None
 
-        # Learning-rate warm-up, linear in images seen (EDM's lr_rampup_kimg); a pure function of the step.
-        nimg = step * images_per_step
-        lr = cfg.lr * min(nimg / (cfg.lr_rampup_kimg * 1000), 1.0) if cfg.lr_rampup_kimg > 0 else cfg.lr
+        # Learning-rate warm-up, linear in images seen (EDM's lr_rampup_kimg).
+        lr = learning_rate(cfg, step, images_per_step)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # Denoiser step: the loss draws its own noise levels and noise; per-sample losses are averaged here.
-        loss = loss_fn(denoiser, reals, labels).mean()
+        # Denoiser step: the loss draws its own noise levels and noise.
+        loss = denoiser_loss(denoiser, loss_fn, reals, labels)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        applied, grad_norm = step_optimizer(accelerator, optimizer, denoiser, grad_clip or float("inf"))
+        applied, grad_norm = step_optimizer(accelerator, optimizer, denoiser, grad_clip)
 
         # Update EMA, only after an update that really happened.
         if ema is not None and applied:

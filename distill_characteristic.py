@@ -138,6 +138,41 @@ def get_distance(cfg: Config):
     return {"l2": l2_distance, "pseudo_huber": pseudo_huber_distance}[cfg.loss]
 
 
+def get_dsm_loss(cfg: Config, method: str):
+    """The teacher's denoising loss for the DSM term; Föllmer's t ~ U[eps0, 1] with seed 004's student eps0 1e-3."""
+    dsm_kwargs = ({"eps0": 1e-3} if method == "follmer" else {}) | cfg.loss_kwargs
+    try:
+        return get_diffusion_loss(method, **dsm_kwargs)
+    except TypeError as e:
+        raise UserError(f"--loss_kwargs {json.dumps(cfg.loss_kwargs)} do not fit a {method} teacher: {e}")
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Seed 004's linear warm-up over optimizer steps, lr·min((step + 1)/lr_rampup_steps, 1): the first step (step
+    0) already moves; a pure function of the step, so a resumed run sets the same rates."""
+    return cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0) if cfg.lr_rampup_steps else cfg.lr
+
+
+def distillation_loss(
+    cfg: Config, student, target, teacher, dsm_loss_fn, distance, grid: torch.Tensor, reals, labels, jumps, rounds,
+    autocast=nullcontext,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The loss of one accumulation round, (L_char + w·L_dsm)/rounds, and its parts for the log. L_char is the batch
+    mean of the characteristic loss for the jumps (n, i_t, i_s): gradients reach the student only through
+    G(x_t, t, s), never the frozen teacher or the target (EMA) network. L_dsm is the teacher's denoising loss on the
+    student's denoiser with s = t, and w the detached adaptive weight (gradient-norm ratio at the student's output
+    layer). Dividing by the number of rounds makes the accumulated gradient that of the global batch's mean."""
+    n, i_t, i_s = jumps
+    with autocast():  # the teacher and the target are not prepared: the script autocasts them here
+        loss_char = characteristic_loss(
+            student, target, teacher, reals, labels, grid, n, i_t, i_s, distance, cfg.teacher_solver
+        ).mean()
+        loss_dsm = dsm_loss_fn(student, reals, labels).mean()  # s = t: the student is still a denoiser
+    weight = adaptive_weight(loss_char, loss_dsm, unwrap(student).net.last_layer_weight, cfg.max_weight)
+    parts = {"loss/char": loss_char, "loss/dsm": loss_dsm, "dsm_weight": weight}
+    return (loss_char + weight * loss_dsm) / rounds, parts
+
+
 def main(cfg: Config) -> None:
     check_config(cfg)
     teacher, teacher_meta, teacher_sha = load_teacher(cfg.teacher)
@@ -194,13 +229,7 @@ def main(cfg: Config) -> None:
     student.eval()  # seed 004 distils in eval mode: dropout stays off, as in the teacher
     ema = EMA(student, decay=cfg.ema_decay)
     target = ema.module.to(device)
-    dsm_kwargs = ({"eps0": 1e-3} if teacher_meta["model"] == "follmer" else {}) | cfg.loss_kwargs
-    try:
-        dsm_loss_fn = get_diffusion_loss(teacher_meta["model"], **dsm_kwargs)
-    except TypeError as e:
-        raise UserError(
-            f"--loss_kwargs {json.dumps(cfg.loss_kwargs)} do not fit a {teacher_meta['model']} teacher: {e}"
-        )
+    dsm_loss_fn = get_dsm_loss(cfg, teacher_meta["model"])
     distance = get_distance(cfg)
     if isinstance(distance, torch.nn.Module):
         distance.to(device)
@@ -248,7 +277,7 @@ def main(cfg: Config) -> None:
     )
     for step in pbar:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
-        lr = cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0) if cfg.lr_rampup_steps else cfg.lr
+        lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -260,19 +289,15 @@ def main(cfg: Config) -> None:
             # One jump length n per round, the same on every process (its RNG ignores the rank): all ranks then run
             # the same number of teacher steps. Start and end times are per sample.
             jump_rng = torch.Generator().manual_seed(step_seed(cfg.seed, -1, step * rounds + r))
-            n, i_t, i_s = sample_jumps(
-                len(grid), reals.shape[0], cfg.jump_weighting, jump_rng, device, cfg.max_jump or None
-            )
+            jumps = sample_jumps(len(grid), reals.shape[0], cfg.jump_weighting, jump_rng, device, cfg.max_jump or None)
             # DDP: gradients are all-reduced only on the last round.
             with accelerator.no_sync(student) if r < rounds - 1 else nullcontext():
-                with accelerator.autocast():  # the teacher and target are not prepared: autocast them here
-                    loss_char = characteristic_loss(
-                        student, target, teacher, reals, labels, grid, n, i_t, i_s, distance, cfg.teacher_solver
-                    ).mean()
-                    loss_dsm = dsm_loss_fn(student, reals, labels).mean()  # s = t: the student is still a denoiser
-                weight = adaptive_weight(loss_char, loss_dsm, unwrap(student).net.last_layer_weight, cfg.max_weight)
-                accelerator.backward((loss_char + weight * loss_dsm) / rounds)
-            meters.add(**{"loss/char": loss_char, "loss/dsm": loss_dsm, "dsm_weight": weight})
+                loss, parts = distillation_loss(
+                    cfg, student, target, teacher, dsm_loss_fn, distance, grid, reals, labels, jumps, rounds,
+                    accelerator.autocast,
+                )  # fmt: skip
+                accelerator.backward(loss)
+            meters.add(**parts)
         applied, grad_norm = step_optimizer(accelerator, optimizer, student, cfg.grad_clip or float("inf"))
 
         # Update the EMA (the target network), only after an update that really happened; count skipped steps and
