@@ -18,15 +18,17 @@ halved; one G forward per step, used by the D step (detached) and then the G ste
 CycleGAN (Zhu et al. 2017): ResNet generators G: A -> B and F: B -> A, a PatchGAN per domain, least-squares
 losses, cycle loss x 10, identity loss x 0.5 x 10, D trained on fakes from a history of 50 (`ImagePool`); G step
 first, then the D step, as the reference code. Both: Adam 2e-4 (0.5, 0.999), batch 1, lr constant for the first half
-of --n_steps then linear to 0 (`--lr_decay_start`), instance norm, and both papers' random jitter and mirroring of
-the training images (resize to 286/256 x --img_size, random crop back, flip with probability 1/2; one draw per pair,
-a draw per domain for CycleGAN; `--no-augment` turns it off; evaluation and grids see the images as they are). Data (`utils/pairs.py`): `paired` folders (A/
+of --n_steps then linear to 0 (`--lr_decay_start`), instance norm. Data (`utils/pairs.py`): `paired` folders (A/
 and B/ with matching names, or A|B side by side), `unpaired` folders (A/ and B/, or trainA/ and trainB/), and the
 offline demos built from Fashion-MNIST on the fly. Evaluation (`--eval_interval`): pix2pix L1 and SSIM of the outputs
 (as saved PNGs, pixels in [0, 1]) to the targets of held-out pairs (`--eval_metric l1|ssim`); CycleGAN the Fréchet
 distance of translated held-out A images to the B training images (`fd_target`: FD_cls on 1-channel 28/32 px data,
 FD on pixels otherwise). Grids: [input | output | target] triplets (CycleGAN: [input | translation | cycle]).
 The run folder, resume, best checkpoint, --only_test and --delete are gan_mnist.py's (utils/run.py).
+Both train on randomly jittered and mirrored images, as their papers and reference code: each training image is
+resized to 286/256 x --img_size, a random --img_size square is cut from it and flipped with probability 1/2, one draw
+per pair (CycleGAN: per image of each domain); `--no-augment` turns it off; evaluation and grids see the images as
+they are.
 """
 
 from dataclasses import dataclass, field
@@ -183,11 +185,12 @@ def pix2pix_g_loss(disc, inputs, targets, outputs, cfg: Config):
     return loss, l1_distance(outputs, targets).mean()
 
 
-def cyclegan_g_loss(gen_ab, gen_ba, disc_b, disc_a, reals_a, reals_b, cfg: Config):
+def cyclegan_g_loss(gens, discs, reals_a, reals_b, cfg: Config):
     """CycleGAN's G step for both generators (Zhu et al. 2017, Eq. 3 with least squares; the reference code's sum):
     LSGAN(D_B(G(a))) + LSGAN(D_A(F(b))) + lambda (|F(G(a)) - a| + |G(F(b)) - b|) + 0.5 lambda (|G(b) - b| + |F(a) -
-    a|), lambda = --cycle_weight 10, 0.5 = --identity_weight; both D frozen by the caller. Returns (loss, G(a), F(b),
-    the terms for the log)."""
+    a|), lambda = --cycle_weight 10, 0.5 = --identity_weight; gens = (G: A -> B, F: B -> A), discs = (D_B, D_A), both
+    D frozen by the caller. Returns (loss, fakes = (G(a), F(b)), the terms for the log)."""
+    (gen_ab, gen_ba), (disc_b, disc_a) = gens, discs
     fakes_b, fakes_a = gen_ab(reals_a), gen_ba(reals_b)
     lsgan = LeastSquaresLoss()
     loss_adv = (lsgan.g_loss(disc_b(fakes_b)) + lsgan.g_loss(disc_a(fakes_a))).mean()
@@ -198,14 +201,16 @@ def cyclegan_g_loss(gen_ab, gen_ba, disc_b, disc_a, reals_a, reals_b, cfg: Confi
         loss_identity = identity_loss(gen_ab, gen_ba, reals_a, reals_b).mean()
         loss = loss + cfg.identity_weight * cfg.cycle_weight * loss_identity
         stats["loss/identity"] = loss_identity
-    return loss, fakes_b, fakes_a, stats
+    return loss, (fakes_b, fakes_a), stats
 
 
-def cyclegan_d_loss(disc_b, disc_a, reals_a, reals_b, pooled_b, pooled_a):
+def cyclegan_d_loss(discs, pools, reals_a, reals_b, fakes):
     """CycleGAN's D step for both discriminators (one optimizer, as the reference code): each D's least-squares
-    loss halved, 0.5 ((D(real) - 1)^2 + D(fake)^2), on its domain's reals against pooled fakes, which are detached
-    (with --pool_size 0 they are the G step's own outputs). Returns (loss, D_B on reals, D_B on fakes)."""
-    lsgan = LeastSquaresLoss()
+    loss halved, 0.5 ((D(real) - 1)^2 + D(fake)^2), on its domain's reals against fakes drawn through its domain's
+    image pool, detached (with --pool_size 0 they are the G step's own outputs). discs = (D_B, D_A), pools = (B's,
+    A's), fakes = (G(a), F(b)) as `cyclegan_g_loss` returns them. Returns (loss, D_B on reals, D_B on fakes)."""
+    (disc_b, disc_a), lsgan = discs, LeastSquaresLoss()
+    pooled_b, pooled_a = pools[0].query(fakes[0]), pools[1].query(fakes[1])
     d_reals, d_fakes = disc_b(reals_b), disc_b(pooled_b.detach())
     loss = (lsgan.d_loss(d_reals, d_fakes) + lsgan.d_loss(disc_a(reals_a), disc_a(pooled_a.detach()))).mean()
     return loss, d_reals, d_fakes
@@ -392,19 +397,17 @@ def main(cfg: Config) -> None:
             (reals_a, _), (reals_b, _) = next(loaders[0]), next(loaders[1])
             reals_a, reals_b = reals_a.to(device, non_blocking=True), reals_b.to(device, non_blocking=True)
             (reals_a,), (reals_b,) = augment_batch(cfg, reals_a), augment_batch(cfg, reals_b)  # a draw per domain
-            disc_b, disc_a = discs  # disc_b judges B images (G's outputs), disc_a judges A images (F's)
 
             # Generator step: fool both (frozen) discriminators, come back by the cycle, leave the target domain be.
             d_group.requires_grad_(False)
-            loss_g, fakes_b, fakes_a, stats = cyclegan_g_loss(*gens, disc_b, disc_a, reals_a, reals_b, cfg)
+            loss_g, fakes, stats = cyclegan_g_loss(gens, discs, reals_a, reals_b, cfg)  # gens (G, F), discs (D_B, D_A)
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             d_group.requires_grad_(True)
             g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
 
             # Discriminator step: reals against fakes drawn from the pools of earlier generators.
-            pooled_b, pooled_a = pools[0].query(fakes_b), pools[1].query(fakes_a)
-            loss_d, d_reals, d_fakes = cyclegan_d_loss(disc_b, disc_a, reals_a, reals_b, pooled_b, pooled_a)
+            loss_d, d_reals, d_fakes = cyclegan_d_loss(discs, pools, reals_a, reals_b, fakes)
             optim_d.zero_grad(set_to_none=True)
             accelerator.backward(loss_d)
             d_applied, _ = step_optimizer(accelerator, optim_d, d_group)

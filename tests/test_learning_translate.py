@@ -4,6 +4,7 @@ written out here on a fixed tiny batch through tiny real networks, and only the 
 gradient; the training images' random jitter and mirroring (one draw per pair, off with --no-augment); and a short
 pix2pix run that learns, with its evaluation on the held-out pairs as they are."""
 
+import copy
 import json
 
 import numpy as np
@@ -129,9 +130,9 @@ def test_cyclegan_g_step_is_lsgan_plus_cycle_plus_identity_and_trains_both_gener
     expected = adversarial + lam * cycle + idt * lam * identity
     for disc in (disc_b, disc_a):
         disc.requires_grad_(False)  # as the loop does around the G step
-    loss, fakes_b, fakes_a, stats = translate.cyclegan_g_loss(gen_ab, gen_ba, disc_b, disc_a, reals_a, reals_b, cfg)
+    loss, fakes, stats = translate.cyclegan_g_loss((gen_ab, gen_ba), (disc_b, disc_a), reals_a, reals_b, cfg)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    torch.testing.assert_close((fakes_b, fakes_a), (fake_b, fake_a))  # what the pools receive
+    torch.testing.assert_close(fakes, (fake_b, fake_a))  # what the D step's pools receive
     assert stats["loss/cycle"].item() == pytest.approx(cycle, rel=1e-5)
     assert ("loss/identity" in stats) == (idt > 0)
     loss.backward()
@@ -140,14 +141,27 @@ def test_cyclegan_g_step_is_lsgan_plus_cycle_plus_identity_and_trains_both_gener
     assert all(g is None for d in (disc_b, disc_a) for g in _translate_grads(d))
 
 
-def test_cyclegan_d_step_is_half_the_lsgan_loss_of_each_domain_and_trains_the_discriminators_only():
+@pytest.mark.parametrize("pool_size", [0, 2])
+def test_cyclegan_d_step_is_half_the_lsgan_loss_of_each_domain_and_trains_the_discriminators_only(pool_size):
     gen_ab, gen_ba, disc_b, disc_a, reals_a, reals_b = _translate_cyclegan()
-    # The pools' output: with --pool_size 0 the G step's own fakes, still attached to the generators' graph.
-    pooled_b, pooled_a = gen_ab(reals_a), gen_ba(reals_b)
+    fakes = gen_ab(reals_a), gen_ba(reals_b)  # the G step's outputs, still attached to the generators' graph
+    pools = [translate.ImagePool(pool_size, (1, TRANSLATE_SIZE, TRANSLATE_SIZE), "cpu") for _ in range(2)]
+    for pool, value in zip(pools, (0.9, -0.9), strict=True):  # full histories that tell B's pool from A's
+        pool.images.fill_(value)
+        pool.count = pool_size
+    # The images each D judges: its domain's pool answering that domain's fakes, drawn from the RNG as the step
+    # draws them (ImagePool's rule itself is pinned in tests/test_translate.py).
+    replicas = copy.deepcopy(pools)
+    torch.manual_seed(1)
+    pooled_b, pooled_a = replicas[0].query(fakes[0]), replicas[1].query(fakes[1])
+    if pool_size:  # this seed hands each D a stored image and a fresh fake
+        for pooled, stored in ((pooled_b, 0.9), (pooled_a, -0.9)):
+            assert sorted((x == stored).all().item() for x in pooled) == [False, True]
     terms_b = _translate_sq(disc_b(reals_b), 1), _translate_sq(disc_b(pooled_b), 0)
     terms_a = _translate_sq(disc_a(reals_a), 1), _translate_sq(disc_a(pooled_a), 0)
     expected = 0.5 * sum(terms_b) + 0.5 * sum(terms_a)
-    loss, d_reals, d_fakes = translate.cyclegan_d_loss(disc_b, disc_a, reals_a, reals_b, pooled_b, pooled_a)
+    torch.manual_seed(1)
+    loss, d_reals, d_fakes = translate.cyclegan_d_loss((disc_b, disc_a), pools, reals_a, reals_b, fakes)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     torch.testing.assert_close((d_reals, d_fakes), (disc_b(reals_b), disc_b(pooled_b)))  # logged: D_B's
     loss.backward()
@@ -234,3 +248,17 @@ def test_pix2pix_learns_edges_to_images_and_evaluates_the_held_out_pairs_as_they
         outputs = to_uint8(model(inputs)).double() / 255
     expected = (outputs - to_uint8(targets).double() / 255).abs().mean().item()
     assert evaluation["l1"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_cyclegan_learns_to_close_the_cycle(tmp_path, mnist_dir):
+    """40 steps of 8 images per domain (the synthetic IDX data's classes 7 and 9): the cycle loss |F(G(a)) - a| +
+    |G(F(b)) - b| falls well below its start, and both discriminators learn to tell reals from pooled fakes."""
+    n_steps = 40
+    cfg = _translate_config(tmp_path, mnist_dir, "cyclegan", "learn", lr=1e-3, lr_decay_start=1.0, n_steps=n_steps)
+    cfg.checkpoint_interval = n_steps
+    translate.main(cfg)
+    rows = _translate_stats(tmp_path / "learn")
+    assert len(rows) == n_steps
+    for key in ("loss/cycle", "loss/d"):
+        values = [r[key] for r in rows]
+        assert np.mean(values[-5:]) < 0.4 * np.mean(values[:3]), (key, values)
