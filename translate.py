@@ -85,7 +85,7 @@ class Config(RunConfig):
     cycle_weight: float = field(default=10.0, metadata={"help": "cyclegan: lambda of the cycle loss"})
     identity_weight: float = field(default=0.5, metadata={"help": "cyclegan: identity loss weight, x cycle_weight"})
     pool_size: int = field(default=50, metadata={"min": 0, "help": "cyclegan: fakes kept per domain; 0 = none"})
-    augment: bool = field(default=True, metadata={"help": "training batches: random jitter and mirroring"})
+    augment: bool = field(default=True, metadata={"help": "training images: 286/256 resize, random crop, mirroring"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; grids, evaluations, snapshots use it"})
     ema_halflife_kimg: float = 10.0
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
