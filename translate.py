@@ -25,6 +25,10 @@ offline demos built from Fashion-MNIST on the fly. Evaluation (`--eval_interval`
 distance of translated held-out A images to the B training images (`fd_target`: FD_cls on 1-channel 28/32 px data,
 FD on pixels otherwise). Grids: [input | output | target] triplets (CycleGAN: [input | translation | cycle]).
 The run folder, resume, best checkpoint, --only_test and --delete are gan_mnist.py's (utils/run.py).
+Both train on randomly jittered and mirrored images, as their papers and reference code: each training image is
+resized to 286/256 x --img_size, a random --img_size square is cut from it and flipped with probability 1/2, one draw
+per pair (CycleGAN: per image of each domain); `--no-augment` turns it off; evaluation and grids see the images as
+they are.
 """
 
 from dataclasses import dataclass, field
@@ -44,7 +48,15 @@ from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, to_uint8
 from utils.optim import make_optimizer, set_hyperparameters
-from utils.pairs import DEMOS, fashion_mnist_edges, fashion_mnist_sneakers_boots, paired_folder, unpaired_folders
+from utils.pairs import (
+    DEMOS,
+    fashion_mnist_edges,
+    fashion_mnist_sneakers_boots,
+    jitter_size,
+    paired_folder,
+    random_jitter,
+    unpaired_folders,
+)
 from utils.run import Run, RunConfig
 from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
 
@@ -75,6 +87,7 @@ class Config(RunConfig):
     cycle_weight: float = field(default=10.0, metadata={"help": "cyclegan: lambda of the cycle loss"})
     identity_weight: float = field(default=0.5, metadata={"help": "cyclegan: identity loss weight, x cycle_weight"})
     pool_size: int = field(default=50, metadata={"min": 0, "help": "cyclegan: fakes kept per domain; 0 = none"})
+    augment: bool = field(default=True, metadata={"help": "training images: 286/256 resize, random crop, mirroring"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; grids, evaluations, snapshots use it"})
     ema_halflife_kimg: float = 10.0
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
@@ -152,6 +165,59 @@ class ImagePool:
             else:
                 out.append(fake)
         return torch.stack(out)
+
+
+def augment_batch(cfg: Config, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The training images of one step: random jitter (resize to 286/256 x --img_size, random crop back) and
+    mirroring, one draw per sample shared by the tensors given (a pair's input and target), unless --no-augment.
+    Evaluation and grids use the held-out images as they are."""
+    return random_jitter(images, jitter_size(cfg.img_size)) if cfg.augment else images
+
+
+# The loss of each optimizer step, assembled in one place that the loop and the tests both call.
+def pix2pix_d_loss(disc, inputs, targets, outputs):
+    """pix2pix's D step (Isola et al. 2017, Sec. 3.3: the objective halved for D): 0.5 * (BCE(D(x, y), 1) +
+    BCE(D(x, G(x)), 0)) per patch. G(x) is detached: this step trains D only. Returns (loss, D on reals, on fakes)."""
+    d_reals, d_fakes = disc(targets, inputs), disc(outputs.detach(), inputs)
+    return Pix2PixLoss().d_loss(d_reals, d_fakes).mean(), d_reals, d_fakes
+
+
+def pix2pix_g_loss(disc, inputs, targets, outputs, cfg: Config):
+    """pix2pix's G step (Eq. 4): BCE(D(x, G(x)), 1) + --l1_weight (100) x mean |G(x) - y|, D frozen by the caller.
+    Returns (loss, mean L1)."""
+    loss = Pix2PixLoss(cfg.l1_weight).g_loss(disc(outputs, inputs), outputs, targets).mean()
+    return loss, l1_distance(outputs, targets).mean()
+
+
+def cyclegan_g_loss(gens, discs, reals_a, reals_b, cfg: Config):
+    """CycleGAN's G step for both generators (Zhu et al. 2017, Eq. 3 with least squares; the reference code's sum):
+    LSGAN(D_B(G(a))) + LSGAN(D_A(F(b))) + lambda (|F(G(a)) - a| + |G(F(b)) - b|) + 0.5 lambda (|G(b) - b| + |F(a) -
+    a|), lambda = --cycle_weight 10, 0.5 = --identity_weight; gens = (G: A -> B, F: B -> A), discs = (D_B, D_A), both
+    D frozen by the caller. Returns (loss, fakes = (G(a), F(b)), the terms for the log)."""
+    (gen_ab, gen_ba), (disc_b, disc_a) = gens, discs
+    fakes_b, fakes_a = gen_ab(reals_a), gen_ba(reals_b)
+    lsgan = LeastSquaresLoss()
+    loss_adv = (lsgan.g_loss(disc_b(fakes_b)) + lsgan.g_loss(disc_a(fakes_a))).mean()
+    loss_cycle = cycle_loss(gen_ab, gen_ba, reals_a, reals_b, fakes_b, fakes_a).mean()
+    loss = loss_adv + cfg.cycle_weight * loss_cycle
+    stats = {"loss/g_adv": loss_adv, "loss/cycle": loss_cycle}
+    if cfg.identity_weight > 0:
+        loss_identity = identity_loss(gen_ab, gen_ba, reals_a, reals_b).mean()
+        loss = loss + cfg.identity_weight * cfg.cycle_weight * loss_identity
+        stats["loss/identity"] = loss_identity
+    return loss, (fakes_b, fakes_a), stats
+
+
+def cyclegan_d_loss(discs, pools, reals_a, reals_b, fakes):
+    """CycleGAN's D step for both discriminators (one optimizer, as the reference code): each D's least-squares
+    loss halved, 0.5 ((D(real) - 1)^2 + D(fake)^2), on its domain's reals against fakes drawn through its domain's
+    image pool, detached (with --pool_size 0 they are the G step's own outputs). discs = (D_B, D_A), pools = (B's,
+    A's), fakes = (G(a), F(b)) as `cyclegan_g_loss` returns them. Returns (loss, D_B on reals, D_B on fakes)."""
+    (disc_b, disc_a), lsgan = discs, LeastSquaresLoss()
+    pooled_b, pooled_a = pools[0].query(fakes[0]), pools[1].query(fakes[1])
+    d_reals, d_fakes = disc_b(reals_b), disc_b(pooled_b.detach())
+    loss = (lsgan.d_loss(d_reals, d_fakes) + lsgan.d_loss(disc_a(reals_a), disc_a(pooled_a.detach()))).mean()
+    return loss, d_reals, d_fakes
 
 
 @torch.no_grad()
@@ -237,7 +303,6 @@ def main(cfg: Config) -> None:
     ema = EMA(gen_module, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
     if ema is not None:
         ema.module.to(device)
-    loss_fn = Pix2PixLoss(cfg.l1_weight) if paired else LeastSquaresLoss()
     pools = [ImagePool(cfg.pool_size, (c, cfg.img_size, cfg.img_size), device) for c, _ in judged] if not paired else []
 
     # Optimizers: one for the generator(s), one for the discriminator(s), as the reference code.
@@ -315,49 +380,38 @@ def main(cfg: Config) -> None:
             set_hyperparameters(optimizer, lr, betas)
         if paired:
             inputs, targets = (t.to(device, non_blocking=True) for t in next(loaders[0]))
+            inputs, targets = augment_batch(cfg, inputs, targets)  # one crop and flip for both images of a pair
             outputs = gens[0](inputs)  # one forward: the D step sees it detached, the G step differentiates it
 
             # Discriminator step: real pairs (x, y) against (x, G(x)).
-            d_reals, d_fakes = discs[0](targets, inputs), discs[0](outputs.detach(), inputs)
-            loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
+            loss_d, d_reals, d_fakes = pix2pix_d_loss(discs[0], inputs, targets, outputs)
             optim_d.zero_grad(set_to_none=True)
             accelerator.backward(loss_d)
             d_applied, _ = step_optimizer(accelerator, optim_d, d_group)
 
             # Generator step: fool the (frozen) D and stay close to the target in L1.
             discs[0].requires_grad_(False)
-            loss_g = loss_fn.g_loss(discs[0](outputs, inputs), outputs, targets).mean()
+            loss_g, loss_l1 = pix2pix_g_loss(discs[0], inputs, targets, outputs, cfg)
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             discs[0].requires_grad_(True)
             g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
-            stats = {"loss/d": loss_d, "loss/g": loss_g, "loss/l1": l1_distance(outputs, targets).mean()}
+            stats = {"loss/d": loss_d, "loss/g": loss_g, "loss/l1": loss_l1}
         else:
             (reals_a, _), (reals_b, _) = next(loaders[0]), next(loaders[1])
             reals_a, reals_b = reals_a.to(device, non_blocking=True), reals_b.to(device, non_blocking=True)
-            gen_ab, gen_ba = gens
-            disc_b, disc_a = discs  # disc_b judges B images (G's outputs), disc_a judges A images (F's)
-            fakes_b, fakes_a = gen_ab(reals_a), gen_ba(reals_b)
+            (reals_a,), (reals_b,) = augment_batch(cfg, reals_a), augment_batch(cfg, reals_b)  # a draw per domain
 
             # Generator step: fool both (frozen) discriminators, come back by the cycle, leave the target domain be.
             d_group.requires_grad_(False)
-            loss_adv = (loss_fn.g_loss(disc_b(fakes_b)) + loss_fn.g_loss(disc_a(fakes_a))).mean()
-            loss_cycle = cycle_loss(gen_ab, gen_ba, reals_a, reals_b, fakes_b, fakes_a).mean()
-            loss_g = loss_adv + cfg.cycle_weight * loss_cycle
-            stats = {"loss/g_adv": loss_adv, "loss/cycle": loss_cycle}
-            if cfg.identity_weight > 0:
-                loss_identity = identity_loss(gen_ab, gen_ba, reals_a, reals_b).mean()
-                loss_g = loss_g + cfg.identity_weight * cfg.cycle_weight * loss_identity
-                stats["loss/identity"] = loss_identity
+            loss_g, fakes, stats = cyclegan_g_loss(gens, discs, reals_a, reals_b, cfg)  # gens (G, F), discs (D_B, D_A)
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             d_group.requires_grad_(True)
             g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
 
             # Discriminator step: reals against fakes drawn from the pools of earlier generators.
-            pooled_b, pooled_a = pools[0].query(fakes_b), pools[1].query(fakes_a)
-            d_reals, d_fakes = disc_b(reals_b), disc_b(pooled_b)
-            loss_d = (loss_fn.d_loss(d_reals, d_fakes) + loss_fn.d_loss(disc_a(reals_a), disc_a(pooled_a))).mean()
+            loss_d, d_reals, d_fakes = cyclegan_d_loss(discs, pools, reals_a, reals_b, fakes)
             optim_d.zero_grad(set_to_none=True)
             accelerator.backward(loss_d)
             d_applied, _ = step_optimizer(accelerator, optim_d, d_group)

@@ -198,3 +198,28 @@ def fashion_mnist_sneakers_boots(
 ) -> tuple[ImageTensorDataset, ImageTensorDataset]:
     data = build_dataset("fashion_mnist", data_dir, img_size, train=train, download=download)
     return select_class(data, SNEAKER), select_class(data, ANKLE_BOOT)
+
+
+# Random jitter and mirroring: pix2pix (Isola et al. 2017, App. 6.2: "resizing the 256 x 256 input images to 286 x
+# 286 and then randomly cropping back to size 256 x 256", plus mirroring) and CycleGAN (Zhu et al. 2017, App. 7.1)
+# train with them; their reference code's default `--preprocess resize_and_crop` with `no_flip` false. One draw per
+# pair (the aligned dataset's shared transform parameters); CycleGAN's domains each get their own draw.
+def jitter_size(img_size: int) -> int:
+    """The load size before the crop: 286 for 256 px crops, the same ratio at other sizes."""
+    return round(img_size * 286 / 256)
+
+
+def random_jitter(images: tuple[torch.Tensor, ...], load_size: int, generator=None) -> tuple[torch.Tensor, ...]:
+    """Batches (N, C_k, S, S) in [-1, 1] that belong together (a pair's input and target): each sample is resized to
+    `load_size` (bicubic, as the reference), an S x S square is cut at a random offset and flipped left-right with
+    probability 1/2. Sample i of every tensor gets the same offset and flip. The draws come from `generator` (default:
+    the global CPU RNG, which the training loop reseeds every step, so a resume repeats them)."""
+    n, size = images[0].shape[0], images[0].shape[-1]
+    offsets = torch.randint(load_size - size + 1, (n, 2), generator=generator).tolist()  # (top, left) per sample
+    flips = torch.rand(n, generator=generator) < 0.5
+    out = []
+    for batch in images:
+        big = F.interpolate(batch, size=(load_size, load_size), mode="bicubic", align_corners=False).clamp_(-1, 1)
+        crops = torch.stack([big[i, :, top : top + size, left : left + size] for i, (top, left) in enumerate(offsets)])
+        out.append(torch.where(flips.to(batch.device)[:, None, None, None], crops.flip(-1), crops))
+    return tuple(out)
