@@ -264,7 +264,15 @@ def main(cfg: Config) -> None:
         ref = source / "eval" / f"ref-target-{metric}.npz"
         evaluator = Evaluator(accelerator, metric, n_eval, train[1], ref, cfg.eval_weights)
         translate = lambda model, seeds, labels, device: (model(inputs[seeds][0].to(device)), 1)  # noqa: E731
-        return lambda model: {"fd_target": evaluator(translate, model, 0)["value"], "n_samples": n_eval}
+        untranslated = lambda model, seeds, labels, device: (inputs[seeds][0].to(device), 0)  # noqa: E731
+
+        def scorer(model, baseline: bool = False) -> dict:
+            scores = {"fd_target": evaluator(translate, model, 0)["value"], "n_samples": n_eval}
+            if baseline:  # the same FD of the A images as they are: what translating has to beat
+                scores["fd_target_untranslated"] = evaluator(untranslated, model, 0)["value"]
+            return scores
+
+        return scorer
 
     if cfg.only_test:
         scorer = make_scorer()
@@ -272,7 +280,7 @@ def main(cfg: Config) -> None:
         def scores_fn(model, meta):
             if meta["kind"] != "translation":
                 raise UserError(f"{meta['path']} is a {meta['kind']!r} snapshot, not a translate.py one")
-            return scorer(model)
+            return scorer(model) if paired else scorer(model, baseline=True)
 
         run.test(accelerator, None, scores_fn)
         return

@@ -39,6 +39,7 @@ def test_the_quality_table_runs_every_path_on_tiny_budgets(tmp_path, mnist_dir):
     assert len(candidates) == 3 and rows["gebm_sampler"]["fd_cls"] == min(candidates.values())
     # CycleGAN: its own metric, FD to the target domain, from translate.py --only_test.
     assert rows["cyclegan"]["metric"] == "fd_target" and rows["cyclegan"]["fd_cls"] == rows["cyclegan"]["value"] > 0
+    assert rows["cyclegan"]["fd_target_untranslated"] > 0
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in expected) and "error" not in table
     assert Image.open(out / "curves.png").size == (900, 560)
