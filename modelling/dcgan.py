@@ -9,7 +9,9 @@ Reference code read for facts: gau-nernst/gan `modelling/dcgan.py`, `modelling/c
 Layout (all kernels 4; stride-2 convs halve, stride-2 transposed convs double):
   G: z (N, z_dim) -> ConvT k4 s1 p0 -> (base * 2^(depth-1), 4, 4) -> ... -> (img_channels, img_size, img_size), tanh
   D: (img_channels, img_size, img_size) -> conv ... -> (base * 2^(depth-1), 4, 4) -> conv k4 s1 p0 -> (N,)
-  with depth = log2(img_size / 4); 32x32: G 256@4 -> 128@8 -> 64@16 -> C@32.
+  with depth = log2(img_size / 4); 32x32: G 256@4 -> 128@8 -> 64@16 -> C@32. Channels stop doubling at
+  `channel_max` (1024, as Progressive GAN and StyleGAN cap theirs at 512): the paper defines 64x64 only, where it
+  does not bind for base_dim <= 128; uncapped, a 512x512 DCGAN would start from 8,192 channels (187M parameters in G).
 Deviations from the paper: none in the layers. The first D layer and the last G layer have no norm (the paper's
 rule; gau-nernst traced washed-out colours to a BN on D's input). G's BatchNorm tracks running statistics so that
 `modelling.common.recalibrate_batchnorm` can give batch-independent samples; D's BatchNorm uses batch statistics
@@ -17,6 +19,7 @@ only. `disc norm="none"` is the WGAN-GP critic (a per-sample gradient penalty is
 """
 
 import math
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -53,18 +56,18 @@ class Generator(nn.Module):
         n_classes: int = 0,  # > 0: conditional, labels in [0, n_classes)
         label_dim: int = 64,  # size of the label embedding concatenated to z
         spectral_norm: bool = False,  # SA-GAN/BigGAN put SN in G too
+        channel_max: int = 1024,  # no hidden map wider than this
     ):
         super().__init__()
         self.img_size, self.img_channels, self.z_dim, self.n_classes = img_size, img_channels, z_dim, n_classes
         depth = _depth(img_size)
         self.embed = nn.Embedding(n_classes, label_dim) if n_classes else None
         in_dim = z_dim + (label_dim if n_classes else 0)
-        ch = base_dim * 2 ** (depth - 1)
-        layers = [nn.ConvTranspose2d(in_dim, ch, 4, 1, 0, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
-        for _ in range(depth - 1):
-            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
-            ch //= 2
-        layers += [nn.ConvTranspose2d(ch, img_channels, 4, 2, 1), nn.Tanh()]
+        widths = [min(base_dim * 2**k, channel_max) for k in reversed(range(depth))]  # 4x4 first
+        layers = [nn.ConvTranspose2d(in_dim, widths[0], 4, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
+        for ch, out in pairwise(widths):
+            layers += [nn.ConvTranspose2d(ch, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(widths[-1], img_channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.reset_parameters()
         if spectral_norm:
@@ -89,6 +92,7 @@ class Discriminator(nn.Module):
         n_classes: int = 0,
         label_dim: int = 64,  # label embedding channels appended to the image
         spectral_norm: bool = False,
+        channel_max: int = 1024,  # no hidden map wider than this
     ):
         super().__init__()
         if norm not in ("batch", "none"):
@@ -97,15 +101,14 @@ class Discriminator(nn.Module):
         depth = _depth(img_size)
         self.embed = nn.Embedding(n_classes, label_dim) if n_classes else None
         in_ch = img_channels + (label_dim if n_classes else 0)
-        layers = [nn.Conv2d(in_ch, base_dim, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
-        ch = base_dim
-        for _ in range(depth - 1):
-            use_bn = norm == "batch"
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=not use_bn)]
-            layers += [nn.BatchNorm2d(ch * 2, track_running_stats=False)] if use_bn else []
+        widths = [min(base_dim * 2**k, channel_max) for k in range(depth)]  # image size / 2 first
+        layers = [nn.Conv2d(in_ch, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        use_bn = norm == "batch"
+        for ch, out in pairwise(widths):
+            layers += [nn.Conv2d(ch, out, 4, 2, 1, bias=not use_bn)]
+            layers += [nn.BatchNorm2d(out, track_running_stats=False)] if use_bn else []
             layers += [nn.LeakyReLU(0.2, inplace=True)]
-            ch *= 2
-        layers += [nn.Conv2d(ch, 1, 4, 1, 0)]  # "flatten and matmul" as a conv over the whole 4x4 map
+        layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0)]  # "flatten and matmul" as a conv over the whole 4x4 map
         self.net = nn.Sequential(*layers)
         self.reset_parameters()
         if spectral_norm:

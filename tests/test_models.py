@@ -225,3 +225,19 @@ def test_unet_presets_and_reduced_precision(preset):
 def test_unet_rejects_sizes_that_do_not_halve():
     with pytest.raises(ValueError, match="does not halve"):
         build_network("ddpmpp", img_size=30, channel_mult=[1, 2, 2])
+
+
+def test_dcgan_widths_stop_doubling_at_channel_max():
+    """The paper's 64x64 layout is untouched (512 -> 256 -> 128 -> 64 in G, mirrored in D); at 512x512 the widths
+    stop at channel_max instead of starting from 8,192 channels (187M parameters in G alone)."""
+    from modelling.dcgan import Discriminator, Generator
+
+    def widths(net, kind):
+        return [m.out_channels for m in net.modules() if isinstance(m, kind)]
+
+    conv_t, conv = torch.nn.ConvTranspose2d, torch.nn.Conv2d
+    assert widths(Generator(img_size=64), conv_t) == [512, 256, 128, 64, 1]
+    assert widths(Discriminator(img_size=64), conv) == [64, 128, 256, 512, 1]
+    assert widths(Generator(img_size=512), conv_t) == [1024, 1024, 1024, 512, 256, 128, 64, 1]
+    assert widths(Discriminator(img_size=512), conv) == [64, 128, 256, 512, 1024, 1024, 1024, 1]
+    assert widths(Generator(img_size=32, channel_max=128), conv_t) == [128, 128, 64, 1]
