@@ -212,11 +212,13 @@ def d_step_loss(cfg: Config, disc, loss_fn, aux_loss, reals, fakes, labels, scal
     return loss, stats
 
 
-def clip_critic(disc, clip_value: float) -> None:
-    """WGAN: clip every critic parameter to [-c, c] after the update (WGAN Algorithm 1)."""
-    with torch.no_grad():
-        for p in disc.parameters():
-            p.clamp_(-clip_value, clip_value)
+def clip_critic(cfg: Config, disc) -> None:
+    """After each D update under --method wgan, clip every critic parameter to [-clip_value, clip_value] (WGAN
+    Algorithm 1); other methods leave D as it is."""
+    if cfg.method == "wgan":
+        with torch.no_grad():
+            for p in disc.parameters():
+                p.clamp_(-cfg.clip_value, cfg.clip_value)
 
 
 def lazy_r1_due(step: int, cfg: Config) -> bool:
@@ -406,8 +408,7 @@ def main(cfg: Config) -> None:
         optim_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         d_applied, _ = step_optimizer(accelerator, optim_d, disc)
-        if cfg.method == "wgan":
-            clip_critic(disc, cfg.clip_value)
+        clip_critic(cfg, disc)
 
         # Lazy R1 (StyleGAN2): its own D step, through the eager DDP module so that its gradients are averaged.
         if lazy_r1_due(step, cfg):

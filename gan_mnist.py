@@ -179,11 +179,13 @@ def d_step_loss(cfg: Config, disc, loss_fn, aux_loss, reals, fakes, labels, scal
     return loss, stats
 
 
-def clip_critic(disc, clip_value: float) -> None:
-    """WGAN: clip every critic parameter to [-c, c] after the update (WGAN Algorithm 1)."""
-    with torch.no_grad():
-        for p in disc.parameters():
-            p.clamp_(-clip_value, clip_value)
+def clip_critic(cfg: Config, disc) -> None:
+    """After each D update under --method wgan, clip every critic parameter to [-clip_value, clip_value] (WGAN
+    Algorithm 1); other methods leave D as it is."""
+    if cfg.method == "wgan":
+        with torch.no_grad():
+            for p in disc.parameters():
+                p.clamp_(-cfg.clip_value, cfg.clip_value)
 
 
 def g_step_due(step: int, train_g_interval: int) -> bool:
@@ -298,8 +300,7 @@ def main(cfg: Config) -> None:
         optim_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         d_applied, _ = step_optimizer(accelerator, optim_d, disc)
-        if cfg.method == "wgan":
-            clip_critic(disc, cfg.clip_value)
+        clip_critic(cfg, disc)
 
         # Generator step, every `train_g_interval` D steps; D is frozen so only G gets gradients.
         g_applied = True
