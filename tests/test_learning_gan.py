@@ -364,6 +364,18 @@ def test_gan_mnist_biggan_loop_runs_its_recipe(tmp_path, mnist_dir):
     assert state["optim_d"]["param_groups"][0]["betas"] == (0.0, 0.999)
 
 
+def test_gan_mnist_wgan_loop_clips_every_critic_parameter(tmp_path, mnist_dir):
+    """The loop clips after each D step under --method wgan: every parameter of the saved critic is in [-c, c]."""
+    args = ["--data_dir", str(mnist_dir), "--no-download", "--log_dir", str(tmp_path), *TINY, "--method", "wgan"]
+    args += ["--clip_value", "0.125", "--n_steps", "2", "--sample_interval", "0", "--loggers", "none"]
+    args += ["--log_name", "w"]
+    gan_mnist.cli(args)
+    disc = load_training_state(tmp_path / "w" / "states" / "state-00000002")["disc"]
+    params = {k: v for k, v in disc.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert params and max(v.abs().max().item() for v in params.values()) <= 0.125
+    assert max(v.abs().max().item() for v in params.values()) == 0.125  # clipped, not merely small
+
+
 # ------------------------------------------------------------------------------------------------ learning
 def _gan_learn(script, cfg, n_steps: int, data, lr: float, betas: tuple[float, float], seed: int = 0):
     """The scripts' own steps, in the loop's order, on 2-D points: D step (+ clip), G step every train_g_interval
