@@ -313,9 +313,9 @@ def test_gan_path_length_step_by_hand():
     assert all(p.grad is None for p in gen.parameters())
     loss.backward()
     assert gen.mix.grad.abs().sum() > 0 and gen.mapping.weight.grad.abs().sum() > 0  # G receives it
-    # Every 3rd G step, G steps every 2nd D step: D steps 0, 6, 12.
-    cfg.train_g_interval = 2
-    assert [step for step in range(14) if gan_celeba.pl_step_due(step, cfg)] == [0, 6, 12]
+    # Every 4th G step, G steps every 2nd D step: D steps 0, 8, 16 (counted in G steps, not D steps).
+    cfg.train_g_interval, cfg.pl_interval = 2, 4
+    assert [step for step in range(18) if gan_celeba.pl_step_due(step, cfg)] == [0, 8, 16]
 
 
 # ------------------------------------------------------------------------------------------------ recipes
