@@ -25,6 +25,7 @@ states/ (full training states) and, with --eval_interval, eval/ and the best che
     python gan_mnist.py ... --load logs/<name> --load_best --only_test   # score the best snapshot, no training
 """
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ RESUME_KEYS = (
 )
 DCGAN_LIKE = ("dcgan", "acgan")  # DCGAN layers: --sn_gen/--sn_disc and the BatchNorm choice apply
 TRAINS = ("dcgan", "sagan", "acgan", "biggan")  # the models whose recipes need no regulariser this script lacks
+# gan_celeba.py's flags for what this script does not train (drift, R1, path length, growing, decoding workers).
+CELEBA_ONLY = ("drift_penalty", "r1_gamma", "r1_interval", "pl_weight", "pl_interval", "pl_batch_shrink", "pl_decay")
+CELEBA_ONLY += ("progressive_growing", "fade_kimg", "num_workers")
 
 
 @dataclass
@@ -349,6 +353,10 @@ def main(cfg: Config) -> None:
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
     with user_errors(Path(__file__).name):
+        for arg in sys.argv[1:] if argv is None else argv:
+            name = arg.split("=")[0].removeprefix("--").removeprefix("no-")
+            if arg.startswith("--") and name in CELEBA_ONLY:
+                raise UserError(f"--{name} is a flag of gan_celeba.py, which trains with it; gan_mnist.py has none")
         main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=check_config))
 
 

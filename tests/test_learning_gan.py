@@ -338,6 +338,8 @@ def test_gan_mnist_refuses_models_it_cannot_train_as_their_papers(capsys, tmp_pa
     for model, needs in [("progressive_gan", "growing"), ("stylegan", "R1"), ("stylegan2", "path length")]:
         message = cli_error(gan_mnist.cli, ["--model", model, "--log_dir", str(tmp_path), "--dry_run"], capsys)
         assert needs in message and "use gan_celeba.py" in message and "\n" not in message.strip()
+    message = cli_error(gan_mnist.cli, ["--r1_gamma", "10", "--log_dir", str(tmp_path), "--dry_run"], capsys)
+    assert "--r1_gamma" in message and "gan_celeba.py" in message
     assert not list(tmp_path.iterdir())
 
 
