@@ -17,13 +17,13 @@ any image folder.
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] [--dynamo_backend inductor] gan_celeba.py ...
     python gan_celeba.py ... --resume latest          # continue bit-exactly, also mid-growth and mid-regularisation
 
-Flags left unset take the model's published defaults (`MODEL_DEFAULTS`), and config.json records the resolved
-values: dcgan NS-GAN, Adam 2e-4 (0.5, 0.999); progressive_gan WGAN-GP + drift 0.001, Adam 1e-3 (0, 0.99), growing
-with 800k-image fade-in/stabilise phases; stylegan NS-GAN + R1 gamma 10 every step, Adam 1e-3 (0, 0.99);
-stylegan2 NS-GAN + lazy R1 gamma 10 every 16 steps + path length 2 every 4, Adam 2e-3 (0, 0.99); sagan hinge,
-G 1e-4 / D 4e-4, Adam (0, 0.9); acgan as dcgan plus the class loss; biggan hinge, G 5e-5 / D 2e-4, Adam (0, 0.999),
-2 D steps per G step, orthogonal regularisation 1e-4 (the BigGAN paper's). Regularisers run on the eager
-(uncompiled) networks; lazy ones take their own optimizer step with their weight multiplied by the interval
+Flags left unset take the model's published recipe (`GAN_RECIPES` in modelling/recipes.py, shared with gan_mnist.py),
+and config.json and --dry_run show the resolved values: dcgan NS-GAN, Adam 2e-4 (0.5, 0.999); progressive_gan WGAN-GP
++ drift 0.001, Adam 1e-3 (0, 0.99), growing with 800k-image fade-in/stabilise phases; stylegan NS-GAN + R1 gamma 10
+every step, Adam 1e-3 (0, 0.99); stylegan2 NS-GAN + lazy R1 gamma 10 every 16 steps + path length 2 every 4, Adam 2e-3
+(0, 0.99); sagan hinge, G 1e-4 / D 4e-4, Adam (0, 0.9); acgan as dcgan plus the class loss; biggan hinge, G 5e-5 / D
+2e-4, Adam (0, 0.999), 2 D steps per G step, orthogonal regularisation 1e-4 (the BigGAN paper's). Regularisers run on
+the eager (uncompiled) networks; lazy ones take their own optimizer step with their weight multiplied by the interval
 (StyleGAN2, App. B).
 Data: `--dataset celeba` (aligned-and-cropped JPEGs in torchvision's layout), `folder` (any images, recursive, RGB,
 labelled by subfolder for --conditional) — both decoded on demand, corrupt files skipped with a warning count —
@@ -38,10 +38,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
-from losses import AuxClassifierLoss, get_gan_loss, gradient_penalty, orthogonal_penalty, path_lengths, r1_penalty
+from losses import (
+    AuxClassifierLoss,
+    ganzo_targets,
+    get_gan_loss,
+    gradient_penalty,
+    orthogonal_penalty,
+    path_lengths,
+    r1_penalty,
+    soft_real_targets,
+)
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
 from modelling.progressive_gan import growth_at, stage_changed
+from modelling.recipes import apply_recipe
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
 from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, select_class, step_seed
@@ -54,17 +64,6 @@ from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_
 
 GRID_COLS = 10  # 10 x 10 grids; conditional grids have one row of 10 per class
 STYLE_MODELS = ("stylegan", "stylegan2")  # generators with a mapping network (ws, truncation, path length)
-# Per-model defaults for flags left unset (papers / seed 003 / StyleGAN2-ADA's stylegan2 config).
-MODEL_DEFAULTS = {
-    "dcgan": dict(method="gan", lr=2e-4, beta1=0.5, beta2=0.999),
-    "progressive_gan": dict(method="wgan-gp", drift_penalty=0.001, lr=1e-3, beta1=0.0, beta2=0.99),
-    "stylegan": dict(method="gan", r1_gamma=10.0, r1_interval=1, lr=1e-3, beta1=0.0, beta2=0.99),
-    "stylegan2": dict(method="gan", r1_gamma=10.0, r1_interval=16, pl_weight=2.0, lr=2e-3, beta1=0.0, beta2=0.99),
-    "sagan": dict(method="hinge", lr=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9),
-    "acgan": dict(method="gan", lr=2e-4, beta1=0.5, beta2=0.999),  # AC-GAN paper: Adam 2e-4, beta1 0.5
-    "biggan": dict(method="hinge", lr=5e-5, lr_d=2e-4, beta1=0.0, beta2=0.999, train_g_interval=2, ortho_reg=1e-4),
-}
-FALLBACKS = dict(drift_penalty=0.0, r1_gamma=0.0, r1_interval=1, pl_weight=0.0, train_g_interval=1, ortho_reg=0.0)
 CONDITIONAL_MODELS = ("dcgan", "sagan", "acgan", "biggan")
 DCGAN_LIKE = ("dcgan", "acgan")  # DCGAN layers: --sn_gen/--sn_disc and the BatchNorm choice apply
 RESUME_KEYS = ("dataset", "img_size", "model", "gen_kwargs", "disc_kwargs", "z_dim", "conditional", "method")
@@ -99,6 +98,8 @@ class Config(RunConfig):
     sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm in D, no BatchNorm (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
     ortho_reg: float | None = field(default=None, metadata={"help": "orthogonal regularisation beta on G (BigGAN)"})
+    soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
+    noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
     progressive_growing: bool = field(default=True, metadata={"help": "progressive_gan: grow from 4x4 with fade-in"})
     fade_kimg: float = field(default=800.0, metadata={"help": "growing: kimg per fade-in and per stable phase"})
     batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
@@ -123,14 +124,9 @@ def gradient_penalised(cfg: Config) -> bool:
 
 
 def resolve_config(cfg: Config) -> Config:
-    """Fill unset flags from MODEL_DEFAULTS, then refuse combinations that cannot work, before anything is written."""
-    defaults = FALLBACKS | MODEL_DEFAULTS[cfg.model]
-    if cfg.lr_d is None:  # the model's TTUR rate, unless --lr was given alone (then both networks use it)
-        cfg.lr_d = cfg.lr if cfg.lr is not None else defaults.get("lr_d", defaults["lr"])
-    unset = ("method", "drift_penalty", "r1_gamma", "r1_interval", "pl_weight", "lr", "beta1", "beta2")
-    for name in unset + ("train_g_interval", "ortho_reg"):
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, defaults[name])
+    """Fill unset flags from the model's recipe (modelling/recipes.py), then refuse combinations that cannot work,
+    before anything is written."""
+    apply_recipe(cfg, "gan_celeba.py", "gan_mnist.py")  # every model's recipe can be trained here
     cfg.check()  # the run fields, and every "min" bound (now that the model defaults are filled in)
     if cfg.lr <= 0 or cfg.lr_d <= 0:
         raise UserError(f"--lr and --lr_d must be > 0, got {cfg.lr}, {cfg.lr_d}")
@@ -138,6 +134,10 @@ def resolve_config(cfg: Config) -> Config:
         raise UserError("--r1_gamma, --pl_weight, --drift_penalty and --ortho_reg must be >= 0")
     if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
+    if cfg.method != "gan" and (cfg.soft_labels or cfg.noisy_labels):
+        raise UserError(f"--soft_labels/--noisy_labels apply to --method gan only, not {cfg.method}")
+    if not 0 <= cfg.noisy_labels <= 1:
+        raise UserError(f"--noisy_labels is a probability in [0, 1], got {cfg.noisy_labels}")
     if cfg.pl_weight > 0 and cfg.model not in STYLE_MODELS:
         raise UserError(
             f"--pl_weight needs a generator with a mapping network ({', '.join(STYLE_MODELS)}), not {cfg.model}"
@@ -175,12 +175,120 @@ def build_models(cfg: Config, img_channels: int, n_classes: int):
         raise UserError(f"cannot build --model {cfg.model}: {e.args[0] if e.args else e}")
 
 
+def judge(disc, images: torch.Tensor, labels: torch.Tensor | None, aux: bool):
+    """D's source logits (N,) and, for AC-GAN (`aux`), its class logits (N, n_classes) (else None)."""
+    return disc(images, labels, aux=True) if aux else (disc(images, labels), None)
+
+
+def d_step_loss(cfg: Config, disc, loss_fn, aux_loss, reals, fakes, labels, scale: float = 1.0):
+    """(loss, logged terms) of one D step: the adversarial loss (NS-GAN with Ganzo's targets, WGAN, hinge), plus
+    AC-GAN's class cross-entropy on reals and on fakes, plus ProGAN's eps_drift * mean D(real)^2, plus WGAN-GP's
+    lambda * penalty, plus R1's gamma / 2 * ||grad D(real)||^2 when it runs every step (lazy R1: `lazy_r1_loss`).
+    The fakes are detached: this step's gradient reaches D only. `scale`: the GradScaler's scale under fp16."""
+    fakes = fakes.detach()
+    (d_reals, c_reals), (d_fakes, c_fakes) = (judge(disc, x, labels, aux_loss is not None) for x in (reals, fakes))
+    if cfg.method == "gan":
+        real_targets, fake_targets = ganzo_targets(reals.shape[0], cfg.soft_labels, cfg.noisy_labels, reals.device)
+        loss = loss_fn.d_loss(d_reals, d_fakes, real_targets, fake_targets).mean()
+    else:
+        loss = loss_fn.d_loss(d_reals, d_fakes).mean()
+    stats = {"loss/d": loss, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+    if aux_loss:  # AC-GAN: D also learns the class of reals (their labels) and of fakes (the labels drawn)
+        loss_class = aux_loss.d_loss(c_reals, c_fakes, labels, labels).mean()
+        loss = loss + loss_class
+        stats |= {"loss/d_class": loss_class, "d/class_acc": (c_reals.argmax(1) == labels).float().mean()}
+    if cfg.drift_penalty > 0:  # ProGAN: keeps the critic's outputs near 0
+        drift = d_reals.float().square().mean()
+        loss = loss + cfg.drift_penalty * drift
+        stats["penalty/drift"] = drift
+    if cfg.method == "wgan-gp":
+        gp = gradient_penalty(unwrap(disc), reals, fakes, labels, scale=scale).mean()
+        loss = loss + cfg.gp_lambda * gp
+        stats["penalty/gp"] = gp
+    if cfg.r1_gamma > 0 and cfg.r1_interval == 1:  # R1 every step (StyleGAN)
+        r1 = r1_penalty(unwrap(disc), reals, labels, scale=scale).mean()
+        loss = loss + cfg.r1_gamma / 2 * r1
+        stats["penalty/r1"] = r1
+    return loss, stats
+
+
+def clip_critic(cfg: Config, disc) -> None:
+    """After each D update under --method wgan, clip every critic parameter to [-clip_value, clip_value] (WGAN
+    Algorithm 1); other methods leave D as it is."""
+    if cfg.method == "wgan":
+        with torch.no_grad():
+            for p in disc.parameters():
+                p.clamp_(-cfg.clip_value, cfg.clip_value)
+
+
+def lazy_r1_due(step: int, cfg: Config) -> bool:
+    """Lazy R1 (StyleGAN2): its own D step every r1_interval D steps, the first at step 0."""
+    return cfg.r1_gamma > 0 and cfg.r1_interval > 1 and step % cfg.r1_interval == 0
+
+
+def lazy_r1_loss(cfg: Config, critic, reals, labels, scale: float = 1.0):
+    """(loss, logged terms) of a lazy R1 step: gamma / 2 * r1_interval * mean ||grad D(real)||^2 (the weight times
+    the interval, StyleGAN2 App. B). `critic`: the eager, still DDP-synchronised D; `zero_term` gives every parameter
+    a gradient so that DDP's reducer completes (utils/dist.py)."""
+    r1 = r1_penalty(critic, reals, labels, scale=scale).mean()
+    return cfg.r1_gamma / 2 * cfg.r1_interval * r1 + zero_term(critic), {"penalty/r1": r1}
+
+
+def g_step_due(step: int, train_g_interval: int) -> bool:
+    """One G step every `train_g_interval` D steps (WGAN's n_critic, BigGAN's 2), the first at step 0."""
+    return step % train_g_interval == 0
+
+
+def g_step_loss(cfg: Config, gen, disc, loss_fn, aux_loss, zs, labels):
+    """(loss, logged terms) of one G step on G(zs): the adversarial loss (soft real targets under --soft_labels),
+    plus AC-GAN's class cross-entropy on the fakes (the labels they were drawn for), plus BigGAN's beta * orthogonal
+    penalty of G. The loop freezes D around this step, so only G receives its gradient."""
+    d_fakes, c_fakes = judge(disc, gen(zs, labels), labels, aux_loss is not None)
+    if cfg.method == "gan":
+        loss = loss_fn.g_loss(d_fakes, soft_real_targets(zs.shape[0], cfg.soft_labels, zs.device)).mean()
+    else:
+        loss = loss_fn.g_loss(d_fakes).mean()
+    stats = {}
+    if aux_loss:  # AC-GAN: G wants its fakes classified as the labels they were drawn for
+        loss_class = aux_loss.g_loss(c_fakes, labels).mean()
+        loss = loss + loss_class
+        stats["loss/g_class"] = loss_class
+    if cfg.ortho_reg > 0:  # BigGAN: push G's filters towards orthogonality (norms left free)
+        ortho = orthogonal_penalty(unwrap(gen))
+        loss = loss + cfg.ortho_reg * ortho
+        stats["penalty/ortho"] = ortho
+    return loss, stats | {"loss/g": loss}
+
+
+def pl_step_due(step: int, cfg: Config) -> bool:
+    """Path length (StyleGAN2): every pl_interval G steps, the first at G step 0."""
+    return (
+        cfg.pl_weight > 0
+        and g_step_due(step, cfg.train_g_interval)
+        and (step // cfg.train_g_interval) % cfg.pl_interval == 0
+    )
+
+
+def pl_step_loss(cfg: Config, gen, zs, pl_mean, scale: float = 1.0, mean_over_processes=lambda x: x):
+    """(loss, new running mean a, logged terms) of a path-length step on a batch of latents `zs`: pl_weight *
+    pl_interval * mean (||J_w^T y|| - a)^2, with a <- lerp(a, mean length, pl_decay) updated first (StyleGAN2
+    Eq. 4, lazy: weight times the interval). `mean_over_processes` averages the lengths' mean over ranks, so that
+    every rank keeps the same a. `gen`: the prepared G; ws enter as an input (outputs of a prepared model are
+    converted copies under mixed precision)."""
+    generator = uncompiled(gen)
+    ws = unwrap(gen).make_ws(zs)
+    lengths = path_lengths(generator(None, ws=ws), ws, scale=scale)
+    pl_mean = torch.lerp(pl_mean, mean_over_processes(lengths.detach().mean()), cfg.pl_decay)
+    pl_penalty = (lengths - pl_mean).square().mean()
+    loss = cfg.pl_weight * cfg.pl_interval * pl_penalty + zero_term(generator)
+    return loss, pl_mean, {"penalty/pl": pl_penalty, "pl_mean": pl_mean}
+
+
 def main(cfg: Config) -> None:
     cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
     suffix = ("_cond" if cfg.conditional else "") + (f"_class{cfg.image_class}" if cfg.image_class is not None else "")
     run = Run(cfg, f"{cfg.dataset}_{cfg.model}_{cfg.method}{suffix}", RESUME_KEYS)
     growing = cfg.model == "progressive_gan" and cfg.progressive_growing
-    lazy_r1 = cfg.r1_gamma > 0 and cfg.r1_interval > 1
 
     # Accelerator. A growing network leaves its future levels unused: DDP must be told.
     set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
@@ -227,7 +335,7 @@ def main(cfg: Config) -> None:
     # Optimizers (lazy regularisers take their own steps: lr and betas adjusted, utils/optim.py).
     betas = (cfg.beta1, cfg.beta2)
     g_reg_interval = cfg.pl_interval if cfg.pl_weight > 0 else 1
-    d_reg_interval = cfg.r1_interval if lazy_r1 else 1
+    d_reg_interval = cfg.r1_interval if cfg.r1_gamma > 0 else 1
     optim_g = make_optimizer(cfg.optimizer, gen.parameters(), cfg.lr, betas, g_reg_interval)
     optim_d = make_optimizer(cfg.optimizer, disc.parameters(), cfg.lr_d, betas, d_reg_interval)
 
@@ -257,10 +365,6 @@ def main(cfg: Config) -> None:
         labels = torch.arange(n_classes).repeat_interleave(GRID_COLS).to(device) if n_classes else None
         for tag, source in [("raw", gen)] + ([("ema", ema.module)] if ema else []):
             save_grid(eval_generator(source)(zs, labels), run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
-
-    def judge(images: torch.Tensor, labels: torch.Tensor | None):
-        """D's source logits (N,) and, for AC-GAN, its class logits (N, n_classes) (else None)."""
-        return disc(images, labels, aux=True) if aux_loss else (disc(images, labels), None)
 
     def penalty_scale() -> float:
         # fp16: second-order terms are taken from gradients of the scaled output, then unscaled (PyTorch's AMP recipe)
@@ -299,85 +403,49 @@ def main(cfg: Config) -> None:
         # Discriminator step: fakes from the current G without its graph.
         with torch.no_grad():
             fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
-        (d_reals, c_reals), (d_fakes, c_fakes) = judge(reals, labels), judge(fakes, labels)
-        loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
-        stats |= {"loss/d": loss_d, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
-        if aux_loss:  # AC-GAN: D also learns the class of reals (their labels) and of fakes (the labels drawn)
-            loss_class = aux_loss.d_loss(c_reals, c_fakes, labels, labels).mean()
-            loss_d = loss_d + loss_class
-            stats |= {"loss/d_class": loss_class, "d/class_acc": (c_reals.argmax(1) == labels).float().mean()}
-        if cfg.drift_penalty > 0:  # ProGAN: keeps the critic's outputs near 0
-            drift = d_reals.float().square().mean()
-            loss_d = loss_d + cfg.drift_penalty * drift
-            stats["penalty/drift"] = drift
-        if cfg.method == "wgan-gp":
-            gp = gradient_penalty(unwrap(disc), reals, fakes, labels, scale=penalty_scale()).mean()
-            loss_d = loss_d + cfg.gp_lambda * gp
-            stats["penalty/gp"] = gp
-        if cfg.r1_gamma > 0 and not lazy_r1:  # R1 every step (StyleGAN)
-            r1 = r1_penalty(unwrap(disc), reals, labels, scale=penalty_scale()).mean()
-            loss_d = loss_d + cfg.r1_gamma / 2 * r1
-            stats["penalty/r1"] = r1
+        loss_d, d_stats = d_step_loss(cfg, disc, loss_fn, aux_loss, reals, fakes, labels, penalty_scale())
+        stats |= d_stats
         optim_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         d_applied, _ = step_optimizer(accelerator, optim_d, disc)
-        if cfg.method == "wgan":  # clip after the update (WGAN Algorithm 1), every critic parameter
-            with torch.no_grad():
-                for p in disc.parameters():
-                    p.clamp_(-cfg.clip_value, cfg.clip_value)
+        clip_critic(cfg, disc)
 
-        # Lazy R1 (StyleGAN2): its own D step every r1_interval steps, weight multiplied by the interval. It runs
-        # through the eager DDP module so that its gradients are averaged (`zero_term`: see utils/dist.py).
-        if lazy_r1 and step % cfg.r1_interval == 0:
-            critic = uncompiled(disc)
-            r1 = r1_penalty(critic, reals, labels, scale=penalty_scale()).mean()
-            loss_r1 = cfg.r1_gamma / 2 * cfg.r1_interval * r1 + zero_term(critic)
+        # Lazy R1 (StyleGAN2): its own D step, through the eager DDP module so that its gradients are averaged.
+        if lazy_r1_due(step, cfg):
+            loss_r1, r1_stats = lazy_r1_loss(cfg, uncompiled(disc), reals, labels, penalty_scale())
             optim_d.zero_grad(set_to_none=True)
             accelerator.backward(loss_r1)
             r1_applied, _ = step_optimizer(accelerator, optim_d, disc)
             d_applied = d_applied and r1_applied
-            stats["penalty/r1"] = r1
+            stats |= r1_stats
 
         # Generator step every train_g_interval D steps; D frozen so only G gets gradients.
         g_applied = True
-        if step % cfg.train_g_interval == 0:
+        if g_step_due(step, cfg.train_g_interval):
             disc.requires_grad_(False)
-            d_fakes, c_fakes = judge(gen(torch.randn(n, cfg.z_dim, device=device), labels), labels)
-            loss_g = loss_fn.g_loss(d_fakes).mean()
-            if aux_loss:  # AC-GAN: G wants its fakes classified as the labels they were drawn for
-                loss_g_class = aux_loss.g_loss(c_fakes, labels).mean()
-                loss_g = loss_g + loss_g_class
-                stats["loss/g_class"] = loss_g_class
-            if cfg.ortho_reg > 0:  # BigGAN: push G's filters towards orthogonality (norms left free)
-                ortho = orthogonal_penalty(unwrap(gen))
-                loss_g = loss_g + cfg.ortho_reg * ortho
-                stats["penalty/ortho"] = ortho
+            loss_g, g_stats = g_step_loss(
+                cfg, gen, disc, loss_fn, aux_loss, torch.randn(n, cfg.z_dim, device=device), labels
+            )
+            stats |= g_stats
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
-            pl_due = cfg.pl_weight > 0 and (step // cfg.train_g_interval) % cfg.pl_interval == 0
+            pl_due = pl_step_due(step, cfg)
             if not (pl_due and cfg.pl_interval == 1):  # at interval 1 the path-length gradient joins this step
                 g_applied, _ = step_optimizer(accelerator, optim_g, gen)
-            stats["loss/g"] = loss_g
 
-            # Path-length regularisation (StyleGAN2): every pl_interval G steps, on a smaller batch, with the
-            # running mean `a` averaged over processes so that every rank keeps the same value. Lazy (interval k > 1):
-            # its own step, weight x k; k = 1: its gradient is added to the G step's, one step (as R1 in the D loss).
+            # Path-length regularisation (StyleGAN2) on a smaller batch. Lazy (interval k > 1): its own step; k = 1:
+            # its gradient is added to the G step's, one step (as R1 in the D loss).
             if pl_due:
-                generator = uncompiled(gen)
-                n_pl = max(1, n // cfg.pl_batch_shrink)
-                # ws enter as an input: outputs of a prepared model are converted copies under mixed precision
-                ws = unwrap(gen).make_ws(torch.randn(n_pl, cfg.z_dim, device=device))
-                images = generator(None, ws=ws)
-                lengths = path_lengths(images, ws, scale=penalty_scale())
-                pl_mean = torch.lerp(pl_mean, accelerator.reduce(lengths.detach().mean(), "mean"), cfg.pl_decay)
-                pl_penalty = (lengths - pl_mean).square().mean()
-                loss_pl = cfg.pl_weight * cfg.pl_interval * pl_penalty + zero_term(generator)
+                zs_pl = torch.randn(max(1, n // cfg.pl_batch_shrink), cfg.z_dim, device=device)
+                loss_pl, pl_mean, pl_stats = pl_step_loss(
+                    cfg, gen, zs_pl, pl_mean, penalty_scale(), lambda x: accelerator.reduce(x, "mean")
+                )
                 if cfg.pl_interval > 1:
                     optim_g.zero_grad(set_to_none=True)
                 accelerator.backward(loss_pl)
                 pl_applied, _ = step_optimizer(accelerator, optim_g, gen)
                 g_applied = g_applied and pl_applied
-                stats |= {"penalty/pl": pl_penalty, "pl_mean": pl_mean}
+                stats |= pl_stats
             disc.requires_grad_(True)
 
             if ema is not None and g_applied:

@@ -1,4 +1,4 @@
-"""Train a GAN (DCGAN, optionally class-conditional; AC-GAN; BigGAN) on MNIST or Fashion-MNIST at 32x32.
+"""Train a GAN (DCGAN, optionally class-conditional; SA-GAN; AC-GAN; BigGAN) on MNIST or Fashion-MNIST at 32x32.
 
     python gan_mnist.py --model dcgan --method gan --log_name mnist_dcgan --batch_size 32 --n_steps 100000 \
         --lr 2e-4 --beta1 0.5 --beta2 0.999 [--conditional] [--ema]
@@ -6,13 +6,17 @@
     python gan_mnist.py --method wgan --optimizer RMSprop --lr 5e-5 --batch_size 64 --train_g_interval 5
     python gan_mnist.py --method hinge --sn_disc --lr 1e-4 --beta1 0.5 --beta2 0.999
     python gan_mnist.py --dataset fashion_mnist --model acgan --conditional --ema     # D also classifies (AC-GAN)
-    python gan_mnist.py --dataset fashion_mnist --model biggan --conditional --method hinge --lr 1e-4 --beta1 0 \
-        --beta2 0.999 --ema                # shared embedding, hierarchical z, SN G and D, orthogonal reg 1e-4
+    python gan_mnist.py --dataset fashion_mnist --model biggan --conditional --ema   # BigGAN's recipe (below)
     python gan_mnist.py --dataset fashion_mnist --image_class 7 --ema                   # sneakers only (Ganzo)
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] [--dynamo_backend inductor] gan_mnist.py ...
     torchrun --nproc_per_node 2 gan_mnist.py ...          # also on CPU (gloo)
     python gan_mnist.py ... --resume latest               # continue bit-exactly from logs/<log_name>/states
 
+Flags left unset take the model's published recipe (modelling/recipes.py, shared with gan_celeba.py; config.json
+and --dry_run show the resolved values): dcgan and acgan NS-GAN, Adam 2e-4 (0.5, 0.999); sagan hinge, G 1e-4 / D
+4e-4, Adam (0, 0.9); biggan hinge, G 5e-5 / D 2e-4, Adam (0, 0.999), 2 D steps per G step, orthogonal
+regularisation 1e-4. Models whose recipe needs progressive growing, R1 or path length (progressive_gan, stylegan,
+stylegan2) are refused here: gan_celeba.py trains them.
 `--batch_size` is per process. Every random draw of a step is seeded from (seed, rank, step) and the data order is
 a pure function of (seed, position), so a resumed run equals an uninterrupted one. The run folder logs/<log_name>/
 (utils/run.py) holds config.json, stats.jsonl, tb/, grids/{raw,ema}-<step>.png, snapshots/ (what sample.py reads),
@@ -21,6 +25,7 @@ states/ (full training states) and, with --eval_interval, eval/ and the best che
     python gan_mnist.py ... --load logs/<name> --load_best --only_test   # score the best snapshot, no training
 """
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +42,7 @@ from losses import (
 )
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
+from modelling.recipes import apply_recipe
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
 from utils.data import MNIST_LIKE, build_dataset, make_loader, select_class, step_seed
@@ -64,6 +70,10 @@ RESUME_KEYS = (
     "image_class",
 )
 DCGAN_LIKE = ("dcgan", "acgan")  # DCGAN layers: --sn_gen/--sn_disc and the BatchNorm choice apply
+TRAINS = ("dcgan", "sagan", "acgan", "biggan")  # the models whose recipes need no regulariser this script lacks
+# gan_celeba.py's flags for what this script does not train (drift, R1, path length, growing, decoding workers).
+CELEBA_ONLY = ("drift_penalty", "r1_gamma", "r1_interval", "pl_weight", "pl_interval", "pl_batch_shrink", "pl_decay")
+CELEBA_ONLY += ("progressive_growing", "fade_kimg", "num_workers")
 
 
 @dataclass
@@ -78,34 +88,36 @@ class Config(RunConfig):
     z_dim: int = 128
     conditional: bool = False
     image_class: int | None = field(default=None, metadata={"help": "train on this label only (Ganzo)"})
-    method: str = field(default="gan", metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"]})
+    method: str | None = field(
+        default=None, metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"], "help": "default: the model's recipe"}
+    )
     gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
     clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
     sn_disc: bool = field(default=False, metadata={"help": "spectral norm on every D layer, no BatchNorm (SN-GAN)"})
     sn_gen: bool = field(default=False, metadata={"help": "spectral norm on every G layer (SA-GAN)"})
-    ortho_reg: float | None = field(
-        default=None, metadata={"help": "BigGAN orthogonal regularisation beta on G; default 1e-4 biggan, else 0"}
-    )
+    ortho_reg: float | None = field(default=None, metadata={"help": "orthogonal regularisation beta on G (BigGAN)"})
     soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
     noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
     batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
     n_steps: int = field(default=10000, metadata={"min": 1, "help": "discriminator steps"})
     optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    train_g_interval: int = field(default=1, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"})
+    lr: float | None = None
+    lr_d: float | None = field(default=None, metadata={"help": "D learning rate (TTUR); default --lr"})
+    beta1: float | None = None
+    beta2: float | None = None
+    train_g_interval: int | None = field(
+        default=None, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"}
+    )
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
     ema_halflife_kimg: float = 10.0
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def check_config(cfg: Config) -> Config:
-    """Fill the model-dependent default, then refuse flag combinations that cannot work, before anything is
-    written."""
-    if cfg.ortho_reg is None:
-        cfg.ortho_reg = 1e-4 if cfg.model == "biggan" else 0.0  # BigGAN paper, Sec. 3.1
-    cfg.check()
+    """Fill unset flags from the model's recipe (modelling/recipes.py), then refuse flag combinations that cannot
+    work, before anything is written."""
+    apply_recipe(cfg, "gan_mnist.py", "gan_celeba.py", TRAINS)
+    cfg.check()  # the run fields, and every "min" bound (now that the recipe is filled in)
     if cfg.model == "acgan" and not cfg.conditional:
         raise UserError("--model acgan is class-conditional (D classifies its input): add --conditional")
     if cfg.image_class is not None and cfg.conditional:
@@ -118,8 +130,10 @@ def check_config(cfg: Config) -> Config:
         raise UserError(f"--noisy_labels is a probability in [0, 1], got {cfg.noisy_labels}")
     if cfg.method == "wgan-gp" and cfg.disc_kwargs.get("norm", "none") == "batch":
         raise UserError("--method wgan-gp needs a critic without BatchNorm (the penalty is per sample)")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.lr <= 0 or cfg.lr_d <= 0:
+        raise UserError(f"--lr and --lr_d must be > 0, got {cfg.lr}, {cfg.lr_d}")
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     return cfg
 
 
@@ -137,6 +151,71 @@ def build_models(cfg: Config, n_classes: int):
         return build_generator(cfg.model, **gen_kwargs), gen_kwargs, build_discriminator(cfg.model, **disc_kwargs)
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"cannot build --model {cfg.model}: {e.args[0] if e.args else e}")
+
+
+def judge(disc, images: torch.Tensor, labels: torch.Tensor | None, aux: bool):
+    """D's source logits (N,) and, for AC-GAN (`aux`), its class logits (N, n_classes) (else None)."""
+    return disc(images, labels, aux=True) if aux else (disc(images, labels), None)
+
+
+def d_step_loss(cfg: Config, disc, loss_fn, aux_loss, reals, fakes, labels, scale: float = 1.0):
+    """(loss, logged terms) of one D step: the adversarial loss (NS-GAN with Ganzo's targets, WGAN, hinge), plus
+    AC-GAN's class cross-entropy on reals and on fakes (each for its own labels), plus WGAN-GP's lambda * penalty.
+    The fakes are detached: this step's gradient reaches D only. `scale`: the GradScaler's scale under fp16."""
+    fakes = fakes.detach()
+    (d_reals, c_reals), (d_fakes, c_fakes) = (judge(disc, x, labels, aux_loss is not None) for x in (reals, fakes))
+    if cfg.method == "gan":
+        real_targets, fake_targets = ganzo_targets(reals.shape[0], cfg.soft_labels, cfg.noisy_labels, reals.device)
+        loss = loss_fn.d_loss(d_reals, d_fakes, real_targets, fake_targets).mean()
+    else:
+        loss = loss_fn.d_loss(d_reals, d_fakes).mean()
+    stats = {"loss/d": loss, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+    if aux_loss:  # AC-GAN: D also learns the class of reals (their labels) and of fakes (the labels drawn)
+        loss_class = aux_loss.d_loss(c_reals, c_fakes, labels, labels).mean()
+        loss = loss + loss_class
+        stats |= {"loss/d_class": loss_class, "d/class_acc": (c_reals.argmax(1) == labels).float().mean()}
+    if cfg.method == "wgan-gp":
+        # Second-order gradients run on the eager module (never compiled); under fp16 the penalty is taken from
+        # gradients of the scaled output, then unscaled (PyTorch's AMP gradient-penalty recipe).
+        gp = gradient_penalty(unwrap(disc), reals, fakes, labels, scale=scale).mean()
+        loss = loss + cfg.gp_lambda * gp
+        stats["penalty/gp"] = gp
+    return loss, stats
+
+
+def clip_critic(cfg: Config, disc) -> None:
+    """After each D update under --method wgan, clip every critic parameter to [-clip_value, clip_value] (WGAN
+    Algorithm 1); other methods leave D as it is."""
+    if cfg.method == "wgan":
+        with torch.no_grad():
+            for p in disc.parameters():
+                p.clamp_(-cfg.clip_value, cfg.clip_value)
+
+
+def g_step_due(step: int, train_g_interval: int) -> bool:
+    """One G step every `train_g_interval` D steps (WGAN's n_critic, BigGAN's 2), the first at step 0."""
+    return step % train_g_interval == 0
+
+
+def g_step_loss(cfg: Config, gen, disc, loss_fn, aux_loss, zs, labels):
+    """(loss, logged terms) of one G step on G(zs): the adversarial loss (soft real targets under --soft_labels),
+    plus AC-GAN's class cross-entropy on the fakes (the labels they were drawn for), plus BigGAN's beta * orthogonal
+    penalty of G. The loop freezes D around this step, so only G receives its gradient."""
+    d_fakes, c_fakes = judge(disc, gen(zs, labels), labels, aux_loss is not None)
+    if cfg.method == "gan":
+        loss = loss_fn.g_loss(d_fakes, soft_real_targets(zs.shape[0], cfg.soft_labels, zs.device)).mean()
+    else:
+        loss = loss_fn.g_loss(d_fakes).mean()
+    stats = {}
+    if aux_loss:  # AC-GAN: G wants its fakes classified as the labels they were drawn for
+        loss_class = aux_loss.g_loss(c_fakes, labels).mean()
+        loss = loss + loss_class
+        stats["loss/g_class"] = loss_class
+    if cfg.ortho_reg > 0:  # BigGAN: push G's filters towards orthogonality (norms left free)
+        ortho = orthogonal_penalty(unwrap(gen))
+        loss = loss + cfg.ortho_reg * ortho
+        stats["penalty/ortho"] = ortho
+    return loss, stats | {"loss/g": loss}
 
 
 def main(cfg: Config) -> None:
@@ -177,15 +256,15 @@ def main(cfg: Config) -> None:
 
     # Optimizers.
     optim_g = make_optimizer(cfg.optimizer, gen.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
-    optim_d = make_optimizer(cfg.optimizer, disc.parameters(), cfg.lr, (cfg.beta1, cfg.beta2))
+    optim_d = make_optimizer(cfg.optimizer, disc.parameters(), cfg.lr_d, (cfg.beta1, cfg.beta2))
 
     # Prepare.
     gen, disc, optim_g, optim_d = accelerator.prepare(gen, disc, optim_g, optim_d)
 
     # Resume: the saved optimizer groups carry the old lr and betas, so the current flags are applied again.
     resumed = run.restore(gen=gen, disc=disc, optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
-    for optimizer in (optim_g, optim_d):
-        set_hyperparameters(optimizer, cfg.lr, (cfg.beta1, cfg.beta2))
+    set_hyperparameters(optim_g, cfg.lr, (cfg.beta1, cfg.beta2))
+    set_hyperparameters(optim_d, cfg.lr_d, (cfg.beta1, cfg.beta2))
     run.begin(accelerator, dataset)
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
@@ -193,9 +272,9 @@ def main(cfg: Config) -> None:
         gen_eval.load_state_dict(unwrap(source).state_dict())
         return recalibrate_batchnorm(gen_eval, latent_batches(cfg.z_dim, n_classes, seed=cfg.seed + 1, device=device))
 
-    def judge(images: torch.Tensor, labels: torch.Tensor | None):
-        """D's source logits (N,) and, for AC-GAN, its class logits (N, n_classes) (else None)."""
-        return disc(images, labels, aux=True) if aux_loss else (disc(images, labels), None)
+    def penalty_scale() -> float:
+        # fp16: second-order terms are taken from gradients of the scaled output, then unscaled (PyTorch's AMP recipe)
+        return accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
 
     @torch.no_grad()
     def save_grids(step: int) -> None:
@@ -221,55 +300,24 @@ def main(cfg: Config) -> None:
         # Discriminator step: fakes come from the current G without building its graph.
         with torch.no_grad():
             fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
-        (d_reals, c_reals), (d_fakes, c_fakes) = judge(reals, labels), judge(fakes, labels)
-        if cfg.method == "gan":
-            real_targets, fake_targets = ganzo_targets(n, cfg.soft_labels, cfg.noisy_labels, device)
-            loss_d = loss_fn.d_loss(d_reals, d_fakes, real_targets, fake_targets).mean()
-        else:
-            loss_d = loss_fn.d_loss(d_reals, d_fakes).mean()
-        stats = {"loss/d": loss_d, "d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
-        if aux_loss:  # AC-GAN: D also learns the class of reals (their labels) and of fakes (the labels drawn)
-            loss_class = aux_loss.d_loss(c_reals, c_fakes, labels, labels).mean()
-            loss_d = loss_d + loss_class
-            stats |= {"loss/d_class": loss_class, "d/class_acc": (c_reals.argmax(1) == labels).float().mean()}
-        if cfg.method == "wgan-gp":
-            # Second-order gradients run on the eager module (never compiled); under fp16 the penalty is taken
-            # from gradients of the scaled output, then unscaled (PyTorch's AMP gradient-penalty recipe).
-            scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-            gp = gradient_penalty(unwrap(disc), reals, fakes, labels, scale=scale).mean()
-            loss_d = loss_d + cfg.gp_lambda * gp
-            stats["penalty/gp"] = gp
+        loss_d, stats = d_step_loss(cfg, disc, loss_fn, aux_loss, reals, fakes, labels, penalty_scale())
         optim_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         d_applied, _ = step_optimizer(accelerator, optim_d, disc)
-        if cfg.method == "wgan":
-            # Clip after the update (WGAN Algorithm 1), every critic parameter.
-            with torch.no_grad():
-                for p in disc.parameters():
-                    p.clamp_(-cfg.clip_value, cfg.clip_value)
+        clip_critic(cfg, disc)
 
         # Generator step, every `train_g_interval` D steps; D is frozen so only G gets gradients.
         g_applied = True
-        if step % cfg.train_g_interval == 0:
+        if g_step_due(step, cfg.train_g_interval):
             disc.requires_grad_(False)
-            d_fakes, c_fakes = judge(gen(torch.randn(n, cfg.z_dim, device=device), labels), labels)
-            if cfg.method == "gan":
-                loss_g = loss_fn.g_loss(d_fakes, soft_real_targets(n, cfg.soft_labels, device)).mean()
-            else:
-                loss_g = loss_fn.g_loss(d_fakes).mean()
-            if aux_loss:  # AC-GAN: G wants its fakes classified as the labels they were drawn for
-                loss_g_class = aux_loss.g_loss(c_fakes, labels).mean()
-                loss_g = loss_g + loss_g_class
-                stats["loss/g_class"] = loss_g_class
-            if cfg.ortho_reg > 0:  # BigGAN: push G's filters towards orthogonality (norms left free)
-                ortho = orthogonal_penalty(unwrap(gen))
-                loss_g = loss_g + cfg.ortho_reg * ortho
-                stats["penalty/ortho"] = ortho
+            loss_g, g_stats = g_step_loss(
+                cfg, gen, disc, loss_fn, aux_loss, torch.randn(n, cfg.z_dim, device=device), labels
+            )
+            stats |= g_stats
             optim_g.zero_grad(set_to_none=True)
             accelerator.backward(loss_g)
             disc.requires_grad_(True)
             g_applied, _ = step_optimizer(accelerator, optim_g, gen)
-            stats["loss/g"] = loss_g
 
             # Update EMA, only after an update that really happened.
             if ema is not None and g_applied:
@@ -305,6 +353,10 @@ def main(cfg: Config) -> None:
 def cli(argv: list[str] | None = None) -> None:
     """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
     with user_errors(Path(__file__).name):
+        for arg in sys.argv[1:] if argv is None else argv:
+            name = arg.split("=")[0].removeprefix("--").removeprefix("no-")
+            if arg.startswith("--") and name in CELEBA_ONLY:
+                raise UserError(f"--{name} is a flag of gan_celeba.py, which trains with it; gan_mnist.py has none")
         main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=check_config))
 
 
