@@ -49,7 +49,7 @@ from losses import (
     soft_real_targets,
 )
 from modelling import GENERATORS, build_discriminator, build_generator
-from modelling.common import latent_batches, recalibrate_batchnorm
+from modelling.common import latent_batches, recalibrate_batchnorm, standing_batches
 from modelling.progressive_gan import growth_at, stage_changed
 from modelling.recipes import apply_recipe
 from sampling import gan_images
@@ -356,7 +356,10 @@ def main(cfg: Config) -> None:
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights (and growth stage) with standing BatchNorm statistics."""
         gen_eval.load_state_dict(unwrap(source).state_dict())
-        return recalibrate_batchnorm(gen_eval, latent_batches(cfg.z_dim, n_classes, seed=cfg.seed + 1, device=device))
+        batches = latent_batches(
+            cfg.z_dim, n_classes, *standing_batches(cfg.img_size), seed=cfg.seed + 1, device=device
+        )
+        return recalibrate_batchnorm(gen_eval, batches)
 
     @torch.no_grad()
     def save_grids(step: int) -> None:

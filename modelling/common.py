@@ -45,6 +45,14 @@ def recalibrate_batchnorm(model: nn.Module, inputs) -> nn.Module:
     return model.eval()
 
 
+def standing_batches(img_size: int, n_images: int = 1024, max_pixels: int = 128 * 64 * 64) -> tuple[int, int]:
+    """(n_batches, batch_size) for `latent_batches` that `recalibrate_batchnorm` can run at `img_size`: 8 batches of
+    128 up to 64x64, smaller batches above so that one batch holds at most `max_pixels` output pixels (a 512x512
+    batch of 128 would need about 9 GB for one activation map of a DCGAN), the same number of images in all."""
+    batch_size = max(1, min(128, max_pixels // (img_size * img_size)))
+    return -(-n_images // batch_size), batch_size
+
+
 def latent_batches(z_dim: int, n_classes: int, n_batches: int = 8, batch_size: int = 128, seed: int = 0, device="cpu"):
     """Fixed (zs, labels) batches from their own RNG, e.g. for `recalibrate_batchnorm` of a generator."""
     rng = torch.Generator().manual_seed(seed)

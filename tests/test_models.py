@@ -241,3 +241,12 @@ def test_dcgan_widths_stop_doubling_at_channel_max():
     assert widths(Generator(img_size=512), conv_t) == [1024, 1024, 1024, 512, 256, 128, 64, 1]
     assert widths(Discriminator(img_size=512), conv) == [64, 128, 256, 512, 1024, 1024, 1024, 1]
     assert widths(Generator(img_size=32, channel_max=128), conv_t) == [128, 128, 64, 1]
+
+
+def test_standing_statistics_batches_shrink_only_above_64_px():
+    """Up to 64x64 the standing BatchNorm statistics use the same 8 x 128 latents as ever; above, smaller batches
+    (at most 128 x 64 x 64 output pixels each) of the same 1,024 images."""
+    from modelling.common import standing_batches
+
+    assert standing_batches(32) == standing_batches(64) == (8, 128)
+    assert standing_batches(128) == (32, 32) and standing_batches(512) == (512, 2)
