@@ -34,8 +34,9 @@ from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
+from utils.optim import SkipCounter, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_ROWS = 10  # image grids are 10 x 10; conditional ones hold the classes in turn (one per row for 10 classes)
 GRID_STEPS = 18  # in-loop grids use each method's default solver with 18 grid points (EDM Heun: NFE 35)

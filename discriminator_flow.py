@@ -38,9 +38,9 @@ from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import set_hyperparameters
+from utils.optim import SkipCounter, set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_ROWS = 10  # grids of 10 x 10 flowed images
 SCATTER_POINTS = 2000  # 2-D data: flowed points per scatter plot

@@ -44,8 +44,9 @@ from utils.data import DATASETS, build_dataset, make_loader, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
+from utils.optim import SkipCounter, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_ROWS = 10
 SCATTER_POINTS = 4000

@@ -51,9 +51,9 @@ from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
+from utils.optim import OPTIMIZERS, SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
 from utils.run import EVAL_METRIC_CHOICES, Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_ROWS = 10  # base-sample grids are 10 x 10; toy data: scatter plots of SCATTER_POINTS points
 SCATTER_POINTS = 4000

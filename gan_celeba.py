@@ -58,9 +58,9 @@ from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, 
 from utils.dist import set_backends, uncompiled, unwrap, zero_term
 from utils.ema import EMA
 from utils.grid import save_grid
-from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
+from utils.optim import OPTIMIZERS, SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_COLS = 10  # 10 x 10 grids; conditional grids have one row of 10 per class
 STYLE_MODELS = ("stylegan", "stylegan2")  # generators with a mapping network (ws, truncation, path length)

@@ -49,9 +49,9 @@ from utils.data import MNIST_LIKE, build_dataset, make_loader, select_class, ste
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid
-from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters
+from utils.optim import OPTIMIZERS, SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_ROWS = 10  # sample grids are 10 x 10; conditional grids have one row per class
 # A resumed run must match these; anything else (lr, n_steps, intervals) may change, with a note.

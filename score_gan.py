@@ -38,9 +38,9 @@ from utils.data import DATASETS, TOY_DATASETS, build_dataset, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import set_hyperparameters
+from utils.optim import SkipCounter, set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_ROWS = 10
 SCATTER_POINTS = 4000

@@ -47,7 +47,7 @@ from utils.data import make_loader, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, to_uint8
-from utils.optim import make_optimizer, set_hyperparameters
+from utils.optim import SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
 from utils.pairs import (
     DEMOS,
     fashion_mnist_edges,
@@ -58,7 +58,7 @@ from utils.pairs import (
     unpaired_folders,
 )
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, SkipCounter, progress, step_optimizer
+from utils.tracking import KimgClock, RunningMeans, progress
 
 GRID_EXAMPLES = 12  # grids: 12 triplets, two per row
 PAIRED = {"pix2pix": ("fashion_mnist_edges", "paired"), "cyclegan": ("fashion_mnist_sneakers_boots", "unpaired")}

@@ -78,7 +78,7 @@ def transform_gradients(energy) -> None:
     """GEBM's "grad_clip" for the energy step, after backward and unscaling: each network gradient entry
     g -> 2g / (1 + g^2) (bounded by 1 in size, ~2g near 0), and A's gradient g -> g / (1 - g). With
     g = 1 - m, m = mean exp(-(D(G(z)) + A)), A's update direction becomes 1/m - 1. Entries that become non-finite
-    are zeroed (GEBM); non-finite raw gradients never get here (the step is skipped, utils.tracking)."""
+    are zeroed (GEBM); non-finite raw gradients never get here (the step is skipped, utils.optim)."""
     for p in energy.network_parameters():
         if p.grad is not None:
             p.grad.copy_(torch.nan_to_num(2 * p.grad / (1 + p.grad.square()), nan=0.0, posinf=0.0, neginf=0.0))

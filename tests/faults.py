@@ -1,6 +1,6 @@
 """Fault injection for the reliability tests: run a genzoo script exactly as `python script.py args` would, but
 SIGKILL the process at the n-th call of one function, e.g. inside a checkpoint write (utils.ckpt:save_file,
-utils.ckpt:_fsync), between two renames (os:replace) or at a training step (utils.tracking:step_optimizer).
+utils.ckpt:_fsync), between two renames (os:replace) or at a training step (utils.optim:step_optimizer).
 
     python -m tests.faults utils.ckpt:save_file 3 gan_mnist.py --n_steps 12 ...
 

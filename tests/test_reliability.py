@@ -8,7 +8,7 @@ Fault points (tests/faults.py kills the process at the n-th call of a function):
 - utils.ckpt:save_file    inside a safetensors write (the snapshot's, or a state's tensors), before any rename
 - utils.ckpt:_fsync        inside a training-state write, after some files are written, before COMPLETE/rename
 - utils.ckpt:save_training_state   after the snapshot (and the best copy) are in place, before the state exists
-- utils.tracking:step_optimizer    in the middle of a training step (between D and G updates for the GANs)
+- utils.optim:step_optimizer    in the middle of a training step (between D and G updates for the GANs)
 - a SIGKILL from outside right after a seeded step is logged (the exact instruction it lands on is the OS's)
 """
 
@@ -34,7 +34,7 @@ from utils.ckpt import list_states, load_snapshot, load_training_state, save_sna
 
 # Each attempt resumes the previous one; with a checkpoint every 2 steps, 16 steps reach every fault point.
 FAULTS = [
-    ("utils.tracking:step_optimizer", 5),  # mid-run, in a training step (between D and G updates for the GANs)
+    ("utils.optim:step_optimizer", 5),  # mid-run, in a training step (between D and G updates for the GANs)
     ("utils.ckpt:save_file", 3),  # the 2nd checkpoint's snapshot, half written
     ("utils.ckpt:_fsync", 7),  # the 2nd checkpoint's state: some files written, not yet marked COMPLETE
     ("utils.ckpt:save_training_state", 2),  # the 2nd checkpoint: snapshot (and best copy) in place, state missing

@@ -1,17 +1,14 @@
-"""Progress bookkeeping: loss means without a host sync per step, the status line, peak memory, the kimg clock and
-the non-finite-step policy every training loop shares (stats.jsonl and TensorBoard: utils/run.py `Run.log`)."""
+"""Progress bookkeeping every training loop shares: loss means without a host sync per step, the status line, peak
+memory and the kimg clock (stats.jsonl and TensorBoard: utils/run.py `Run.log`; optimizer steps and the
+non-finite-step policy: utils/optim.py)."""
 
 import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
-
-from utils.ckpt import list_states
-from utils.cli import UserError
 
 
 class RunningMeans:
@@ -64,26 +61,6 @@ def tracker_config(cfg: dict) -> dict:
     return {k: json.dumps(v) if isinstance(v, dict) or v is None else v for k, v in cfg.items()}
 
 
-def step_optimizer(
-    accelerator, optimizer, model, max_norm: float = float("inf"), transform=None
-) -> tuple[bool, torch.Tensor]:
-    """Clip and apply the update unless the gradients are non-finite; return (applied, gradient norm).
-    `transform()`, if given, rewrites the unscaled gradients in place before the step (GEBM's energy step)."""
-    # Unscale this optimizer's gradients only: unscaling several optimizers at once would count another network's
-    # stale overflow against this step and halve the fp16 loss scale again.
-    accelerator.unscale_gradients(optimizer=optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if transform is not None:
-        transform()
-    if accelerator.scaler is not None:
-        optimizer.step()  # the GradScaler skips inf/NaN steps itself and lowers its scale
-        return not optimizer.step_was_skipped, grad_norm
-    if torch.isfinite(grad_norm):
-        optimizer.step()
-        return True, grad_norm
-    return False, grad_norm
-
-
 class KimgClock:
     """Images seen and seconds per thousand images since the previous log line."""
 
@@ -96,24 +73,3 @@ class KimgClock:
         record = {"kimg": step * self.images_per_step / 1000, "sec_per_kimg": (now - self.time) / kimg_tick}
         self.step, self.time = step, now
         return record
-
-
-class SkipCounter:
-    """Non-finite policy: a step whose update was skipped (inf/NaN gradients, e.g. an fp16 overflow) is counted;
-    `max_in_a_row` skipped steps in a row stop the run with one line naming the newest training state."""
-
-    def __init__(self, max_in_a_row: int, states_dir: Path, total: int = 0):
-        self.max_in_a_row, self.states_dir, self.total, self.in_a_row = max_in_a_row, states_dir, total, 0
-
-    def update(self, applied: bool, step: int) -> None:
-        if applied:
-            self.in_a_row = 0
-            return
-        self.total, self.in_a_row = self.total + 1, self.in_a_row + 1
-        if self.in_a_row >= self.max_in_a_row:
-            states = list_states(self.states_dir)
-            last = f"the newest training state is {states[-1][1]}" if states else "no training state was saved"
-            raise UserError(
-                f"stopping at step {step + 1}: {self.in_a_row} steps in a row had non-finite gradients "
-                f"(lower --lr?); {last}"
-            )
