@@ -26,6 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from losses import get_diffusion_loss
+from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import DENOISERS, NETWORK_PRESETS, build_denoiser
 from sampling import diffusion_images
 from sampling.diffusion import StackedNoise, sample
@@ -170,7 +171,7 @@ def main(cfg: Config) -> None:
     with accelerator.main_process_first():  # only one process downloads, the others then find the files
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
     if cfg.only_test:
-        run.test(accelerator, dataset)
+        score_snapshot(run, accelerator, dataset)
         return
     if cfg.conditional and not dataset.n_classes:
         raise UserError(f"--conditional needs class labels, and {cfg.dataset} at {cfg.data_dir} has none")
@@ -205,7 +206,13 @@ def main(cfg: Config) -> None:
     for group in optimizer.param_groups:
         group["betas"] = (cfg.beta1, cfg.beta2)
     n_params = sum(p.numel() for p in unwrap(denoiser).parameters()) / 1e6
-    run.begin(accelerator, dataset, f"{cfg.method} denoiser, {cfg.model} network ({n_params:.2f}M parameters)")
+    evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
+    run.begin(
+        accelerator,
+        dataset,
+        f"{cfg.method} denoiser, {cfg.model} network ({n_params:.2f}M parameters)",
+        evaluator=evaluator,
+    )
 
     @torch.no_grad()
     def save_grids(step: int) -> None:

@@ -31,6 +31,7 @@ from accelerate import Accelerator
 
 from losses import gradient_penalty
 from losses.particle import PARTICLE_LOSSES, particle_loss
+from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import CRITICS, build_discr_flow
 from sampling.particles import discr_flow_images, discriminator_flow
 from utils.cli import UserError, parse, user_errors
@@ -177,7 +178,7 @@ def main(cfg: Config) -> None:
     with accelerator.main_process_first():  # only one process downloads, the others then find the files
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
     if cfg.only_test:
-        run.test(accelerator, dataset)
+        score_snapshot(run, accelerator, dataset)
         return
     loader = iter(
         make_loader(
@@ -205,7 +206,8 @@ def main(cfg: Config) -> None:
     set_hyperparameters(optimizer, cfg.lr, (cfg.beta1, cfg.beta2))
     n_params = sum(p.numel() for p in unwrap(model).parameters()) / 1e6
     flow = f"{cfg.loss} flow, K {cfg.flow_steps}, eta {cfg.eta:g} (step {cfg.eta / cfg.flow_steps:.4g})"
-    run.begin(accelerator, dataset, f"{cfg.critic} critic ({n_params:.2f}M parameters), {flow}")
+    evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
+    run.begin(accelerator, dataset, f"{cfg.critic} critic ({n_params:.2f}M parameters), {flow}", evaluator=evaluator)
 
     @torch.no_grad()
     def save_grids(step: int) -> None:

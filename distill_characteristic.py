@@ -35,6 +35,7 @@ from losses.characteristic import (
     pseudo_huber_distance,
     sample_jumps,
 )
+from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import build_denoiser
 from sampling import diffusion_images
 from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, time_grid
@@ -206,7 +207,7 @@ def main(cfg: Config) -> None:
     with accelerator.main_process_first():
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
     if cfg.only_test:
-        run.test(accelerator, dataset)
+        score_snapshot(run, accelerator, dataset)
         return
     if tuple(dataset.sample_shape) != teacher.sample_shape:
         raise UserError(
@@ -257,7 +258,8 @@ def main(cfg: Config) -> None:
         raise UserError(f"cannot resume: --teacher {teacher_meta['path']} is not the teacher this run started from")
     for group in optimizer.param_groups:
         group["betas"] = (cfg.beta1, cfg.beta2)
-    run.begin(accelerator, dataset)
+    evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
+    run.begin(accelerator, dataset, evaluator=evaluator)
 
     @torch.no_grad()
     def save_grids(step: int) -> None:

@@ -40,6 +40,7 @@ from losses.kale import (
     monte_carlo_log_partition,
     transform_gradients,
 )
+from metrics.evaluate import loop_evaluator, score_snapshot
 from metrics.kale import KALEEvaluator
 from modelling import build_gebm
 from modelling.common import latent_batches, recalibrate_batchnorm
@@ -250,8 +251,8 @@ def kale_evaluator(cfg: Config, accelerator, dataset) -> KALEEvaluator:
 
 
 def kale_scores(result: dict) -> dict:
-    """KALEEvaluator's result as run.evaluate/run.test scores: KALE on the training split (the --eval_metric value),
-    the test split's, and what they were computed from."""
+    """KALEEvaluator's result as run.evaluate/score_snapshot scores: KALE on the training split (the --eval_metric
+    value), the test split's, and what they were computed from."""
     keys = ("kale_test", "n_samples", "log_partition", "fake_term", "seconds")
     return {"kale": result["value"]} | {k: result[k] for k in keys if k in result}
 
@@ -272,7 +273,9 @@ def main(cfg: Config) -> None:
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
     if cfg.only_test:
         kale_eval = kale_evaluator(cfg, accelerator, dataset) if cfg.eval_metric == "kale" else None
-        run.test(accelerator, dataset, scores_fn=lambda model, meta: kale_scores(kale_eval(gebm_images, model)))
+        score_snapshot(
+            run, accelerator, dataset, scores_fn=lambda model, meta: kale_scores(kale_eval(gebm_images, model))
+        )
         return
     toy = cfg.dataset in TOY_DATASETS
     loader = iter(
@@ -317,8 +320,12 @@ def main(cfg: Config) -> None:
     resumed = run.restore(gen=gen, energy=energy, optim_g=optim_g, optim_e=optim_e, ema=ema, scaler=accelerator.scaler)
     base_steps = resumed.get("base_steps", 0)
     n_params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.base, model.energy)]
+    evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
     run.begin(
-        accelerator, dataset, f"GEBM base {cfg.g_model} {n_params[0]:.2f}M, energy {cfg.d_model} {n_params[1]:.2f}M"
+        accelerator,
+        dataset,
+        f"GEBM base {cfg.g_model} {n_params[0]:.2f}M, energy {cfg.d_model} {n_params[1]:.2f}M",
+        evaluator=evaluator,
     )
 
     def eval_model(source) -> torch.nn.Module:

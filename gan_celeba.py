@@ -48,6 +48,7 @@ from losses import (
     r1_penalty,
     soft_real_targets,
 )
+from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm, standing_batches
 from modelling.progressive_gan import growth_at, stage_changed
@@ -304,7 +305,7 @@ def main(cfg: Config) -> None:
     if cfg.image_class is not None:
         dataset = select_class(dataset, cfg.image_class)
     if cfg.only_test:
-        run.test(accelerator, dataset)
+        score_snapshot(run, accelerator, dataset)
         return
     if cfg.conditional and not dataset.n_classes:
         raise UserError(f"--conditional needs labelled data; {cfg.dataset} at {cfg.data_dir} has no classes")
@@ -349,8 +350,12 @@ def main(cfg: Config) -> None:
     set_hyperparameters(optim_d, cfg.lr_d, betas, d_reg_interval)
     pl_mean = resumed.get("pl_mean", torch.zeros(())).to(device)
     n_params = [sum(p.numel() for p in unwrap(net).parameters()) / 1e6 for net in (gen, disc)]
+    evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
     run.begin(
-        accelerator, dataset, f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {cfg.method}"
+        accelerator,
+        dataset,
+        f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {cfg.method}",
+        evaluator=evaluator,
     )
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:

@@ -40,6 +40,7 @@ from losses import (
     orthogonal_penalty,
     soft_real_targets,
 )
+from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import GENERATORS, build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
 from modelling.recipes import apply_recipe
@@ -235,7 +236,7 @@ def main(cfg: Config) -> None:
     if cfg.image_class is not None:
         dataset = select_class(dataset, cfg.image_class)
     if cfg.only_test:
-        run.test(accelerator, dataset)
+        score_snapshot(run, accelerator, dataset)
         return
     n_classes = dataset.n_classes if cfg.conditional else 0
     loader = iter(
@@ -265,7 +266,8 @@ def main(cfg: Config) -> None:
     resumed = run.restore(gen=gen, disc=disc, optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
     set_hyperparameters(optim_g, cfg.lr, (cfg.beta1, cfg.beta2))
     set_hyperparameters(optim_d, cfg.lr_d, (cfg.beta1, cfg.beta2))
-    run.begin(accelerator, dataset)
+    evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
+    run.begin(accelerator, dataset, evaluator=evaluator)
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights with standing BatchNorm statistics: batch-independent outputs."""

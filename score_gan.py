@@ -29,6 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from losses.particle import generator_score_loss, score_gan_loss, score_gan_sigma
+from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import SCORE_GAN_GENERATORS, build_denoiser, build_score_gan_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
 from sampling import gan_images
@@ -203,7 +204,7 @@ def main(cfg: Config) -> None:
     with accelerator.main_process_first():
         dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.img_size, download=cfg.download)
     if cfg.only_test:
-        run.test(accelerator, dataset)
+        score_snapshot(run, accelerator, dataset)
         return
     if tuple(dataset.sample_shape) != data_score.sample_shape:
         raise UserError(
@@ -236,7 +237,13 @@ def main(cfg: Config) -> None:
     set_hyperparameters(optim_g, cfg.lr, (cfg.beta1, cfg.beta2))
     set_hyperparameters(optim_s, cfg.lr_score, (cfg.beta1, cfg.beta2))
     sizes = [sum(p.numel() for p in unwrap(m).parameters()) / 1e6 for m in (gen, score_net, data_score)]
-    run.begin(accelerator, dataset, "generator {:.2f}M, D_gen {:.2f}M, D_data {:.2f}M parameters".format(*sizes))
+    evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
+    run.begin(
+        accelerator,
+        dataset,
+        "generator {:.2f}M, D_gen {:.2f}M, D_data {:.2f}M parameters".format(*sizes),
+        evaluator=evaluator,
+    )
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights with standing BatchNorm statistics: batch-independent outputs."""

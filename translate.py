@@ -38,7 +38,7 @@ import torch
 from accelerate import Accelerator
 
 from losses import LeastSquaresLoss, Pix2PixLoss, cycle_loss, identity_loss, l1_distance
-from metrics.evaluate import Evaluator, resolve_metric
+from metrics.evaluate import Evaluator, loop_evaluator, resolve_metric, score_snapshot
 from metrics.ssim import ssim
 from modelling import build_translator
 from modelling.translation import PatchDiscriminator
@@ -282,7 +282,7 @@ def main(cfg: Config) -> None:
                 raise UserError(f"{meta['path']} is a {meta['kind']!r} snapshot, not a translate.py one")
             return scorer(model) if paired else scorer(model, baseline=True)
 
-        run.test(accelerator, None, scores_fn)
+        score_snapshot(run, accelerator, None, scores_fn)
         return
     workers = cfg.num_workers if cfg.dataset in ("paired", "unpaired") else 0  # in-memory demos need no decoding
     loaders = [  # CycleGAN: A and B are drawn independently, from seeds seed and seed + 1
@@ -338,7 +338,13 @@ def main(cfg: Config) -> None:
             accelerator.print(f"note: the image pools were saved by {saved['counts'].shape[0]} processes; start empty")
     n_params = [sum(p.numel() for m in ms for p in unwrap(m).parameters()) / 1e6 for ms in (gens, discs)]
     sizes = f"{len(train)} pairs" if paired else f"{len(train[0])} A / {len(train[1])} B images"
-    run.begin(accelerator, None, f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {sizes}")
+    evaluator = loop_evaluator(run, accelerator, None)  # --eval_interval's FD metric; None: no FD in the loop
+    run.begin(
+        accelerator,
+        None,
+        f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {sizes}",
+        evaluator=evaluator,
+    )
     scorer = make_scorer() if cfg.eval_interval else None
 
     def pool_state() -> dict:

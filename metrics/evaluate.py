@@ -1,6 +1,7 @@
-"""Detector statistics of an image set, and the evaluation of a generator during training (`--eval_interval`) or of
-a saved run (`--only_test`). fid.py's `ref`/`gen` modes and the training scripts share `feature_statistics`, so an
-in-loop FD_cls is computed exactly as `sample.py` + `fid.py` would compute it on the same seeds.
+"""Detector statistics of an image set, and the evaluation of a generator during training (`--eval_interval`:
+`loop_evaluator`, handed to utils/run.py `Run.begin`) or of a saved run (`--only_test`: `score_snapshot`). fid.py's
+`ref`/`gen` modes and the training scripts share `feature_statistics`, so an in-loop FD_cls is computed exactly as
+`sample.py` + `fid.py` would compute it on the same seeds.
 
 Metrics (`--eval_metric`), all "lower is better" Fréchet distances against the training set:
 - `fd_cls`: genzoo's Fashion-MNIST classifier features (1-channel 28/32 px data; offline; also the class accuracy
@@ -15,7 +16,9 @@ processes), class = seed mod n_classes, and pixels are quantised to uint8 first,
 """
 
 import io
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,9 +26,11 @@ from accelerate.utils import gather_object
 
 from metrics.detectors import build_detector
 from metrics.stats import FeatureMoments, frechet_distance
-from utils.ckpt import write_atomic
+from sampling import SNAPSHOT_KINDS
+from utils.ckpt import build_from_snapshot, load_snapshot, write_atomic
 from utils.cli import UserError
 from utils.grid import check_finite, to_uint8
+from utils.run import EVAL_METRIC_CHOICES
 from utils.tracking import progress
 
 EVAL_METRICS = {"fd_cls": "fmnist", "fd_pixels": "pixels", "fid": "inception", "fd_points": "points"}
@@ -159,3 +164,56 @@ class Evaluator:
             result["accuracy"] = float(stats["accuracy"])
         result["seconds"] = round(time.perf_counter() - start, 3)
         return result
+
+
+def run_evaluator(accelerator, cfg, dataset, run_dir: Path) -> Evaluator:
+    """The evaluator of a run's --eval_metric (one of utils.run.EVAL_METRIC_CHOICES) against `dataset`, its reference
+    statistics cached in `run_dir`/eval/."""
+    if dataset is None:
+        raise UserError("this script has no training data to evaluate against; --eval_interval is not available")
+    metric = resolve_metric(cfg.eval_metric, tuple(dataset.sample_shape))
+    ref_path = run_dir / "eval" / f"ref-{metric}.npz"
+    return Evaluator(accelerator, metric, cfg.eval_samples, dataset, ref_path, cfg.eval_weights)
+
+
+def loop_evaluator(run, accelerator, dataset) -> Evaluator | None:
+    """What a training script hands to `run.begin`: the evaluator of --eval_metric when the run evaluates in the
+    loop with an FD metric; None without --eval_interval or when the script scores its own metric."""
+    cfg = run.cfg
+    if cfg.eval_interval and cfg.eval_metric in EVAL_METRIC_CHOICES:
+        return run_evaluator(accelerator, cfg, dataset, run.dir)
+    return None
+
+
+def score_snapshot(run, accelerator, dataset, scores_fn=None) -> dict:
+    """--only_test: evaluate the newest snapshot (--load_best: the best) of the run folder (--resume/--load naming a
+    run folder, else `run.dir`) with the evaluation settings, without training; write test/*.json. A family's own
+    metric comes from `scores_fn(model, meta) -> {name: value}`."""
+    cfg = run.cfg
+    source = Path(cfg.resume) if cfg.resume not in ("", "latest") else run.dir
+    target = source / "snapshots" / "best.safetensors" if cfg.load_best else source
+    if cfg.load_best and not target.is_file():
+        raise UserError(f"--only_test --load_best: {source} has no snapshots/best.safetensors")
+    meta, weights = load_snapshot(target)
+    if meta["kind"] not in SNAPSHOT_KINDS:
+        raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} cannot be evaluated here")
+    build, sample_fn = SNAPSHOT_KINDS[meta["kind"]]
+    model = build_from_snapshot(meta, weights, build).to(accelerator.device).eval()
+    result = {"snapshot": meta["path"], "step": meta["step"]}
+    if cfg.eval_metric in EVAL_METRIC_CHOICES:
+        evaluator = run_evaluator(accelerator, cfg, dataset, source)
+        result |= evaluator(sample_fn, model, getattr(model, "n_classes", 0))
+    elif scores_fn is None:
+        raise UserError(f"--only_test with --eval_metric {cfg.eval_metric} is not supported by this script")
+    else:
+        result |= scores_fn(model, meta)
+        result |= {"metric": cfg.eval_metric, "value": float(result[cfg.eval_metric])}
+    if accelerator.is_main_process:
+        (source / "test").mkdir(parents=True, exist_ok=True)
+        name = f"{'best' if cfg.load_best else 'last'}-step-{meta['step']:08d}-{result['metric']}.json"
+        write_atomic(source / "test" / name, json.dumps(result, indent=2))
+        extra = f" on {result['n_samples']} samples" if "n_samples" in result else ""
+        extra += f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
+        print(f"{meta['path']} (step {meta['step']}): {result['metric']} {result['value']:.4f}{extra}; "
+              f"wrote {source / 'test' / name}")  # fmt: skip
+    return result

@@ -10,7 +10,8 @@ evaluate and save; `Run` does the filesystem side:
                                                 # a finished run launched again ends here with exit 0 (NothingToDo)
     ... data, models, optimizers, accelerator.prepare(...)
     extras = run.restore(gen=gen, optim_g=optim_g, ema=ema, scaler=accelerator.scaler)   # {} on a fresh start
-    run.begin(accelerator, dataset)             # folders, config.json, code version, stats, trackers, evaluator
+    evaluator = loop_evaluator(run, accelerator, dataset)   # metrics/evaluate.py; None without an FD metric
+    run.begin(accelerator, dataset, summary, evaluator=evaluator)   # folders, config.json, code version, trackers
     for step in range(run.start_step, cfg.n_steps): ...
         run.log(accelerator, step, values)
         run.evaluate(accelerator, done, sample_fn, model, n_classes)   # sets run.new_best
@@ -40,7 +41,6 @@ from tqdm import tqdm
 from utils.ckpt import (
     list_snapshots,
     list_states,
-    load_snapshot,
     load_training_state,
     prune_states,
     resolve_state,
@@ -419,13 +419,15 @@ class Run:
         self.best = state.get("run", {}).get("best")
         return {k: v for k, v in state.items() if k not in stateful and k not in ("step", "config", "run")}
 
-    def begin(self, accelerator, dataset=None, summary: str = "") -> None:
-        """Start writing: the evaluator (its reference statistics, and a refusal of an --eval_metric that does not
-        fit the data) first, then folders, config.json, the code version and the trackers."""
+    def begin(self, accelerator, dataset=None, summary: str = "", evaluator=None) -> None:
+        """Start writing: folders, config.json, the code version and the trackers. `evaluator` scores an FD metric
+        in `evaluate` (metrics/evaluate.py `loop_evaluator`: built before, so that a refused --eval_metric leaves the
+        folder untouched); a script that computes its own metric passes `scores` to `evaluate` instead."""
         cfg = self.cfg
         self.config = dataclasses.asdict(cfg)
-        if cfg.eval_interval and cfg.eval_metric in EVAL_METRIC_CHOICES:
-            self._evaluator = self._make_evaluator(accelerator, dataset, self.dir)
+        if cfg.eval_interval and cfg.eval_metric in EVAL_METRIC_CHOICES and evaluator is None:
+            raise ValueError(f"--eval_interval with --eval_metric {cfg.eval_metric}: the script passed no evaluator")
+        self._evaluator = evaluator
         if accelerator.is_main_process:
             for sub in ("grids", "snapshots", "states", "code"):
                 (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -441,15 +443,6 @@ class Run:
             f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
             f"{accelerator.mixed_precision}" + (f", {len(dataset)} training samples" if dataset is not None else "")
         ))  # fmt: skip
-
-    def _make_evaluator(self, accelerator, dataset, run_dir: Path):
-        from metrics.evaluate import Evaluator, resolve_metric
-
-        if dataset is None:
-            raise UserError("this script has no training data to evaluate against; --eval_interval is not available")
-        metric = resolve_metric(self.cfg.eval_metric, tuple(dataset.sample_shape))
-        ref_path = run_dir / "eval" / f"ref-{metric}.npz"
-        return Evaluator(accelerator, metric, self.cfg.eval_samples, dataset, ref_path, self.cfg.eval_weights)
 
     # ------------------------------------------------------------------------------------------------- loop
     def log(self, accelerator, step: int, values: dict) -> None:
@@ -524,43 +517,6 @@ class Run:
         if snapshot_path.is_file():
             write_atomic(self.dir / "snapshots" / "best.safetensors", snapshot_path.read_bytes())
         write_atomic(self.dir / "best.json", json.dumps(self.best, indent=2))
-
-    # ------------------------------------------------------------------------------------------ --only_test
-    def test(self, accelerator, dataset, scores_fn=None) -> dict:
-        """--only_test: evaluate the newest snapshot (--load_best: the best) of the run folder (--resume/--load
-        naming a run folder, else this one) with the evaluation settings, without training; write test/*.json.
-        A family's own metric comes from `scores_fn(model, meta) -> {name: value}`."""
-        from sampling import SNAPSHOT_KINDS
-        from utils.ckpt import build_from_snapshot
-
-        cfg = self.cfg
-        source = Path(cfg.resume) if cfg.resume not in ("", "latest") else self.dir
-        target = source / "snapshots" / "best.safetensors" if cfg.load_best else source
-        if cfg.load_best and not target.is_file():
-            raise UserError(f"--only_test --load_best: {source} has no snapshots/best.safetensors")
-        meta, weights = load_snapshot(target)
-        if meta["kind"] not in SNAPSHOT_KINDS:
-            raise UserError(f"{meta['path']}: snapshot kind {meta['kind']!r} cannot be evaluated here")
-        build, sample_fn = SNAPSHOT_KINDS[meta["kind"]]
-        model = build_from_snapshot(meta, weights, build).to(accelerator.device).eval()
-        result = {"snapshot": meta["path"], "step": meta["step"]}
-        if cfg.eval_metric in EVAL_METRIC_CHOICES:
-            evaluator = self._make_evaluator(accelerator, dataset, source)
-            result |= evaluator(sample_fn, model, getattr(model, "n_classes", 0))
-        elif scores_fn is None:
-            raise UserError(f"--only_test with --eval_metric {cfg.eval_metric} is not supported by this script")
-        else:
-            result |= scores_fn(model, meta)
-            result |= {"metric": cfg.eval_metric, "value": float(result[cfg.eval_metric])}
-        if accelerator.is_main_process:
-            (source / "test").mkdir(parents=True, exist_ok=True)
-            name = f"{'best' if cfg.load_best else 'last'}-step-{meta['step']:08d}-{result['metric']}.json"
-            write_atomic(source / "test" / name, json.dumps(result, indent=2))
-            extra = f" on {result['n_samples']} samples" if "n_samples" in result else ""
-            extra += f", class accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""
-            print(f"{meta['path']} (step {meta['step']}): {result['metric']} {result['value']:.4f}{extra}; "
-                  f"wrote {source / 'test' / name}")  # fmt: skip
-        return result
 
 
 def read_best(run_dir: Path) -> dict | None:
