@@ -261,15 +261,15 @@ def main(cfg: Config) -> None:
 
         # Log.
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+        if run.due(done, cfg.log_interval):
             run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
 
         # Sample grids; evaluate the flow of the EMA (or raw) critic; save checkpoints (also at a new best).
-        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+        if run.due(done, cfg.eval_interval):
             run.evaluate(accelerator, done, discr_flow_images, ema.module if ema else unwrap(model), 0)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+        if run.due(done, cfg.checkpoint_interval) or run.new_best:
             snapshot = dict(
                 kind="discr_flow", model=cfg.critic, model_kwargs=model_kwargs, module=ema.module if ema else model
             )

@@ -312,17 +312,17 @@ def main(cfg: Config) -> None:
 
         # Log.
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+        if run.due(done, cfg.log_interval):
             run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
 
         # Sample grids; evaluate the one-step EMA student; save checkpoints (also at a new best evaluation). The
         # teacher never changes: its weights are checked against their hash at every checkpoint.
-        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+        if run.due(done, cfg.eval_interval):
             one_step = lambda model, seeds, labels, device: diffusion_images(model, seeds, labels, device, t_max=t_max)
             run.evaluate(accelerator, done, one_step, target, n_classes)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+        if run.due(done, cfg.checkpoint_interval) or run.new_best:
             if tensors_sha256(sorted(teacher.state_dict().items())) != teacher_sha:
                 raise RuntimeError("the teacher's weights changed during distillation")  # a bug, never a user error
             snapshot = dict(

@@ -391,12 +391,12 @@ def main(cfg: Config) -> None:
         # KALE on the train and test splits (GEBM's --eval_kale), logged with the step's row.
         done = step + 1
         extra = {}
-        if kale_eval is not None and (done % cfg.kale_interval == 0 or done == cfg.n_steps):
+        if kale_eval is not None and run.due(done, cfg.kale_interval):
             kale = kale_eval(gebm_images, eval_model(ema.module if ema else model))
             extra = {"kale/train": kale["value"]} | ({"kale/test": kale["kale_test"]} if "kale_test" in kale else {})
 
         # Log.
-        if done % cfg.log_interval == 0 or done == cfg.n_steps or extra:
+        if run.due(done, cfg.log_interval) or extra:
             values = clock.tick(done) | meters.pop(accelerator) | extra
             values |= {
                 "log_partition": unwrap(energy).log_partition.item(),
@@ -406,15 +406,15 @@ def main(cfg: Config) -> None:
             run.log(accelerator, done, values | {"skipped": skips.total})
 
         # Sample grids; evaluate (FD of the base samples, or KALE); save checkpoints (also at a new best).
-        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+        if run.due(done, cfg.eval_interval):
             scored = eval_model(ema.module if ema else model)
             if cfg.eval_metric == "kale":  # a family metric: computed here, passed as scores
                 run.evaluate(accelerator, done, scores=kale_scores(kale_eval(gebm_images, scored)))
             else:
                 run.evaluate(accelerator, done, gebm_images, scored, 0)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+        if run.due(done, cfg.checkpoint_interval) or run.new_best:
             module = eval_model(ema.module if ema else model)
             snapshot = dict(kind="gebm", model="gebm", model_kwargs=model_kwargs, module=module)
             nets = dict(gen=gen, energy=energy, optim_g=optim_g, optim_e=optim_e, ema=ema, scaler=accelerator.scaler)

@@ -463,15 +463,15 @@ def main(cfg: Config) -> None:
 
         # Log.
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+        if run.due(done, cfg.log_interval):
             run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
 
         # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
-        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+        if run.due(done, cfg.eval_interval):
             run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), n_classes)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+        if run.due(done, cfg.checkpoint_interval) or run.new_best:
             snapshot = dict(
                 kind="gan", model=cfg.model, model_kwargs=gen_kwargs, module=eval_generator(ema.module if ema else gen)
             )

@@ -305,16 +305,16 @@ def main(cfg: Config) -> None:
 
         # Log.
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+        if run.due(done, cfg.log_interval):
             run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
 
         # Sample grids; evaluate the EMA (or raw) generator; save checkpoints (also at a new best evaluation). The
         # data score never changes: its weights are checked against their hash at every checkpoint.
-        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+        if run.due(done, cfg.eval_interval):
             run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), 0)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+        if run.due(done, cfg.checkpoint_interval) or run.new_best:
             if tensors_sha256(sorted(data_score.state_dict().items())) != data_sha:
                 raise RuntimeError("the data score's weights changed during training")  # a bug, never a user error
             snapshot = dict(

@@ -440,18 +440,18 @@ def main(cfg: Config) -> None:
 
         # Log.
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.n_steps:
+        if run.due(done, cfg.log_interval):
             run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
 
         # Grids; evaluate the EMA generator on held-out data; save checkpoints (also at a new best evaluation).
-        if is_main and cfg.sample_interval and (done % cfg.sample_interval == 0 or done == cfg.n_steps):
+        if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if cfg.eval_interval and (done % cfg.eval_interval == 0 or done == cfg.n_steps):
+        if run.due(done, cfg.eval_interval):
             model = ema.module if ema else gen_module
             was_training = model.training
             run.evaluate(accelerator, done, scores=scorer(model.eval()))
             model.train(was_training)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.n_steps or run.new_best:
+        if run.due(done, cfg.checkpoint_interval) or run.new_best:
             module = ema.module if ema else gen_module
             snapshot = dict(kind="translation", model=snapshot_model, model_kwargs=gen_kwargs, module=module)
             extra = dict(pools=pool_state()) if pools else {}  # a collective: every process takes part

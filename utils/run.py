@@ -1,8 +1,8 @@
 """The life of one training run on disk, written once for every training script: the run folder, refusing or
 resuming it, config and code version, logs, checkpoints, evaluation and the best checkpoint.
 
-A script builds its `Accelerator`, calls `prepare`/`backward`/`step`, owns the step counter and decides when to log,
-evaluate and save; `Run` does the filesystem side:
+A script builds its `Accelerator`, calls `prepare`/`backward`/`step`, owns the step counter and calls log, evaluate
+and save itself (`run.due` says when: every interval and at the last step); `Run` does the filesystem side:
 
     run = Run(cfg, default_name, RESUME_KEYS)   # the folder: logs/<log_name>, or --workdir
     accelerator = Accelerator(..., project_config=ProjectConfiguration(project_dir=str(run.dir), ...))
@@ -13,9 +13,10 @@ evaluate and save; `Run` does the filesystem side:
     evaluator = loop_evaluator(run, accelerator, dataset)   # metrics/evaluate.py; None without an FD metric
     run.begin(accelerator, dataset, summary, evaluator=evaluator)   # folders, config.json, code version, trackers
     for step in range(run.start_step, cfg.n_steps): ...
-        run.log(accelerator, step, values)
-        run.evaluate(accelerator, done, sample_fn, model, n_classes)   # sets run.new_best
-        run.save(accelerator, done, replicas=(gen, disc), snapshot=dict(...), gen=gen, optim_g=optim_g, ...)
+        if run.due(done, cfg.log_interval): run.log(accelerator, done, values)
+        if run.due(done, cfg.eval_interval): run.evaluate(accelerator, done, sample_fn, model, n_classes)  # new_best
+        if run.due(done, cfg.checkpoint_interval) or run.new_best:
+            run.save(accelerator, done, replicas=(gen, disc), snapshot=dict(...), gen=gen, optim_g=optim_g, ...)
 
 Run folder: config.json, stats.jsonl, tb/, grids/, snapshots/snapshot-<step>.safetensors (+ best.safetensors),
 states/state-<step>/ (newest --keep_states, plus the best step's, never pruned), eval/step-<step>.json and
@@ -445,6 +446,12 @@ class Run:
         ))  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------- loop
+    def due(self, done: int, interval: int) -> bool:
+        """Whether a periodic task (log, grids, evaluation, checkpoint, ...) runs after `done` steps: every
+        `interval` steps and at the last step, so that a run always ends logged, evaluated and saved; never when
+        `interval` is 0 (the task is off)."""
+        return bool(interval) and (done % interval == 0 or done == self.cfg.n_steps)
+
     def log(self, accelerator, step: int, values: dict) -> None:
         """One log step: `values` (losses, kimg, ...) with the step and the peak memory, as a stats.jsonl row and the
         status line on the main process, and as TensorBoard scalars through Accelerate (every process calls it,
