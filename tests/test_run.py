@@ -373,8 +373,8 @@ def test_a_family_metric_picks_the_best_in_its_own_direction(tmp_path):
         run.begin(accelerator)
         news = []
         for step, ssim in ((1, 0.5), (2, 0.7), (3, 0.6)):
-            run.evaluate(accelerator, step, scores={"ssim": ssim, "l1": 1 - ssim})
-            news.append(run.new_best)
+            news.append(run.evaluate(accelerator, step, scores={"ssim": ssim, "l1": 1 - ssim}))
+            assert run.new_best == news[-1]  # kept for save()
             run.new_best = False  # what save() does
         assert news == [True, True, False] and run.best["step"] == expected_best and run.best["metric"] == metric
         written = json.loads((tmp_path / metric / "eval" / "step-00000003.json").read_text())

@@ -14,7 +14,7 @@ and save itself (`run.due` says when: every interval and at the last step); `Run
     run.begin(accelerator, dataset, summary, evaluator=evaluator)   # folders, config.json, code version, trackers
     for step in range(run.start_step, cfg.n_steps): ...
         if run.due(done, cfg.log_interval): run.log(accelerator, done, values)
-        if run.due(done, cfg.eval_interval): run.evaluate(accelerator, done, sample_fn, model, n_classes)  # new_best
+        if run.due(done, cfg.eval_interval): run.evaluate(accelerator, done, sample_fn, model, n_classes)  # -> new_best
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             run.save(accelerator, done, replicas=(gen, disc), snapshot=dict(...), gen=gen, optim_g=optim_g, ...)
 
@@ -463,10 +463,11 @@ class Run:
             tqdm.write(status_line(record))
         accelerator.log({k: v for k, v in record.items() if k not in ("step", "n_steps")}, step=record["step"])
 
-    def evaluate(self, accelerator, step: int, sample_fn=None, model=None, n_classes: int = 0, scores=None) -> dict:
-        """Score the model, write eval/step-<step>.json, and set `new_best` if it beats every earlier evaluation of
-        this timeline (the script then saves a checkpoint). An FD metric is computed here from `model`'s samples
-        (every process generates its share of the seeds); a family's own metrics come computed in `scores`."""
+    def evaluate(self, accelerator, step: int, sample_fn=None, model=None, n_classes: int = 0, scores=None) -> bool:
+        """Score the model, write eval/step-<step>.json, and say whether it beats every earlier evaluation of this
+        timeline: the returned `new_best`, kept until `save` writes the checkpoint (the script saves at a new best).
+        An FD metric is computed here from `model`'s samples (every process generates its share of the seeds); a
+        family's own metrics come computed in `scores`."""
         metric = self.cfg.eval_metric
         result = {"step": step} | (self._evaluator(sample_fn, model, n_classes) if self._evaluator else {})
         result |= scores or {}
@@ -491,7 +492,7 @@ class Run:
             tqdm.write(f"step {step}: {result['metric']} {value:.4f}{extra}{note}")
         tracked = {f"eval/{k}": float(v) for k, v in (scores or {}).items()} | {f"eval/{result['metric']}": value}
         accelerator.log(tracked, step=step)
-        return result
+        return self.new_best
 
     def save(self, accelerator, step: int, *, replicas, snapshot: dict, **state) -> None:
         """Checkpoint `step`: check that every process holds the same weights, then (main process) the snapshot
