@@ -207,12 +207,8 @@ def main(cfg: Config) -> None:
         group["betas"] = (cfg.beta1, cfg.beta2)
     n_params = sum(p.numel() for p in unwrap(denoiser).parameters()) / 1e6
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(
-        accelerator,
-        dataset,
-        f"{cfg.method} denoiser, {cfg.model} network ({n_params:.2f}M parameters)",
-        evaluator=evaluator,
-    )
+    summary = f"{cfg.method} denoiser, {cfg.model} network ({n_params:.2f}M parameters)"
+    run.begin(accelerator, dataset, evaluator, summary)
 
     @torch.no_grad()
     def save_grids(step: int) -> None:

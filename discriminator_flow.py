@@ -207,7 +207,7 @@ def main(cfg: Config) -> None:
     n_params = sum(p.numel() for p in unwrap(model).parameters()) / 1e6
     flow = f"{cfg.loss} flow, K {cfg.flow_steps}, eta {cfg.eta:g} (step {cfg.eta / cfg.flow_steps:.4g})"
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(accelerator, dataset, f"{cfg.critic} critic ({n_params:.2f}M parameters), {flow}", evaluator=evaluator)
+    run.begin(accelerator, dataset, evaluator, f"{cfg.critic} critic ({n_params:.2f}M parameters), {flow}")
 
     @torch.no_grad()
     def save_grids(step: int) -> None:

@@ -259,7 +259,7 @@ def main(cfg: Config) -> None:
     for group in optimizer.param_groups:
         group["betas"] = (cfg.beta1, cfg.beta2)
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(accelerator, dataset, evaluator=evaluator)
+    run.begin(accelerator, dataset, evaluator)
 
     @torch.no_grad()
     def save_grids(step: int) -> None:

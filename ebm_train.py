@@ -321,12 +321,8 @@ def main(cfg: Config) -> None:
     base_steps = resumed.get("base_steps", 0)
     n_params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.base, model.energy)]
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(
-        accelerator,
-        dataset,
-        f"GEBM base {cfg.g_model} {n_params[0]:.2f}M, energy {cfg.d_model} {n_params[1]:.2f}M",
-        evaluator=evaluator,
-    )
+    summary = f"GEBM base {cfg.g_model} {n_params[0]:.2f}M, energy {cfg.d_model} {n_params[1]:.2f}M"
+    run.begin(accelerator, dataset, evaluator, summary)
 
     def eval_model(source) -> torch.nn.Module:
         """`model_eval` holding `source`'s base, energy and A, with the base's BatchNorm on standing statistics:

@@ -351,12 +351,8 @@ def main(cfg: Config) -> None:
     pl_mean = resumed.get("pl_mean", torch.zeros(())).to(device)
     n_params = [sum(p.numel() for p in unwrap(net).parameters()) / 1e6 for net in (gen, disc)]
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(
-        accelerator,
-        dataset,
-        f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {cfg.method}",
-        evaluator=evaluator,
-    )
+    summary = f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {cfg.method}"
+    run.begin(accelerator, dataset, evaluator, summary)
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights (and growth stage) with standing BatchNorm statistics."""

@@ -267,7 +267,7 @@ def main(cfg: Config) -> None:
     set_hyperparameters(optim_g, cfg.lr, (cfg.beta1, cfg.beta2))
     set_hyperparameters(optim_d, cfg.lr_d, (cfg.beta1, cfg.beta2))
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(accelerator, dataset, evaluator=evaluator)
+    run.begin(accelerator, dataset, evaluator)
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights with standing BatchNorm statistics: batch-independent outputs."""

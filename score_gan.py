@@ -238,12 +238,8 @@ def main(cfg: Config) -> None:
     set_hyperparameters(optim_s, cfg.lr_score, (cfg.beta1, cfg.beta2))
     sizes = [sum(p.numel() for p in unwrap(m).parameters()) / 1e6 for m in (gen, score_net, data_score)]
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(
-        accelerator,
-        dataset,
-        "generator {:.2f}M, D_gen {:.2f}M, D_data {:.2f}M parameters".format(*sizes),
-        evaluator=evaluator,
-    )
+    summary = "generator {:.2f}M, D_gen {:.2f}M, D_data {:.2f}M parameters".format(*sizes)
+    run.begin(accelerator, dataset, evaluator, summary)
 
     def eval_generator(source: torch.nn.Module) -> torch.nn.Module:
         """`gen_eval` holding `source`'s weights with standing BatchNorm statistics: batch-independent outputs."""

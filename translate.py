@@ -339,12 +339,8 @@ def main(cfg: Config) -> None:
     n_params = [sum(p.numel() for m in ms for p in unwrap(m).parameters()) / 1e6 for ms in (gens, discs)]
     sizes = f"{len(train)} pairs" if paired else f"{len(train[0])} A / {len(train[1])} B images"
     evaluator = loop_evaluator(run, accelerator, None)  # --eval_interval's FD metric; None: no FD in the loop
-    run.begin(
-        accelerator,
-        None,
-        f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {sizes}",
-        evaluator=evaluator,
-    )
+    summary = f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {sizes}"
+    run.begin(accelerator, None, evaluator, summary)
     scorer = make_scorer() if cfg.eval_interval else None
 
     def pool_state() -> dict:

@@ -11,7 +11,7 @@ and save itself (`run.due` says when: every interval and at the last step); `Run
     ... data, models, optimizers, accelerator.prepare(...)
     extras = run.restore(gen=gen, optim_g=optim_g, ema=ema, scaler=accelerator.scaler)   # {} on a fresh start
     evaluator = loop_evaluator(run, accelerator, dataset)   # metrics/evaluate.py; None without an FD metric
-    run.begin(accelerator, dataset, summary, evaluator=evaluator)   # folders, config.json, code version, trackers
+    run.begin(accelerator, dataset, evaluator, summary)   # folders, config.json, code version, trackers
     for step in range(run.start_step, cfg.n_steps): ...
         if run.due(done, cfg.log_interval): run.log(accelerator, done, values)
         if run.due(done, cfg.eval_interval): run.evaluate(accelerator, done, sample_fn, model, n_classes)  # -> new_best
@@ -420,7 +420,7 @@ class Run:
         self.best = state.get("run", {}).get("best")
         return {k: v for k, v in state.items() if k not in stateful and k not in ("step", "config", "run")}
 
-    def begin(self, accelerator, dataset=None, summary: str = "", evaluator=None) -> None:
+    def begin(self, accelerator, dataset=None, evaluator=None, summary: str = "") -> None:
         """Start writing: folders, config.json, the code version and the trackers. `evaluator` scores an FD metric
         in `evaluate` (metrics/evaluate.py `loop_evaluator`: built before, so that a refused --eval_metric leaves the
         folder untouched); a script that computes its own metric passes `scores` to `evaluate` instead."""
