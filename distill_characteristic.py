@@ -1,8 +1,8 @@
 """Distil a diffusion teacher into a one-step (and few-step) generator by characteristic matching (seed 004).
 
-    python distill_characteristic.py --teacher logs/fmnist_follmer_cond --workdir logs/fmnist_char --bsz 64
+    python distill_characteristic.py --teacher logs/fmnist_follmer_cond --workdir logs/fmnist_char --batch_size 64
     torchrun --standalone --nproc_per_node 4 distill_characteristic.py --workdir logs/mnist-characteristic \
-        --teacher logs/mnist-denoiser/snapshots/snapshot-00010000.safetensors --bsz 64 --global_bsz 256
+        --teacher logs/mnist-denoiser/snapshots/snapshot-00010000.safetensors --batch_size 64 --global_batch_size 256
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] distill_characteristic.py ...
     python distill_characteristic.py ... --loss lpips --lpips_weights ~/vgg16-397923af.pth
     python distill_characteristic.py ... --resume latest            # continue bit-exactly
@@ -13,7 +13,7 @@ weights, so at step 0 its flow map G(x, t, s) is exactly the teacher's DDIM step
 the student's G(x_t, t, s) to sg[G(x_u, u, s)] after both are carried to the data end by the EMA (target) network,
 plus the teacher's denoising loss on the student's denoiser with an adaptive weight. Teachers: any
 diffusion_train.py snapshot, Föllmer (seed 004's setting) or EDM (CTM's). Gradient accumulation:
---global_bsz / (--bsz x processes) rounds. Sample the student with `sample.py --num_steps 1|2|4`; compare it with its
+--global_batch_size / (--batch_size x processes) rounds. Sample the student with `sample.py --num_steps 1|2|4`; compare it with its
 teacher with compare.py. The run folder, resume, evaluation (--eval_interval: FD of the EMA student's one-step
 samples, best checkpoint, --only_test) and --delete are those of every training script (utils/run.py).
 """
@@ -51,7 +51,7 @@ GRID_ROWS = 10
 SCATTER_POINTS = 4000
 # A resumed run must match these (and the teacher's weights); lr, n_steps, intervals may change, with a note.
 RESUME_KEYS = (
-    "dataset", "img_size", "num_steps", "rho", "t_min", "t_max", "train_data_end", "loss", "optimizer", "global_bsz"
+    "dataset", "img_size", "num_steps", "rho", "t_min", "t_max", "train_data_end", "loss", "optimizer", "global_batch_size"
 )  # fmt: skip
 
 
@@ -62,8 +62,18 @@ class Config(RunConfig):
     data_dir: str | None = field(default=None, metadata={"help": "default: the teacher's"})
     download: bool = True
     img_size: int | None = field(default=None, metadata={"help": "default: the teacher's; must match it"})
-    bsz: int = field(default=64, metadata={"min": 1, "help": "images per process per accumulation round"})
-    global_bsz: int = field(default=0, metadata={"min": 0, "help": "images per optimizer step; 0 = bsz x processes"})
+    batch_size: int = field(
+        default=64,
+        metadata={"min": 1, "aliases": ("bsz",), "help": "images per process per accumulation round (--bsz: CharacteristicGenerator's)"},
+    )
+    global_batch_size: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "aliases": ("global_bsz",),
+            "help": "images per optimizer step; 0 = --batch_size x processes (--global_bsz: CharacteristicGenerator's)",
+        },
+    )
     optimizer: str = field(default="RAdam", metadata={"choices": ["Adam", "AdamW", "RAdam"]})
     lr: float = 1e-3
     beta1: float = 0.9
@@ -192,13 +202,13 @@ def main(cfg: Config) -> None:
     set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
-    global_bsz = cfg.global_bsz or cfg.bsz * accelerator.num_processes
-    rounds, remainder = divmod(global_bsz, cfg.bsz * accelerator.num_processes)
+    global_batch_size = cfg.global_batch_size or cfg.batch_size * accelerator.num_processes
+    rounds, remainder = divmod(global_batch_size, cfg.batch_size * accelerator.num_processes)
     if remainder or rounds < 1:
         raise UserError(
-            f"--global_bsz {global_bsz} is not a multiple of --bsz {cfg.bsz} x {accelerator.num_processes} process(es)"
+            f"--global_batch_size {global_batch_size} is not a multiple of --batch_size {cfg.batch_size} x {accelerator.num_processes} process(es)"
         )
-    cfg.global_bsz = global_bsz
+    cfg.global_batch_size = global_batch_size
     run.open(accelerator)
 
     # Data: the teacher's training set (x0 of the interpolant, and labels for conditional teachers).
@@ -217,7 +227,7 @@ def main(cfg: Config) -> None:
         raise UserError(f"the teacher is conditional on {n_classes} classes; {cfg.dataset} has {dataset.n_classes}")
     loader = iter(
         make_loader(
-            dataset, cfg.bsz, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step * rounds
+            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step * rounds
         )
     )
 
@@ -241,7 +251,7 @@ def main(cfg: Config) -> None:
         f"teacher {teacher_meta['path']} ({teacher_meta['model']}, step {teacher_meta['step']}); student "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; grid of {cfg.num_steps} times "
         f"from {t_max:g} to {t_min:g} (rho {rho:g}){' and t = 0' if cfg.train_data_end else ''}; "
-        f"{rounds} accumulation round(s) of {cfg.bsz} per process"
+        f"{rounds} accumulation round(s) of {cfg.batch_size} per process"
     )
 
     # Optimizer.
@@ -270,7 +280,7 @@ def main(cfg: Config) -> None:
             save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
 
     # Loop.
-    meters, clock = RunningMeans(), KimgClock(run.start_step, global_bsz)
+    meters, clock = RunningMeans(), KimgClock(run.start_step, global_batch_size)
     skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
     pbar = progress(
         range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
@@ -303,7 +313,7 @@ def main(cfg: Config) -> None:
         # Update the EMA (the target network), only after an update that really happened; count skipped steps and
         # stop after too many in a row (a diverged run).
         if applied:
-            ema.update(unwrap(student), global_bsz, (step + 1) * global_bsz)
+            ema.update(unwrap(student), global_batch_size, (step + 1) * global_batch_size)
             meters.add(grad_norm=grad_norm)
         skips.update(applied, step)
 

@@ -190,7 +190,7 @@ TRAINING = {
     "edm-cifar": Case(
         "diffusion_train.py", f"{EDM} ddpmpp-cifar --img_size 32", (128, 16), bare=bare_diffusion("ddpmpp-cifar", 32)
     ),
-    "distill": Case("distill_characteristic.py", "--teacher {b.edm_snapshot} --no-download", (64, 16), "--bsz"),
+    "distill": Case("distill_characteristic.py", "--teacher {b.edm_snapshot} --no-download", (64, 16), "--batch_size"),
     # The offline demo pairs (edges -> Fashion-MNIST item) of the README, at its 32 px.
     "pix2pix": Case(
         "translate.py",
