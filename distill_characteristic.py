@@ -1,4 +1,5 @@
-"""Distil a diffusion teacher into a one-step (and few-step) generator by characteristic matching (seed 004).
+"""Distil a diffusion teacher into a one-step (and few-step) generator by characteristic matching
+(CharacteristicGenerator).
 
     python distill_characteristic.py --teacher logs/fmnist_follmer_cond --workdir logs/fmnist_char --batch_size 64
     torchrun --standalone --nproc_per_node 4 distill_characteristic.py --workdir logs/mnist-characteristic \
@@ -12,10 +13,11 @@ weights, so at step 0 its flow map G(x, t, s) is exactly the teacher's DDIM step
 (losses/characteristic.py): pick a jump of n grid steps, run n steps of the frozen teacher ODE from x_t, and match
 the student's G(x_t, t, s) to sg[G(x_u, u, s)] after both are carried to the data end by the EMA (target) network,
 plus the teacher's denoising loss on the student's denoiser with an adaptive weight. Teachers: any
-diffusion_train.py snapshot, Föllmer (seed 004's setting) or EDM (CTM's). Gradient accumulation:
---global_batch_size / (--batch_size x processes) rounds. Sample the student with `sample.py --num_steps 1|2|4`; compare it with its
-teacher with compare.py. The run folder, resume, evaluation (--eval_interval: FD of the EMA student's one-step
-samples, best checkpoint, --only_test) and --delete are those of every training script (utils/run.py).
+diffusion_train.py snapshot, Föllmer (CharacteristicGenerator's setting) or EDM (CTM's). Gradient accumulation:
+--global_batch_size / (--batch_size x processes) rounds. Sample the student with `sample.py --num_steps 1|2|4`;
+compare it with its teacher with compare.py. The run folder, resume, evaluation (--eval_interval: FD of the EMA
+student's one-step samples, best checkpoint, --only_test) and --delete are those of every training script
+(utils/run.py).
 """
 
 import json
@@ -51,7 +53,8 @@ GRID_ROWS = 10
 SCATTER_POINTS = 4000
 # A resumed run must match these (and the teacher's weights); lr, n_steps, intervals may change, with a note.
 RESUME_KEYS = (
-    "dataset", "img_size", "num_steps", "rho", "t_min", "t_max", "train_data_end", "loss", "optimizer", "global_batch_size"
+    "dataset", "img_size", "num_steps", "rho", "t_min", "t_max", "train_data_end", "loss", "optimizer",
+    "global_batch_size",
 )  # fmt: skip
 
 
@@ -64,7 +67,11 @@ class Config(RunConfig):
     img_size: int | None = field(default=None, metadata={"help": "default: the teacher's; must match it"})
     batch_size: int = field(
         default=64,
-        metadata={"min": 1, "aliases": ("bsz",), "help": "images per process per accumulation round (--bsz: CharacteristicGenerator's)"},
+        metadata={
+            "min": 1,
+            "aliases": ("bsz",),
+            "help": "images per process per accumulation round (--bsz: CharacteristicGenerator's)",
+        },
     )
     global_batch_size: int = field(
         default=0,
@@ -86,13 +93,16 @@ class Config(RunConfig):
         default="pseudo_huber", metadata={"choices": ["pseudo_huber", "l2", "lpips"], "help": "distance at t = 0"}
     )
     lpips_weights: str = field(default="", metadata={"help": "torchvision vgg16-397923af.pth (else torch hub cache)"})
-    lpips_resize: int = field(default=224, metadata={"help": "LPIPS input size (seed 004: 224), 0 = native"})
+    lpips_resize: int = field(
+        default=224, metadata={"help": "LPIPS input size (CharacteristicGenerator: 224), 0 = native"}
+    )
     num_steps: int = field(default=20, metadata={"min": 2, "help": "teacher time-grid points N"})
     rho: float | None = field(default=None, metadata={"help": "grid exponent; default the teacher's (Föllmer 1)"})
     t_min: float | None = field(default=None, metadata={"help": "grid end; default Föllmer 1e-3, EDM 0.002"})
     t_max: float | None = field(default=None, metadata={"help": "grid start; default Föllmer 0.999, EDM 80"})
     train_data_end: bool = field(
-        default=True, metadata={"help": "add t = 0 to the grid, so G(x, t, 0) is trained (seed 004: off)"}
+        default=True,
+        metadata={"help": "add t = 0 to the grid, so G(x, t, 0) is trained (CharacteristicGenerator: off)"},
     )
     teacher_solver: str = field(default="deis", metadata={"choices": list(ODE_SOLVERS)})
     jump_weighting: str = field(default="weighted", metadata={"choices": list(JUMP_WEIGHTINGS)})
@@ -149,7 +159,8 @@ def get_distance(cfg: Config):
 
 
 def get_dsm_loss(cfg: Config, method: str):
-    """The teacher's denoising loss for the DSM term; Föllmer's t ~ U[eps0, 1] with seed 004's student eps0 1e-3."""
+    """The teacher's denoising loss for the DSM term; Föllmer's t ~ U[eps0, 1] with CharacteristicGenerator's student
+    eps0 1e-3."""
     dsm_kwargs = ({"eps0": 1e-3} if method == "follmer" else {}) | cfg.loss_kwargs
     try:
         return get_diffusion_loss(method, **dsm_kwargs)
@@ -158,8 +169,8 @@ def get_dsm_loss(cfg: Config, method: str):
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    """Seed 004's linear warm-up over optimizer steps, lr·min((step + 1)/lr_rampup_steps, 1): the first step (step
-    0) already moves; a pure function of the step, so a resumed run sets the same rates."""
+    """CharacteristicGenerator's linear warm-up over optimizer steps, lr·min((step + 1)/lr_rampup_steps, 1): the first
+    step (step 0) already moves; a pure function of the step, so a resumed run sets the same rates."""
     return cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0) if cfg.lr_rampup_steps else cfg.lr
 
 
@@ -206,7 +217,8 @@ def main(cfg: Config) -> None:
     rounds, remainder = divmod(global_batch_size, cfg.batch_size * accelerator.num_processes)
     if remainder or rounds < 1:
         raise UserError(
-            f"--global_batch_size {global_batch_size} is not a multiple of --batch_size {cfg.batch_size} x {accelerator.num_processes} process(es)"
+            f"--global_batch_size {global_batch_size} is not a multiple of --batch_size {cfg.batch_size} x "
+            f"{accelerator.num_processes} process(es)"
         )
     cfg.global_batch_size = global_batch_size
     run.open(accelerator)
@@ -227,7 +239,12 @@ def main(cfg: Config) -> None:
         raise UserError(f"the teacher is conditional on {n_classes} classes; {cfg.dataset} has {dataset.n_classes}")
     loader = iter(
         make_loader(
-            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step * rounds
+            dataset,
+            cfg.batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            cfg.seed,
+            run.start_step * rounds,
         )
     )
 
@@ -236,7 +253,7 @@ def main(cfg: Config) -> None:
     teacher.to(device)
     torch.manual_seed(cfg.seed)  # the s-branch's init: the same on every rank and in every run of this seed
     student, model_kwargs = build_student(teacher_meta, teacher)
-    student.eval()  # seed 004 distils in eval mode: dropout stays off, as in the teacher
+    student.eval()  # CharacteristicGenerator distils in eval mode: dropout stays off, as in the teacher
     ema = EMA(student, decay=cfg.ema_decay)
     target = ema.module.to(device)
     dsm_loss_fn = get_dsm_loss(cfg, teacher_meta["model"])

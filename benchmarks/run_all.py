@@ -176,7 +176,7 @@ EDM = f"--method edm {MNIST} --model"
 
 TRAINING = {
     "dcgan32": Case("gan_mnist.py", f"--method gan --ema {MNIST}", (64, 32), bare=bare_gan(conditional=False)),
-    # The README's quick start: labels into G and D (before issue 18 factored D's first conv it cost 1.8x dcgan32).
+    # The README's quick start: labels into G and D.
     "dcgan32-cond": Case(
         "gan_mnist.py", f"--method gan --ema --conditional {MNIST}", (64, 32), bare=bare_gan(conditional=True)
     ),

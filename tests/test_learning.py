@@ -821,7 +821,7 @@ def test_diffusion_step_loss_is_the_papers_weighted_error(method, sigma_data, lo
 
 def test_diffusion_lr_warm_up_and_clip_threshold():
     """EDM's warm-up is linear in images seen *before* the step (lr 0 at step 0), then flat; --lr_rampup_kimg 0 is
-    none. The clip threshold: EDM unclipped, Föllmer 1 (seed 004), --grad_clip wins, 0 = none."""
+    none. The clip threshold: EDM unclipped, Föllmer 1 (CharacteristicGenerator), --grad_clip wins, 0 = none."""
     cfg = diffusion_train.Config(lr=2e-3, lr_rampup_kimg=1.0)
     images = 100  # per step: 1,000 images after 10 steps
     assert [diffusion_train.learning_rate(cfg, step, images) for step in (0, 1, 5, 10, 20)] == pytest.approx(
@@ -1071,7 +1071,8 @@ def test_distillation_step_loss_is_characteristic_plus_weighted_dsm(method, dist
 
 
 def test_distillation_lr_warm_up():
-    """Seed 004's warm-up counts optimizer steps from 1: lr·min((step + 1)/lr_rampup_steps, 1); 0 = none."""
+    """CharacteristicGenerator's warm-up counts optimizer steps from 1: lr·min((step + 1)/lr_rampup_steps, 1);
+    0 = none."""
     cfg = distill_characteristic.Config(lr=1e-3, lr_rampup_steps=4)
     rates = [distill_characteristic.learning_rate(cfg, step) for step in (0, 1, 3, 10)]
     assert rates == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3], abs=1e-12)
@@ -1081,10 +1082,10 @@ def test_distillation_lr_warm_up():
 def test_distillation_loop_sets_the_lr_clips_and_averages(diffusion_follmer_run, tmp_path):
     """What the loop does around the step loss, read back from the training states after steps 1 and 2 (8 points a
     step, the Föllmer toy teacher): the optimizer's lr is learning_rate's (1e-2·1/4, then 1e-2·2/4); the target
-    network is the EMA with seed 004's warm-up beta_k = min(decay, (1 + k)/(10 + k)) at update k (with --ema_decay
-    0.15: the warm-up's 0.1, then the decay 0.15 < 2/11), target_k = beta_k·target_(k-1) + (1 - beta_k)·student_k,
-    from the student that the teacher initialised; the update moves the weights. A second run with --grad_clip 1e-12
-    barely moves them (an Adam-family first step is ~lr·g/(|g| + 1e-8))."""
+    network is the EMA with CharacteristicGenerator's warm-up beta_k = min(decay, (1 + k)/(10 + k)) at update k (with
+    --ema_decay 0.15: the warm-up's 0.1, then the decay 0.15 < 2/11), target_k = beta_k·target_(k-1)
+    + (1 - beta_k)·student_k, from the student that the teacher initialised; the update moves the weights. A second
+    run with --grad_clip 1e-12 barely moves them (an Adam-family first step is ~lr·g/(|g| + 1e-8))."""
     argv = [
         "--teacher", str(diffusion_follmer_run), "--bsz", "8", "--num_steps", "4", "--lr", "1e-2",
         "--lr_rampup_steps", "4", "--ema_decay", "0.15", "--checkpoint_interval", "1", "--sample_interval", "0",

@@ -6,10 +6,10 @@ override, and handles `--dry_run` (print the resolved config, exit 0). Bad input
 `user_errors()` turns into one line on stderr and exit code 2: no traceback for a user's mistake.
 
 Booleans are switches (`--ema`, `--no-ema`) that also take a value (`--ema true`, CharacteristicGenerator's form).
-Field metadata: "help", "choices", "aliases" (more flag names, also accepted as config-file keys), "min" (inclusive lower bound, checked by
-`check_bounds`), "allow_inf" (a float that may be inf; NaN is never accepted). A subclass may redeclare a field with
-another default only: the metadata is looked up along the class hierarchy (`field_metadata`). Flags are never
-abbreviated (`--conf x.yaml` is an error, not a silent `--config_xyz`).
+Field metadata: "help", "choices", "aliases" (more flag names, also accepted as config-file keys), "min" (inclusive
+lower bound, checked by `check_bounds`), "allow_inf" (a float that may be inf; NaN is never accepted). A subclass may
+redeclare a field with another default only: the metadata is looked up along the class hierarchy (`field_metadata`).
+Flags are never abbreviated (`--conf x.yaml` is an error, not a silent `--config_xyz`).
 """
 
 import argparse
@@ -61,7 +61,8 @@ _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False
 
 class _BoolAction(argparse.BooleanOptionalAction):
     """`--flag` / `--no-flag`, and also `--flag VALUE` / `--flag=VALUE` with VALUE one of true/false/yes/no/1/0 in
-    any case: CharacteristicGenerator's command lines write booleans with a value (`--churn True`, argparse with str2bool)."""
+    any case: CharacteristicGenerator's command lines write booleans with a value (`--churn True`, argparse with
+    str2bool)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
