@@ -332,6 +332,31 @@ def test_the_flags_page_lists_every_alias_and_no_other():
         assert scripts in rows[(alias, flag)], f"docs/flags.md: {alias} -> {flag} should name {scripts}"
 
 
+def test_a_flag_name_has_one_type_in_every_script():
+    """A name shared by several scripts (as a flag or as an alias) takes the same kind of value in each: a bool switch
+    in one script and a number in another would be two meanings (as GEBM's gradient transform under --grad_clip
+    was next to diffusion_train.py's max norm)."""
+    import importlib
+    import typing
+    from pathlib import Path
+
+    from utils.cli import field_metadata
+
+    kinds = {}
+    for path in sorted(Path(__file__).resolve().parents[1].glob("*.py")):
+        if "\nclass Config" not in path.read_text():
+            continue
+        config = importlib.import_module(path.stem).Config
+        hints = typing.get_type_hints(config)
+        for name in config.__dataclass_fields__:
+            kind = [a for a in typing.get_args(hints[name]) if a is not type(None)] or [hints[name]]
+            for flag in (name, *field_metadata(config, name).get("aliases", ())):
+                kinds.setdefault(flag, {}).setdefault(str(kind[0]), []).append(path.name)
+    mixed = {flag: by_kind for flag, by_kind in kinds.items() if len(by_kind) > 1}
+    assert not mixed, f"flags with different kinds of value across scripts: {mixed}"
+    assert len(next(iter(kinds["batch_size"].values()))) > 1  # the scripts were found: the check compares something
+
+
 # Grids -----------------------------------------------------------------------------------------------------------
 def test_to_uint8_and_grid(tmp_path):
     x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 2, 3)
