@@ -1,6 +1,6 @@
 """Characteristic distillation maths: the two-time parametrisation, the student's initialisation from its teacher,
 jump sampling, the per-sample teacher solver, and a one-step generator distilled from a closed-form Gaussian
-teacher against the teacher's own endpoint map (reference §2.5-2.6, §7 T5)."""
+teacher against the teacher's own endpoint map."""
 
 import math
 
@@ -158,9 +158,9 @@ def test_characteristic_target_at_initialisation_and_its_stop_gradients(method):
     loss = characteristic_loss(
         spies["student"], spies["target"], spies["teacher"], x0, labels, grid, 2, i_t, i_s, l2_distance, "deis"
     )
-    # The loss written out (reference §2.6): x_t = alpha_t·x0 + beta_t·z; x_u = two DEIS steps of the teacher;
-    # y = G(x_t, t, s), y* = G(x_u, u, s) with the online weights; compared at the data end through the target
-    # network, G_target(., s, 0) = D_target(., s, 0) (the identity where s = 0 already).
+    # The loss written out (CharacteristicGenerator's `compute_characteristic_loss`): x_t = alpha_t·x0 + beta_t·z; x_u =
+    # two DEIS steps of the teacher; y = G(x_t, t, s), y* = G(x_u, u, s) with the online weights; compared at the data
+    # end through the target network, G_target(., s, 0) = D_target(., s, 0) (the identity where s = 0 already).
     torch.manual_seed(1)
     t, u, s = grid[i_t], grid[i_t + 2], grid[i_s]
     shape = (-1, 1, 1, 1)

@@ -1,5 +1,5 @@
 """Diffusion maths against closed forms: preconditioning, loss floors, and every solver on Gaussian data, where the
-sampler is an affine map x = A·z + B of the latent and A, B are known exactly (reference §7 T1-T4, T8)."""
+sampler is an affine map x = A·z + B of the latent and A, B are known exactly."""
 
 import math
 
@@ -316,9 +316,9 @@ def test_edm_churn_is_exactly_algorithm_2():
 
 
 def follmer_reference(mu, s, n, solver, churn=None, s_noise=1.0, n_draws=1) -> Affine:
-    """CharacteristicGenerator's samplers (reference §2.4) on N(mu, s²) with the exact denoiser: t from 0.999 to 1e-3
-    (rho 1), bridge x = z + 0.001·mu, then n - 1 steps, each after an optional churn (gamma, s_min, s_max):
-    t' = t(1 + gamma), r = (1 - t')/(1 - t), x <- r·x + sqrt(1 - r²)·s_noise·eps (CharacteristicGenerator's
+    """CharacteristicGenerator's samplers (its eval.py `ode_sampler`) on N(mu, s²) with the exact denoiser: t from
+    0.999 to 1e-3 (rho 1), bridge x = z + 0.001·mu, then n - 1 steps, each after an optional churn (gamma, s_min,
+    s_max): t' = t(1 + gamma), r = (1 - t')/(1 - t), x <- r·x + sqrt(1 - r²)·s_noise·eps (CharacteristicGenerator's
     churn_noise); then x <- D(x; t_min). deis: x' = (beta'/beta)·x + (alpha' - alpha·beta'/beta)·D. ancestral:
     x' ~ q(x_t' | x_t = x, x0 = D), by conditioning the joint Gaussian of (x_t', x_t) given x0: mean
     alpha'·D + (c/beta²)·(x - alpha·D) and variance beta'² - c²/beta²,

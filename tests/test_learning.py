@@ -741,10 +741,11 @@ def test_cyclegan_learns_to_close_the_cycle(tmp_path, mnist_dir):
 
 # ====================================================================================================================
 # Each optimizer step of diffusion_train.py (EDM, Föllmer) and distill_characteristic.py, as the scripts assemble it,
-# against the formulas written out by hand on a fixed tiny batch (reference §1.3, §2.3-2.6); what the loops do around
-# it (learning rate, EMA, clipping, gradient accumulation, which batch and seed), read back from the training states
-# of 1- and 2-step runs; and short runs on GPM's 2-D Gaussian mixture that learn: the denoiser's loss falls and its
-# samples spread to the data's covariance, the distilled one-step generator approaches its teacher's ODE map.
+# against the formulas written out by hand on a fixed tiny batch (EDM's loss, the Characteristic Learning paper's
+# losses); what the loops do around it (learning rate, EMA, clipping, gradient accumulation, which batch and seed), read
+# back from the training states of 1- and 2-step runs; and short runs on GPM's 2-D Gaussian mixture that learn: the
+# denoiser's loss falls and its samples spread to the data's covariance, the distilled one-step generator approaches its
+# teacher's ODE map.
 # ====================================================================================================================
 DIFFUSION_NET = dict(dim=2, width=16, depth=2)
 # The short toy runs: small enough for a few seconds on one CPU thread, long enough to learn (measured below).
@@ -973,8 +974,8 @@ def _diffusion_distill_nets(method: str):
 @pytest.mark.parametrize("method,distance", [("follmer", "pseudo_huber"), ("edm", "l2")])
 def test_distillation_step_loss_is_characteristic_plus_weighted_dsm(method, distance):
     """distill_characteristic.distillation_loss on 4 fixed points with jumps of n = 2 grid steps (one row ends its
-    jump at the data end u = 0, two go to s = 0), 2 accumulation rounds, against the formulas of reference §2.5-2.6
-    written out row by row:
+    jump at the data end u = 0, two go to s = 0), 2 accumulation rounds, against the Characteristic Learning
+    paper's formulas written out row by row:
         x_t = a_t·x0 + b_t·z;  x_u = two DEIS steps of the teacher, x <- G(x, t_k, t_k+1) with D_teacher;
         G(x, t, s) = (b_s/b_t)·x + (a_s - a_t·b_s/b_t)·D(x, t, s);
         L_char = mean dist(G_target(G_student(x_t, t, s), s, 0), sg[G_target(sg[G_student(x_u, u, s)], s, 0)]);
