@@ -1,5 +1,5 @@
-"""Teacher ODE vs distilled student on the same seeds: a side-by-side grid and the sampling time of each (seed 004's
-compare.py).
+"""Teacher ODE vs distilled student on the same seeds: a side-by-side grid and the sampling time of each
+(CharacteristicGenerator's compare.py).
 
     python compare.py --teacher logs/fmnist_follmer_cond --student logs/fmnist_char_cond --out compare/fmnist
     python compare.py ... --teacher_solver heun --teacher_steps 18 --student_steps 1 2 4 --timing_images 1000

@@ -1,4 +1,4 @@
-"""Train a diffusion denoiser: EDM (Karras et al. 2022) or the Föllmer stochastic interpolant (seed 004's
+"""Train a diffusion denoiser: EDM (Karras et al. 2022) or the Föllmer stochastic interpolant (CharacteristicGenerator's
 "denoiser matching"), on images with a DDPM++ U-Net or on 2-D toy data with a small MLP.
 
     python diffusion_train.py --method edm --dataset fashion_mnist --model ddpmpp-small --n_steps 20000 [--conditional]
@@ -68,14 +68,17 @@ class Config(RunConfig):
     beta2: float = 0.999
     lr_rampup_kimg: float = field(default=10.0, metadata={"min": 0, "help": "linear learning-rate warm-up, in kimg"})
     grad_clip: float | None = field(
-        default=None, metadata={"help": "max gradient norm, 0 = none; default EDM none, Föllmer 1 (seed 004)"}
+        default=None,
+        metadata={"help": "max gradient norm, 0 = none; default EDM none, Föllmer 1 (CharacteristicGenerator)"},
     )
     ema: bool = field(default=True, metadata={"help": "keep an EMA denoiser; samples and snapshots use it"})
     ema_halflife_kimg: float = 500.0
     ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
     ema_decay: float | None = field(
         default=None,
-        metadata={"help": "fixed decay, min(decay, (1+k)/(10+k)) at step k (seed 004: 0.999); None = half-life"},
+        metadata={
+            "help": "fixed decay, min(decay, (1+k)/(10+k)) at step k (CharacteristicGenerator: 0.999); None = half-life"
+        },
     )
     sample_interval: int = 2000
 
@@ -128,9 +131,9 @@ def learning_rate(cfg: Config, step: int, images_per_step: int) -> float:
 
 
 def max_grad_norm(cfg: Config) -> float:
-    """The clipping threshold: --grad_clip, else EDM unclipped and Föllmer 1 (seed 004); 0 = none (inf). EDM's loss
-    is a per-image sum over pixels, so its gradient norms are ~d times Föllmer's per-pixel mean: a threshold tuned
-    for one is meaningless for the other."""
+    """The clipping threshold: --grad_clip, else EDM unclipped and Föllmer 1 (CharacteristicGenerator); 0 = none (inf).
+    EDM's loss is a per-image sum over pixels, so its gradient norms are ~d times Föllmer's per-pixel mean: a threshold
+    tuned for one is meaningless for the other."""
     grad_clip = cfg.grad_clip if cfg.grad_clip is not None else (0.0 if cfg.method == "edm" else 1.0)
     return grad_clip or float("inf")
 

@@ -1,8 +1,9 @@
-"""Distil a diffusion teacher into a one-step (and few-step) generator by characteristic matching (seed 004).
+"""Distil a diffusion teacher into a one-step (and few-step) generator by characteristic matching
+(CharacteristicGenerator).
 
-    python distill_characteristic.py --teacher logs/fmnist_follmer_cond --workdir logs/fmnist_char --bsz 64
+    python distill_characteristic.py --teacher logs/fmnist_follmer_cond --workdir logs/fmnist_char --batch_size 64
     torchrun --standalone --nproc_per_node 4 distill_characteristic.py --workdir logs/mnist-characteristic \
-        --teacher logs/mnist-denoiser/snapshots/snapshot-00010000.safetensors --bsz 64 --global_bsz 256
+        --teacher logs/mnist-denoiser/snapshots/snapshot-00010000.safetensors --batch_size 64 --global_batch_size 256
     accelerate launch [--num_processes N] [--mixed_precision fp16|bf16] distill_characteristic.py ...
     python distill_characteristic.py ... --loss lpips --lpips_weights ~/vgg16-397923af.pth
     python distill_characteristic.py ... --resume latest            # continue bit-exactly
@@ -12,10 +13,11 @@ weights, so at step 0 its flow map G(x, t, s) is exactly the teacher's DDIM step
 (losses/characteristic.py): pick a jump of n grid steps, run n steps of the frozen teacher ODE from x_t, and match
 the student's G(x_t, t, s) to sg[G(x_u, u, s)] after both are carried to the data end by the EMA (target) network,
 plus the teacher's denoising loss on the student's denoiser with an adaptive weight. Teachers: any
-diffusion_train.py snapshot, Föllmer (seed 004's setting) or EDM (CTM's). Gradient accumulation:
---global_bsz / (--bsz x processes) rounds. Sample the student with `sample.py --num_steps 1|2|4`; compare it with its
-teacher with compare.py. The run folder, resume, evaluation (--eval_interval: FD of the EMA student's one-step
-samples, best checkpoint, --only_test) and --delete are those of every training script (utils/run.py).
+diffusion_train.py snapshot, Föllmer (CharacteristicGenerator's setting) or EDM (CTM's). Gradient accumulation:
+--global_batch_size / (--batch_size x processes) rounds. Sample the student with `sample.py --num_steps 1|2|4`;
+compare it with its teacher with compare.py. The run folder, resume, evaluation (--eval_interval: FD of the EMA
+student's one-step samples, best checkpoint, --only_test) and --delete are those of every training script
+(utils/run.py).
 """
 
 import json
@@ -53,7 +55,8 @@ GRID_ROWS = 10
 SCATTER_POINTS = 4000
 # A resumed run must match these (and the teacher's weights); lr, n_steps, intervals may change, with a note.
 RESUME_KEYS = (
-    "dataset", "img_size", "num_steps", "rho", "t_min", "t_max", "train_data_end", "loss", "optimizer", "global_bsz"
+    "dataset", "img_size", "num_steps", "rho", "t_min", "t_max", "train_data_end", "loss", "optimizer",
+    "global_batch_size",
 )  # fmt: skip
 
 
@@ -64,8 +67,22 @@ class Config(RunConfig):
     data_dir: str | None = field(default=None, metadata={"help": "default: the teacher's"})
     download: bool = True
     img_size: int | None = field(default=None, metadata={"help": "default: the teacher's; must match it"})
-    bsz: int = field(default=64, metadata={"min": 1, "help": "images per process per accumulation round"})
-    global_bsz: int = field(default=0, metadata={"min": 0, "help": "images per optimizer step; 0 = bsz x processes"})
+    batch_size: int = field(
+        default=64,
+        metadata={
+            "min": 1,
+            "aliases": ("bsz",),
+            "help": "images per process per accumulation round (--bsz: CharacteristicGenerator's)",
+        },
+    )
+    global_batch_size: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "aliases": ("global_bsz",),
+            "help": "images per optimizer step; 0 = --batch_size x processes (--global_bsz: CharacteristicGenerator's)",
+        },
+    )
     optimizer: str = field(default="RAdam", metadata={"choices": ["Adam", "AdamW", "RAdam"]})
     lr: float = 1e-3
     beta1: float = 0.9
@@ -78,13 +95,16 @@ class Config(RunConfig):
         default="pseudo_huber", metadata={"choices": ["pseudo_huber", "l2", "lpips"], "help": "distance at t = 0"}
     )
     lpips_weights: str = field(default="", metadata={"help": "torchvision vgg16-397923af.pth (else torch hub cache)"})
-    lpips_resize: int = field(default=224, metadata={"help": "LPIPS input size (seed 004: 224), 0 = native"})
+    lpips_resize: int = field(
+        default=224, metadata={"help": "LPIPS input size (CharacteristicGenerator: 224), 0 = native"}
+    )
     num_steps: int = field(default=20, metadata={"min": 2, "help": "teacher time-grid points N"})
     rho: float | None = field(default=None, metadata={"help": "grid exponent; default the teacher's (Föllmer 1)"})
     t_min: float | None = field(default=None, metadata={"help": "grid end; default Föllmer 1e-3, EDM 0.002"})
     t_max: float | None = field(default=None, metadata={"help": "grid start; default Föllmer 0.999, EDM 80"})
     train_data_end: bool = field(
-        default=True, metadata={"help": "add t = 0 to the grid, so G(x, t, 0) is trained (seed 004: off)"}
+        default=True,
+        metadata={"help": "add t = 0 to the grid, so G(x, t, 0) is trained (CharacteristicGenerator: off)"},
     )
     teacher_solver: str = field(default="deis", metadata={"choices": list(ODE_SOLVERS)})
     jump_weighting: str = field(default="weighted", metadata={"choices": list(JUMP_WEIGHTINGS)})
@@ -141,7 +161,8 @@ def get_distance(cfg: Config):
 
 
 def get_dsm_loss(cfg: Config, method: str):
-    """The teacher's denoising loss for the DSM term; Föllmer's t ~ U[eps0, 1] with seed 004's student eps0 1e-3."""
+    """The teacher's denoising loss for the DSM term; Föllmer's t ~ U[eps0, 1] with CharacteristicGenerator's student
+    eps0 1e-3."""
     dsm_kwargs = ({"eps0": 1e-3} if method == "follmer" else {}) | cfg.loss_kwargs
     try:
         return get_diffusion_loss(method, **dsm_kwargs)
@@ -150,8 +171,8 @@ def get_dsm_loss(cfg: Config, method: str):
 
 
 def learning_rate(cfg: Config, step: int) -> float:
-    """Seed 004's linear warm-up over optimizer steps, lr·min((step + 1)/lr_rampup_steps, 1): the first step (step
-    0) already moves; a pure function of the step, so a resumed run sets the same rates."""
+    """CharacteristicGenerator's linear warm-up over optimizer steps, lr·min((step + 1)/lr_rampup_steps, 1): the first
+    step (step 0) already moves; a pure function of the step, so a resumed run sets the same rates."""
     return cfg.lr * min((step + 1) / cfg.lr_rampup_steps, 1.0) if cfg.lr_rampup_steps else cfg.lr
 
 
@@ -194,13 +215,14 @@ def main(cfg: Config) -> None:
     set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
-    global_bsz = cfg.global_bsz or cfg.bsz * accelerator.num_processes
-    rounds, remainder = divmod(global_bsz, cfg.bsz * accelerator.num_processes)
+    global_batch_size = cfg.global_batch_size or cfg.batch_size * accelerator.num_processes
+    rounds, remainder = divmod(global_batch_size, cfg.batch_size * accelerator.num_processes)
     if remainder or rounds < 1:
         raise UserError(
-            f"--global_bsz {global_bsz} is not a multiple of --bsz {cfg.bsz} x {accelerator.num_processes} process(es)"
+            f"--global_batch_size {global_batch_size} is not a multiple of --batch_size {cfg.batch_size} x "
+            f"{accelerator.num_processes} process(es)"
         )
-    cfg.global_bsz = global_bsz
+    cfg.global_batch_size = global_batch_size
     run.open(accelerator)
 
     # Data: the teacher's training set (x0 of the interpolant, and labels for conditional teachers).
@@ -219,7 +241,12 @@ def main(cfg: Config) -> None:
         raise UserError(f"the teacher is conditional on {n_classes} classes; {cfg.dataset} has {dataset.n_classes}")
     loader = iter(
         make_loader(
-            dataset, cfg.bsz, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step * rounds
+            dataset,
+            cfg.batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            cfg.seed,
+            run.start_step * rounds,
         )
     )
 
@@ -228,7 +255,7 @@ def main(cfg: Config) -> None:
     teacher.to(device)
     torch.manual_seed(cfg.seed)  # the s-branch's init: the same on every rank and in every run of this seed
     student, model_kwargs = build_student(teacher_meta, teacher)
-    student.eval()  # seed 004 distils in eval mode: dropout stays off, as in the teacher
+    student.eval()  # CharacteristicGenerator distils in eval mode: dropout stays off, as in the teacher
     ema = EMA(student, decay=cfg.ema_decay)
     target = ema.module.to(device)
     dsm_loss_fn = get_dsm_loss(cfg, teacher_meta["model"])
@@ -243,7 +270,7 @@ def main(cfg: Config) -> None:
         f"teacher {teacher_meta['path']} ({teacher_meta['model']}, step {teacher_meta['step']}); student "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; grid of {cfg.num_steps} times "
         f"from {t_max:g} to {t_min:g} (rho {rho:g}){' and t = 0' if cfg.train_data_end else ''}; "
-        f"{rounds} accumulation round(s) of {cfg.bsz} per process"
+        f"{rounds} accumulation round(s) of {cfg.batch_size} per process"
     )
 
     # Optimizer.
@@ -273,7 +300,7 @@ def main(cfg: Config) -> None:
             save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
 
     # Loop.
-    meters, clock = RunningMeans(), KimgClock(run.start_step, global_bsz)
+    meters, clock = RunningMeans(), KimgClock(run.start_step, global_batch_size)
     skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
     pbar = progress(
         range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
@@ -306,7 +333,7 @@ def main(cfg: Config) -> None:
         # Update the EMA (the target network), only after an update that really happened; count skipped steps and
         # stop after too many in a row (a diverged run).
         if applied:
-            ema.update(unwrap(student), global_bsz, (step + 1) * global_bsz)
+            ema.update(unwrap(student), global_batch_size, (step + 1) * global_batch_size)
             meters.add(grad_norm=grad_norm)
         skips.update(applied, step)
 

@@ -1,4 +1,4 @@
-"""FD and KALE along the latent MCMC chains of a GEBM snapshot: seed 001's sampling mode as a command.
+"""FD and KALE along the latent MCMC chains of a GEBM snapshot: GEBM's sampling mode as a command.
 
     python ebm_chain.py --checkpoint logs/fmnist_gebm --n_samples 5000 --num_sampler_steps 1000 --eval_every 10 \
         --out_dir chain/fmnist_langevin                        # GEBM's sampling.yaml: langevin, gamma 1e-4, T 100

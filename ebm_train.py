@@ -106,7 +106,9 @@ class Config(RunConfig):
     lr_generator: float = 2e-4
     beta1: float = field(default=0.5, metadata={"aliases": ("beta_1",)})
     beta2: float = field(default=0.9, metadata={"aliases": ("beta_2",)})
-    grad_clip: bool = field(default=True, metadata={"help": "GEBM's energy-gradient transform g -> 2g/(1+g^2)"})
+    grad_transform: bool = field(
+        default=True, metadata={"help": "GEBM's energy-gradient transform g -> 2g/(1+g^2) (GEBM's code: grad_clip)"}
+    )
     use_scheduler: bool = field(default=False, metadata={"help": "both lrs x scheduler_gamma every interval"})
     scheduler_gamma: float = 0.8
     scheduler_interval: int = field(default=5000, metadata={"min": 1, "help": "base steps (energy mode: iterations)"})
@@ -345,7 +347,7 @@ def main(cfg: Config) -> None:
     meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
     skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
     kale_eval = kale_evaluator(cfg, accelerator, dataset) if cfg.eval_kale or cfg.eval_metric == "kale" else None
-    transform = partial(transform_gradients, unwrap(energy)) if cfg.grad_clip else None
+    transform = partial(transform_gradients, unwrap(energy)) if cfg.grad_transform else None
     pbar = progress(
         range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
     )

@@ -1,6 +1,6 @@
 """Fréchet distance between image sets: statistics files (.npz) and scores, plus KID, precision/recall and the
 class accuracy of conditional samples. Three detectors: `inception` (TF-compatible FID), `fmnist` (FD_cls on
-genzoo's classifier, works offline), `pixels` (FD on raw pixels, seed 004's MNIST protocol).
+genzoo's classifier, works offline), `pixels` (FD on raw pixels, CharacteristicGenerator's MNIST protocol).
 
     python fid.py --data_name fashion_mnist --mode=ref --dest=stats/fashion_mnist_ref --detector fmnist
     torchrun --standalone --nproc_per_node=2 fid.py --mode gen --dest stats/<desc> --img_folder images/<desc> \

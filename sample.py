@@ -10,7 +10,7 @@
     accelerate launch --num_processes 4 sample.py --checkpoint logs/mnist_dcgan --start_seed 0 --end_seed 49999 \
         --out_dir samples/mnist_dcgan_50k
     torchrun --nproc_per_node 2 sample.py ...
-    # diffusion snapshots (diffusion_train.py): seed 004's solver flags
+    # diffusion snapshots (diffusion_train.py): CharacteristicGenerator's solver flags
     python sample.py --checkpoint logs/fmnist_edm --ode_solver heun --num_steps 18 --out_dir samples/edm_heun35
     python sample.py --checkpoint logs/mnist-denoiser --ode_solver deis --num_steps 10 --rho 1 --eval_eps0 1e-3 \
         --churn --s_min 0.05 --s_max 0.6 --gamma 0.1 --start_seed 0 --end_seed 49999 --out_dir samples/follmer
@@ -23,7 +23,7 @@
     python sample.py --checkpoint logs/fashion_mnist_score_gan --start_seed 0 --end_seed 9999 --out_dir samples/sg
     python sample.py --checkpoint logs/gaussians_discr_flow --n_samples 4000 --trajectory webp --out_dir samples/df
     python sample.py --checkpoint logs/gaussians_discr_flow --num_steps 14 --total_steps 56 --out_dir samples/df14
-    # GEBMs (ebm_train.py): latent MCMC with seed 001's flags; --num_sampler_steps 0 = the base generator
+    # GEBMs (ebm_train.py): latent MCMC with GEBM's flags; --num_sampler_steps 0 = the base generator
     python sample.py --checkpoint logs/fmnist_gebm --latent_sampler mala --lmc_gamma 1e-4 --num_sampler_steps 100 \
         --temperature 100 --animation_every 10 --out_dir samples/gebm_mala
 
@@ -92,10 +92,17 @@ from utils.tracking import progress
 @dataclass
 class Config:
     checkpoint: str = field(default="", metadata={"help": "snapshot .safetensors, or a run folder (newest snapshot)"})
-    out_dir: str = field(default="samples", metadata={"aliases": ["workdir"], "help": "(seed 004: --workdir)"})
-    mode: str | None = field(
+    out_dir: str = field(
+        default="samples",
+        metadata={"aliases": ["workdir"], "help": "output folder (--workdir: CharacteristicGenerator's eval.py)"},
+    )
+    expect_snapshot: str | None = field(
         default=None,
-        metadata={"choices": ["denoiser", "characteristic"], "help": "seed 004's flag: checked against the snapshot"},
+        metadata={
+            "choices": ["denoiser", "characteristic"],
+            "aliases": ("mode",),
+            "help": "refuse a snapshot of another kind (--mode: CharacteristicGenerator's eval.py)",
+        },
     )
     n_samples: int = 64
     seed: int = field(default=0, metadata={"help": "first seed when --start_seed/--end_seed are not given"})
@@ -110,7 +117,7 @@ class Config:
     truncation_cutoff: int | None = field(default=None, metadata={"help": "truncate the first k ws only (all)"})
     grid: bool = field(default=True, metadata={"help": "also write grid.png of the first --grid_size seeds"})
     grid_size: int = field(default=100, metadata={"help": "images in grid.png (e.g. 256 for a 16 x 16 teaser)"})
-    # Diffusion snapshots only (seed 004's names; None = the method's default).
+    # Diffusion snapshots only (CharacteristicGenerator's names; None = the method's default).
     ode_solver: str | None = field(default=None, metadata={"choices": list(SOLVERS), "help": "EDM heun, Föllmer deis"})
     num_steps: int | None = field(
         default=None,
@@ -125,7 +132,9 @@ class Config:
     sigma_max: float | None = field(default=None, metadata={"help": "EDM: first noise level (80)"})
     eval_eps0: float | None = field(default=None, metadata={"help": "Föllmer: t_min (1e-3)"})
     eval_eps1: float | None = field(default=None, metadata={"help": "Föllmer: t_max = 1 - eval_eps1 (1e-3)"})
-    churn: bool = field(default=False, metadata={"help": "inject noise (seed 004 mollification; also --churn True)"})
+    churn: bool = field(
+        default=False, metadata={"help": "inject noise (CharacteristicGenerator's mollification; also --churn True)"}
+    )
     gamma: float | None = field(default=None, metadata={"help": "churn: t_hat = t·(1 + gamma); default 0.1"})
     S_churn: float | None = field(
         default=None, metadata={"help": "EDM's form: churn with gamma = min(S_churn/N, sqrt(2) - 1), N = --num_steps"}
@@ -142,7 +151,7 @@ class Config:
     # Translation snapshots only (translate.py).
     input_dir: str = field(default="", metadata={"help": "translation: folder of input images, one output each"})
     reverse: bool = field(default=False, metadata={"help": "translation: a CycleGAN snapshot's B -> A generator"})
-    # GEBM snapshots only (seed 001's names; None = its sampling run's value, in brackets).
+    # GEBM snapshots only (GEBM's names; None = its sampling run's value, in brackets).
     latent_sampler: str | None = field(default=None, metadata={"choices": SAMPLERS, "help": "latent MCMC (langevin)"})
     num_sampler_steps: int | None = field(default=None, metadata={"help": "MCMC steps (1000); 0 = the base generator"})
     lmc_gamma: float | None = field(default=None, metadata={"help": "step size gamma (1e-4)"})
@@ -202,7 +211,7 @@ def solver_settings(denoiser, cfg: Config) -> dict:
         t_max = None if cfg.eval_eps1 is None else 1 - cfg.eval_eps1
     settings = dict(solver=cfg.ode_solver, num_steps=num_steps, rho=cfg.rho, t_min=t_min, t_max=t_max)
     if cfg.S_churn is not None and cfg.gamma is not None:
-        raise UserError("give --gamma (seed 004's form) or --S_churn (EDM's), not both")
+        raise UserError("give --gamma (CharacteristicGenerator's form) or --S_churn (EDM's), not both")
     churn, gamma = cfg.churn, 0.1 if cfg.gamma is None else cfg.gamma
     if cfg.S_churn is not None:  # EDM Algorithm 2: gamma_i = min(S_churn/N, sqrt(2) - 1), N = grid points
         churn, gamma = cfg.churn or cfg.S_churn > 0, min(cfg.S_churn / num_steps, math.sqrt(2) - 1)
@@ -233,11 +242,14 @@ def main(cfg: Config) -> None:
     if meta["kind"] == "translation" or cfg.input_dir or cfg.reverse:
         translate_folder(cfg, meta, state_dict)
         return
-    if cfg.mode is not None:  # seed 004's eval.py --mode: one of its two snapshot kinds
-        if {"denoiser": "diffusion", "characteristic": "characteristic"}[cfg.mode] != meta["kind"]:
-            raise UserError(f"--mode {cfg.mode}: {meta['path']} is a {meta['kind']!r} snapshot")
-        if cfg.mode == "characteristic" and cfg.ode_solver is not None:
-            print(f"note: --ode_solver {cfg.ode_solver} is ignored for a characteristic snapshot (as seed 004 does)")
+    if cfg.expect_snapshot is not None:  # CharacteristicGenerator's eval.py --mode: one of its two snapshot kinds
+        if {"denoiser": "diffusion", "characteristic": "characteristic"}[cfg.expect_snapshot] != meta["kind"]:
+            raise UserError(f"--expect_snapshot {cfg.expect_snapshot}: {meta['path']} is a {meta['kind']!r} snapshot")
+        if cfg.expect_snapshot == "characteristic" and cfg.ode_solver is not None:
+            print(
+                f"note: --ode_solver {cfg.ode_solver} is ignored for a characteristic snapshot "
+                "(as CharacteristicGenerator does)"
+            )
             cfg = dataclasses.replace(cfg, ode_solver=None)
 
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())  # CPU-only torchrun: shard over gloo

@@ -127,12 +127,11 @@ def run(bench: Bench, cmd: list[str]) -> subprocess.CompletedProcess:
 @dataclass
 class Case:
     """One training benchmark: the script, its flags (`{b.mnist}`-style fields name the shared Bench's data and
-    snapshot, made when first used), the batch flag and sizes (full, quick), and the bare loop to compare with."""
+    snapshot, made when first used), the --batch_size values (full, quick), and the bare loop to compare with."""
 
     script: str
     flags: str
     batch: tuple[int, int]
-    batch_flag: str = "--batch_size"
     bare: Callable[[Bench, str, int], float | None] | None = None  # (bench, variant, batch) -> bare sec/kimg
 
 
@@ -176,7 +175,7 @@ EDM = f"--method edm {MNIST} --model"
 
 TRAINING = {
     "dcgan32": Case("gan_mnist.py", f"--method gan --ema {MNIST}", (64, 32), bare=bare_gan(conditional=False)),
-    # The README's quick start: labels into G and D (before issue 18 factored D's first conv it cost 1.8x dcgan32).
+    # The README's quick start: labels into G and D.
     "dcgan32-cond": Case(
         "gan_mnist.py", f"--method gan --ema --conditional {MNIST}", (64, 32), bare=bare_gan(conditional=True)
     ),
@@ -190,7 +189,7 @@ TRAINING = {
     "edm-cifar": Case(
         "diffusion_train.py", f"{EDM} ddpmpp-cifar --img_size 32", (128, 16), bare=bare_diffusion("ddpmpp-cifar", 32)
     ),
-    "distill": Case("distill_characteristic.py", "--teacher {b.edm_snapshot} --no-download", (64, 16), "--bsz"),
+    "distill": Case("distill_characteristic.py", "--teacher {b.edm_snapshot} --no-download", (64, 16)),
     # The offline demo pairs (edges -> Fashion-MNIST item) of the README, at its 32 px.
     "pix2pix": Case(
         "translate.py",
@@ -212,13 +211,13 @@ def measure_training(bench: Bench, name: str, variant: str) -> dict:
     total, batch = warmup + timed, bench.batch(*case.batch)
     log_name = f"{name}-{variant}"
     flags = [token.format(b=bench) for token in shlex.split(case.flags)]  # split first: paths may hold spaces
-    cmd = [sys.executable, case.script, *flags, case.batch_flag, str(batch), "--n_steps", str(total)]
+    cmd = [sys.executable, case.script, *flags, "--batch_size", str(batch), "--n_steps", str(total)]
     cmd += ["--log_interval", str(warmup), "--sample_interval", "0", "--checkpoint_interval", str(10 * total)]
     cmd += ["--loggers", "none", "--log_dir", str(bench.work / "runs"), "--log_name", log_name]
     cmd += PRECISION_FLAGS[variant]
     run(bench, cmd)
 
-    # Images per step from the script's own kimg count: bsz x accumulation, noise batches and the like differ.
+    # Images per step from the script's own kimg count: batch x accumulation, noise batches and the like differ.
     stats = bench.work / "runs" / log_name / "stats.jsonl"
     last = json.loads(stats.read_text().splitlines()[-1])
     per_step = last["kimg"] * 1000 / last["step"]

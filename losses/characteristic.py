@@ -1,7 +1,7 @@
 """Characteristic matching: distil a diffusion teacher's probability-flow ODE into a two-time flow map G(x, t, s).
 
-Ding et al. 2024, "Characteristic Learning for One Step Generation", arXiv 2405.05512 (seed 004; reference code
-burning489/CharacteristicGenerator sde.py `compute_characteristic_loss`), the scheme of CTM (Kim et al. 2023,
+Ding et al. 2024, "Characteristic Learning for One Step Generation", arXiv 2405.05512 (reference code
+CharacteristicGenerator's sde.py `compute_characteristic_loss`), the scheme of CTM (Kim et al. 2023,
 arXiv 2310.02279) with its target_model_sg / model / model_sg choices. On a grid t_0 > ... > t_{N-1} of the
 teacher's times, for a jump of n grid steps:
     x_t = alpha_t·x0 + beta_t·z,        u = t + n steps,    s uniform on the grid at or after u
@@ -11,8 +11,8 @@ teacher's times, for a jump of n grid steps:
     loss      dist(G_target(y, s, 0), sg[G_target(y*, s, 0)])   (target = EMA weights, frozen; gradient flows
               through y only), compared at the data end, where the distance (LPIPS in particular) means something.
 genzoo's grid may end with the data end t = 0 (distill_characteristic.py --train_data_end, the default), so that
-G(x, t, 0), the map the one-step sampler uses, is trained directly; seed 004 stops the grid at t_min and leaves
-G(., ., 0) to extrapolation from s = t_min. The script adds w·L_dsm (the teacher's own denoising loss on G's
+G(x, t, 0), the map the one-step sampler uses, is trained directly; CharacteristicGenerator stops the grid at t_min and
+leaves G(., ., 0) to extrapolation from s = t_min. The script adds w·L_dsm (the teacher's own denoising loss on G's
 denoiser with s = t) with the adaptive weight
 `adaptive_weight`. Everything here returns per-sample values; the script reduces.
 """
@@ -24,11 +24,11 @@ import torch
 from modelling.precond import flow_map
 from sampling.diffusion import ode_step
 
-JUMP_WEIGHTINGS = ("weighted", "uniform")  # P(n = k) proportional to k (seed 004's default), or uniform
+JUMP_WEIGHTINGS = ("weighted", "uniform")  # P(n = k) proportional to k (CharacteristicGenerator's default), or uniform
 
 
 def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample (seed 004's `l2`)."""
+    """Mean squared error per sample (CharacteristicGenerator's `l2`)."""
     return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
@@ -116,10 +116,10 @@ def adaptive_weight(
     loss_char: torch.Tensor, loss_dsm: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
 ) -> torch.Tensor:
     """w = ||grad_W L_char|| / (||grad_W L_dsm|| + 1e-4), clamped to [0, max_weight] and detached, with W the
-    student's output-layer weight (seed 004 / CTM `calculate_adaptive_weight`; VQGAN's balancing rule). Both
-    losses are unscaled here, so fp16 loss scaling does not enter the ratio. The gradients are fp32 even under fp16
+    student's output-layer weight (CharacteristicGenerator / CTM `calculate_adaptive_weight`; VQGAN's balancing rule).
+    Both losses are unscaled here, so fp16 loss scaling does not enter the ratio. The gradients are fp32 even under fp16
     autocast because the networks run their output layer in fp32 (modelling/unet.py, mlp.py): through an fp16
-    layer, the elementwise gradients of a loss averaged over a large batch underflow (issue 14, defect 11)."""
+    layer, the elementwise gradients of a loss averaged over a large batch underflow."""
     g_char = torch.autograd.grad(loss_char, last_layer, retain_graph=True)[0]
     g_dsm = torch.autograd.grad(loss_dsm, last_layer, retain_graph=True)[0]
     return (g_char.float().norm() / (g_dsm.float().norm() + 1e-4)).clamp(0, max_weight).detach()

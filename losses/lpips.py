@@ -1,16 +1,17 @@
 """LPIPS distance for training: Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
-Metric", arXiv 1801.03924. Used as the distance of characteristic distillation (Ding et al. 2024, seed 004).
+Metric", arXiv 1801.03924. Used as the distance of characteristic distillation (Ding et al. 2024,
+CharacteristicGenerator).
 
 Built on the `lpips` PyPI package (richzhang/PerceptualSimilarity), VGG variant, version 0.1: its linear heads ship
 inside the wheel; the VGG16 backbone is torchvision's ImageNet file `vgg16-397923af.pth` (SHA-256 prefix 397923af),
 read from `--lpips_weights` or the torch hub cache with `torch.load(weights_only=True)` and never downloaded.
 
-Deviations from seed 004, which uses piq's LPIPS:
+Deviations from CharacteristicGenerator, which uses piq's LPIPS:
 - piq replaces VGG's max pooling by 2x2 average pooling and downloads its own `lpips_weights.pt`; genzoo keeps the
   standard max-pool VGG and the lpips package's heads, so its numbers are those of the LPIPS paper, not piq's.
-- seed 004 resizes to 224 any image smaller than 256; genzoo resizes only images smaller than `resize` (the same
-  for the 28 and 32 pixel images used here). Both repeat grey channels to RGB and feed ImageNet-normalised inputs
-  (lpips's ScalingLayer on [-1, 1] is piq's mean/std on [0, 1]).
+- CharacteristicGenerator resizes to 224 any image smaller than 256; genzoo resizes only images smaller than
+  `resize` (the same for the 28 and 32 pixel images used here). Both repeat grey channels to RGB and feed
+  ImageNet-normalised inputs (lpips's ScalingLayer on [-1, 1] is piq's mean/std on [0, 1]).
 """
 
 import warnings
@@ -89,7 +90,7 @@ class LPIPSDistance(nn.Module):
         imgs = imgs.float()
         if self.resize and imgs.shape[-2] < self.resize:
             imgs = F.interpolate(imgs, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
-        return imgs.expand(-1, 3, -1, -1)  # greyscale -> RGB, as seed 004 repeats channels
+        return imgs.expand(-1, 3, -1, -1)  # greyscale -> RGB, as CharacteristicGenerator repeats channels
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # fp32 under autocast too: lpips unit-normalises features with eps 1e-10 (0 in fp16), and their squared

@@ -21,7 +21,7 @@ def l1_distance(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # pix2pix: Isola et al. 2017, arXiv 1611.07004, Eq. 4: G* = arg min_G max_D L_cGAN(G, D) + lambda L_L1(G), lambda =
 # 100; D sees (input, image) pairs; "we divide the objective by 2 while optimizing D" (Sec. 3.3); G uses the
 # non-saturating form, log D(x, G(x)). Ref: gau-nernst/gan train_pix2pix.py (L1 x 100), Ganzo loss.py (whose L1 is
-# over the concatenated pair: here over the output only, see shared/reference/gans_and_ebm.md §1.9).
+# over the concatenated pair: here over the output only, as pix2pix's Eq. 3 writes it).
 class Pix2PixLoss:
     def __init__(self, l1_weight: float = 100.0):
         self.l1_weight = l1_weight

@@ -8,7 +8,7 @@
 - `fmnist`: genzoo's Fashion-MNIST classifier (modelling/classifier.py, trained by train_detector.py), its 128-d
   penultimate layer; its weights ship beside this file (fmnist_cnn.safetensors), checked against their SHA-256 so
   numbers are comparable across machines.
-- `pixels`: raw pixels scaled to [0, 1], flattened (the protocol of seed 004's MNIST table).
+- `pixels`: raw pixels scaled to [0, 1], flattened (the protocol of CharacteristicGenerator's MNIST table).
 - `points`: the coordinates of 2-D toy samples (the in-loop `fd_points` metric of the training scripts).
 """
 

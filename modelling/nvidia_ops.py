@@ -108,7 +108,7 @@ class EqualizedConv2d(nn.Module):
 
 
 class PixelNorm(nn.Module):
-    """a / sqrt(mean_c(a^2) + eps), in fp32 (under fp16 the mean of squares overflows; seed 003, "Lessons")."""
+    """a / sqrt(mean_c(a^2) + eps), in fp32 (under fp16 the mean of squares overflows; gau-nernst/gan, "Lessons")."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

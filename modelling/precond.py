@@ -1,14 +1,15 @@
 # Denoiser preconditioning: D(x; t) = c_skip(t)·x + c_out(t)·F(c_in(t)·x, c_noise(t)) around any network F.
 # EDM: Karras et al. 2022, arXiv 2206.00364, Table 1 / Sec. 5 ("EDMPrecond"), noise x = y + sigma·n, t = sigma.
-# Föllmer: Ding et al. 2024, arXiv 2405.05512 (seed 004, burning489/CharacteristicGenerator sde.py): the
+# Föllmer: Ding et al. 2024, arXiv 2405.05512 (CharacteristicGenerator's sde.py): the
 # variance-preserving interpolant x_t = (1 - t)·x0 + sqrt(t(2 - t))·z, data at t = 0 and noise at t = 1.
 # Both are one formula for x_t = alpha(t)·x0 + beta(t)·z with data std sigma_data (EDM's recipe applied to x/alpha):
 #   c_in = 1/sqrt(a²s² + b²), c_out = b·s/sqrt(a²s² + b²), c_skip = a·s²/(a²s² + b²), loss weight (a²s² + b²)/(b s)²
 # which for EDM (a = 1, b = sigma) is exactly EDM's table. The wrapper computes in fp32 whatever autocast says;
 # only the network F may run in reduced precision. The schedule methods (alpha, beta and their t-derivatives)
 # are what the samplers in sampling/diffusion.py integrate, so one sampler serves both.
-# Characteristic generators (seed 004, Sec. 2.5 of ../shared/reference): the same denoiser around a two-time network,
-# D(x, t, s) = c_skip(t)·x + c_out(t)·F(c_in(t)·x, c_noise(t), c_noise(s)), and the flow map from t to s <= t
+# Characteristic generators (the Characteristic Learning paper, Ding et al. 2024, Sec. 2.5): the same denoiser around
+# a two-time network, D(x, t, s) = c_skip(t)·x + c_out(t)·F(c_in(t)·x, c_noise(t), c_noise(s)), and the flow map from
+# t to s <= t
 #   G(x, t, s) = (beta_s/beta_t)·x + (alpha_s - alpha_t·beta_s/beta_t)·D(x, t, s)      (`flow_map`)
 # a DDIM step whose denoiser knows where the step lands. G(x, t, t) = x and G(x, t, 0) = D(x, t, 0) exactly.
 
@@ -71,7 +72,8 @@ class Denoiser(nn.Module):
         return (a**2 * s**2 + b**2) / (b * s) ** 2
 
     def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None, s=None) -> torch.Tensor:
-        """D(x; t), or D(x, t, s) for a two-time network (s defaults to t: the plain denoiser, seed 004's DSM term)."""
+        """D(x; t), or D(x, t, s) for a two-time network (s defaults to t: the plain denoiser, CharacteristicGenerator's
+        DSM term)."""
         x = x.float()
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])  # (B,)
         c_skip, c_out, c_in = (c.reshape(-1, *[1] * (x.ndim - 1)) for c in self.coefficients(t))
@@ -87,7 +89,8 @@ class Denoiser(nn.Module):
 
 def flow_map(schedule: Denoiser, x: torch.Tensor, t, s, denoised: torch.Tensor) -> torch.Tensor:
     """G(x, t, s) = (beta_s/beta_t)·x + (alpha_s - alpha_t·beta_s/beta_t)·D, for scalar or per-sample (B,) times:
-    the DDIM/DEIS step from t to s with the denoiser output `denoised` (seed 004's characteristic parametrisation)."""
+    the DDIM/DEIS step from t to s with the denoiser output `denoised` (CharacteristicGenerator's characteristic
+    parametrisation)."""
     shape = (-1, *[1] * (x.ndim - 1))
     t, s = as_time(t).to(x.device), as_time(s).to(x.device)
     ratio = (schedule.beta(s) / schedule.beta(t)).reshape(shape).to(x.dtype)
@@ -156,7 +159,7 @@ class FollmerDenoiser(Denoiser):
         return self.noise_scale * t
 
     def prior(self, latents, labels, t_max):
-        # x_{t_max} = z + (1 - t_max)·E[x0]: one exact Euler step of dx/dt = -E[x0] from t = 1. (Seed 004's code
-        # subtracts this term; the derivation adds it.)
+        # x_{t_max} = z + (1 - t_max)·E[x0]: one exact Euler step of dx/dt = -E[x0] from t = 1.
+        # (CharacteristicGenerator's code subtracts this term; the derivation adds it.)
         mean = self.data_mean[labels] if labels is not None and self.n_classes else self.data_mean[:1]
         return latents + (1 - t_max) * mean.to(latents.dtype)

@@ -8,7 +8,7 @@ the mirrored encoder maps; tanh output. 70x70 PatchGAN D: C64-C128-C256-C512, th
 Zhu et al. 2017, "Unpaired Image-to-Image Translation using Cycle-Consistent Adversarial Networks", arXiv 1703.10593
 (ResNet G: c7s1-64, d128, d256, R256 x 9 (x 6 at 128 px), u128, u64, c7s1-3, reflection padding, instance norm).
 Reference code read for facts: gau-nernst/gan `modelling/pix2pix.py`, `modelling/cyclegan.py` (instance norm,
-no dropout by default); junyanz/pytorch-CycleGAN-and-pix2pix as summarised in shared/reference/gans_and_ebm.md §2.10
+no dropout by default); junyanz/pytorch-CycleGAN-and-pix2pix
 (no norm on the innermost encoder layer: a 1x1 map has no spatial statistics; init N(0, 0.02)).
 
 Sizes: `depth` encoder levels take the U-Net from S to S / 2^depth (default log2 S: a 1x1 bottleneck, 8 levels at

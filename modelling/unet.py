@@ -107,7 +107,7 @@ class SongUNet(nn.Module):
         num_blocks: int = 4,  # residual blocks per resolution
         attn_resolutions: tuple[int, ...] = (16,),  # resolutions that get self-attention
         dropout: float = 0.1,
-        two_time: bool = False,  # characteristic generator: a second time input s (seed 004's traj_mode)
+        two_time: bool = False,  # characteristic generator: a second time input s (CharacteristicGenerator's traj_mode)
     ):
         super().__init__()
         levels = len(channel_mult)
@@ -182,7 +182,7 @@ class SongUNet(nn.Module):
                         m.proj.weight.mul_(1e-5)
             self.out_conv.weight.mul_(1e-5)
             # The s-branch starts at zero, so a two-time network initialised from a one-time one computes exactly
-            # the same function (seed 004 initialises it xavier-uniform instead; see the README).
+            # the same function (CharacteristicGenerator initialises it xavier-uniform instead; see the README).
             for m in self.modules():
                 if isinstance(m, UNetBlock) and m.affine_s is not None:
                     m.affine_s.weight.zero_()

@@ -2,19 +2,19 @@
 
 With D the denoiser (posterior mean of x0), z_hat = (x - alpha·D)/beta, and the probability-flow ODE velocity
     v(x, t) = alpha'(t)·D + beta'(t)·z_hat
-which is (x - D)/sigma for EDM (EDM Eq. 4 with sigma(t) = t) and (alpha·x - D)/beta² for Föllmer (seed 004).
-Time grid (EDM Eq. 5, also seed 004's "Karras grid" in t): t_i = (t_max^(1/rho) + i/(N-1)·(t_min^(1/rho) -
-t_max^(1/rho)))^rho, i = 0..N-1; N - 1 solver steps from t_max to t_min, then a final denoising step
-x <- D(x; t_min). For EDM that final step is exactly EDM Algorithm 2's last Euler step to sigma = 0; for Föllmer it
-is exactly the DEIS step to t = 0 (beta_0 = 0). Solvers:
+which is (x - D)/sigma for EDM (EDM Eq. 4 with sigma(t) = t) and (alpha·x - D)/beta² for Föllmer
+(CharacteristicGenerator). Time grid (EDM Eq. 5, also CharacteristicGenerator's "Karras grid" in t):
+t_i = (t_max^(1/rho) + i/(N-1)·(t_min^(1/rho) - t_max^(1/rho)))^rho, i = 0..N-1; N - 1 solver steps from t_max to
+t_min, then a final denoising step x <- D(x; t_min). For EDM that final step is exactly EDM Algorithm 2's last Euler
+step to sigma = 0; for Föllmer it is exactly the DEIS step to t = 0 (beta_0 = 0). Solvers:
   euler      x + v·dt                                                     NFE N
   heun       EDM Algorithm 2 (2nd order; the correction is skipped only on the final step)   NFE 2N - 1
   deis       first-order exponential integrator = DDIM: x' = r·x + (alpha' - r·alpha)·D, r = beta'/beta   NFE N
   ancestral  the reverse SDE's first-order exponential integrator: draw x' from q(x_t' | x_t, x0 = D), DDPM's
              ancestral step (stochastic; stable near t = 1, where Euler-Maruyama on the Föllmer SDE is not)  NFE N
   characteristic  two-time (distilled) networks only: jump with the flow map x' = G(x, t, t') and finish with
-             G(x, t_min, 0) (seed 004's characteristic sampler; N = 1 is the one-step generator G(x, t_max, 0))  NFE N
-Churn (EDM Algorithm 2's S_churn, seed 004's noise mollification; gamma is per step and not capped, EDM's
+             G(x, t_min, 0) (CharacteristicGenerator's sampler; N = 1 is the one-step generator G(x, t_max, 0))  NFE N
+Churn (EDM Algorithm 2's S_churn, CharacteristicGenerator's noise mollification; gamma is per step and not capped, EDM's
 gamma_i = min(S_churn/N, sqrt(2) - 1) is one choice): for t_i in [s_min, s_max], final step included, first move to
 t_hat = t_i·(1 + gamma) with the exact forward transition x <- (alpha_hat/alpha)·x + sqrt(beta_hat² -
 (alpha_hat/alpha)²·beta²)·s_noise·eps (EDM: x + sqrt(sigma_hat² - sigma²)·S_noise·eps), then step from t_hat.

@@ -1,4 +1,4 @@
-"""Closed-form denoisers of Gaussian data and Gaussian mixtures (reference §7 T1), as denoiser modules that the
+"""Closed-form denoisers of Gaussian data and Gaussian mixtures, as denoiser modules that the
 samplers and losses accept in place of a trained network."""
 
 import torch

@@ -1,6 +1,6 @@
 """Characteristic distillation maths: the two-time parametrisation, the student's initialisation from its teacher,
 jump sampling, the per-sample teacher solver, and a one-step generator distilled from a closed-form Gaussian
-teacher against the teacher's own endpoint map (reference §2.5-2.6, §7 T5)."""
+teacher against the teacher's own endpoint map."""
 
 import math
 
@@ -158,9 +158,9 @@ def test_characteristic_target_at_initialisation_and_its_stop_gradients(method):
     loss = characteristic_loss(
         spies["student"], spies["target"], spies["teacher"], x0, labels, grid, 2, i_t, i_s, l2_distance, "deis"
     )
-    # The loss written out (reference §2.6): x_t = alpha_t·x0 + beta_t·z; x_u = two DEIS steps of the teacher;
-    # y = G(x_t, t, s), y* = G(x_u, u, s) with the online weights; compared at the data end through the target
-    # network, G_target(., s, 0) = D_target(., s, 0) (the identity where s = 0 already).
+    # The loss written out (CharacteristicGenerator's `compute_characteristic_loss`): x_t = alpha_t·x0 + beta_t·z; x_u =
+    # two DEIS steps of the teacher; y = G(x_t, t, s), y* = G(x_u, u, s) with the online weights; compared at the data
+    # end through the target network, G_target(., s, 0) = D_target(., s, 0) (the identity where s = 0 already).
     torch.manual_seed(1)
     t, u, s = grid[i_t], grid[i_t + 2], grid[i_s]
     shape = (-1, 1, 1, 1)
@@ -208,7 +208,7 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     ],
 )
 def test_adaptive_weight_is_computed_in_fp32_under_fp16_autocast(net, net_kwargs, shape, scale):
-    """Defect 11: the losses come from a forward under fp16 autocast (`accelerate launch --mixed_precision fp16`);
+    """The losses come from a forward under fp16 autocast (`accelerate launch --mixed_precision fp16`);
     the weight must still be the fp32 gradient-norm ratio. The DSM term is a small loss averaged over 32,768 and
     65,536 elements, so its elementwise gradients (~2e-8) are below fp16's smallest subnormal (6e-8): with the
     output layer in fp16 they vanish, and the weight came out 20 % (MLP) and 68 % (U-Net) too large (measured).
@@ -240,10 +240,10 @@ def test_one_step_generator_from_a_closed_form_teacher():
     (the map it distils) and reproduce the target's moments.
 
     Tolerances, from measured runs of this exact setup: after 800 steps the mean pointwise error is 0.025 (0.012
-    after 1,500), against ~0.48 for the teacher's own one-step denoiser D(z', t_max) = mu. With seed 004's grid,
-    which stops at t_min so G(., ., 0) is never trained, the same run gives 0.07-0.08 and a covariance of 0.27 for
-    0.36: the bound 0.05 separates the two. Moment bounds are ~5 standard errors of 2,000 samples plus the
-    teacher's own Heun discretisation error (its covariance is 0.348, not 0.36)."""
+    after 1,500), against ~0.48 for the teacher's own one-step denoiser D(z', t_max) = mu. With
+    CharacteristicGenerator's grid, which stops at t_min so G(., ., 0) is never trained, the same run gives 0.07-0.08
+    and a covariance of 0.27 for 0.36: the bound 0.05 separates the two. Moment bounds are ~5 standard errors of 2,000
+    samples plus the teacher's own Heun discretisation error (its covariance is 0.348, not 0.36)."""
     torch.manual_seed(0)
     mu, std = torch.tensor([0.5, -1.0]), 0.6
     teacher = FollmerMixture([mu.tolist()], [std])

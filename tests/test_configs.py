@@ -67,4 +67,4 @@ def test_the_papers_values():
         0.999,
         0.999,
     )
-    assert distill.global_bsz == 256 and not distill.train_data_end
+    assert distill.global_batch_size == 256 and not distill.train_data_end

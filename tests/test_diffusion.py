@@ -1,5 +1,5 @@
 """Diffusion maths against closed forms: preconditioning, loss floors, and every solver on Gaussian data, where the
-sampler is an affine map x = A·z + B of the latent and A, B are known exactly (reference §7 T1-T4, T8)."""
+sampler is an affine map x = A·z + B of the latent and A, B are known exactly."""
 
 import math
 
@@ -37,7 +37,7 @@ def test_preconditioning_matches_the_formulas(method):
             expected = (s**2 / (t**2 + s**2), t * s / math.sqrt(t**2 + s**2), 1 / math.sqrt(t**2 + s**2))
             assert float(den.c_noise(t_)) == pytest.approx(math.log(t) / 4)
             assert float(den.loss_weight(t_)) == pytest.approx((t**2 + s**2) / (t * s) ** 2)
-        else:  # seed 004 with sigma_data = 1: D = alpha·x + beta·F
+        else:  # CharacteristicGenerator with sigma_data = 1: D = alpha·x + beta·F
             a, b = 1 - t, math.sqrt(t * (2 - t))
             expected = (a, b, 1.0)
             assert float(den.c_noise(t_)) == pytest.approx(999 * t)
@@ -71,9 +71,9 @@ class RecordingNet(torch.nn.Module):
 @pytest.mark.parametrize("two_time", [False, True])
 def test_denoiser_feeds_the_network_and_combines_its_output_as_the_papers_write(method, sigma_data, two_time):
     """D(x; t) = c_skip·x + c_out·F(c_in·x, c_noise(t)) with the coefficients written out here in float64: EDM
-    Table 1 (sigma = t; c_noise = ln(sigma)/4) and seed 004's Föllmer preconditioning (EDM's recipe on x/alpha,
-    alpha = 1 - t, beta = sqrt(t(2 - t)); c_noise = 999·t), including sigma_data != 1 where Föllmer's c_in is not 1,
-    and the two-time networks' c_noise(s) (EDM: s = 0 embedded as sigma = 1e-4). Per-sample times."""
+    Table 1 (sigma = t; c_noise = ln(sigma)/4) and CharacteristicGenerator's Föllmer preconditioning (EDM's recipe on
+    x/alpha, alpha = 1 - t, beta = sqrt(t(2 - t)); c_noise = 999·t), including sigma_data != 1 where Föllmer's c_in is
+    not 1, and the two-time networks' c_noise(s) (EDM: s = 0 embedded as sigma = 1e-4). Per-sample times."""
     den = build_denoiser(method, net="mlp", net_kwargs=dict(dim=3), sigma_data=sigma_data)
     den.net = RecordingNet(two_time)
     den.two_time = two_time
@@ -99,7 +99,8 @@ def test_denoiser_feeds_the_network_and_combines_its_output_as_the_papers_write(
         if two_time:
             noise_s = math.log(max(s[i], 1e-4)) / 4 if method == "edm" else 999 * s[i]
             assert float(c_noise_s[i]) == pytest.approx(noise_s, rel=1e-6, abs=1e-9), (i, "c_noise(s)")
-        if method == "follmer":  # lambda = (alpha² sd² + beta²)/(beta·sd)²; seed 004's code multiplies by sd² instead
+        # lambda = (alpha² sd² + beta²)/(beta·sd)²; CharacteristicGenerator's code multiplies by sd² instead
+        if method == "follmer":
             assert float(den.loss_weight(torch.tensor(ti))) == pytest.approx((a**2 * sd**2 + b**2) / (b * sd) ** 2)
         else:
             assert float(den.loss_weight(torch.tensor(ti))) == pytest.approx((ti**2 + sd**2) / (ti * sd) ** 2)
@@ -315,12 +316,13 @@ def test_edm_churn_is_exactly_algorithm_2():
 
 
 def follmer_reference(mu, s, n, solver, churn=None, s_noise=1.0, n_draws=1) -> Affine:
-    """Seed 004's samplers (reference §2.4) on N(mu, s²) with the exact denoiser: t from 0.999 to 1e-3 (rho 1),
-    bridge x = z + 0.001·mu, then n - 1 steps, each after an optional churn (gamma, s_min, s_max): t' = t(1 + gamma),
-    r = (1 - t')/(1 - t), x <- r·x + sqrt(1 - r²)·s_noise·eps (seed 004's churn_noise); then x <- D(x; t_min).
-    deis: x' = (beta'/beta)·x + (alpha' - alpha·beta'/beta)·D. ancestral: x' ~ q(x_t' | x_t = x, x0 = D), by
-    conditioning the joint Gaussian of (x_t', x_t) given x0: mean alpha'·D + (c/beta²)·(x - alpha·D) and variance
-    beta'² - c²/beta², with c = Cov(x_t', x_t | x0) = (alpha/alpha')·beta'²."""
+    """CharacteristicGenerator's samplers (its eval.py `ode_sampler`) on N(mu, s²) with the exact denoiser: t from
+    0.999 to 1e-3 (rho 1), bridge x = z + 0.001·mu, then n - 1 steps, each after an optional churn (gamma, s_min,
+    s_max): t' = t(1 + gamma), r = (1 - t')/(1 - t), x <- r·x + sqrt(1 - r²)·s_noise·eps (CharacteristicGenerator's
+    churn_noise); then x <- D(x; t_min). deis: x' = (beta'/beta)·x + (alpha' - alpha·beta'/beta)·D. ancestral:
+    x' ~ q(x_t' | x_t = x, x0 = D), by conditioning the joint Gaussian of (x_t', x_t) given x0: mean
+    alpha'·D + (c/beta²)·(x - alpha·D) and variance beta'² - c²/beta²,
+    with c = Cov(x_t', x_t | x0) = (alpha/alpha')·beta'²."""
     alpha = lambda t: 1 - t  # noqa: E731
     beta = lambda t: math.sqrt(t * (2 - t))  # noqa: E731
     grid, k = karras_grid(0.999, 1e-3, n, 1.0), 1
@@ -343,9 +345,9 @@ def follmer_reference(mu, s, n, solver, churn=None, s_noise=1.0, n_draws=1) -> A
 
 
 def test_follmer_churn_and_ancestral_steps_are_exact():
-    """Seed 004's churn (gamma 0.2 on [0.05, 0.6], 10-point DEIS grid: churn at 0.5, 0.389, 0.278, 0.167, 0.056)
-    and the ancestral sampler's posterior mean and std, on N(0.5, 0.3²) with the exact denoiser: every coefficient
-    of the output on the latent and on each later draw equals the reference's to 1e-9."""
+    """CharacteristicGenerator's churn (gamma 0.2 on [0.05, 0.6], 10-point DEIS grid: churn at 0.5, 0.389, 0.278, 0.167,
+    0.056) and the ancestral sampler's posterior mean and std, on N(0.5, 0.3²) with the exact denoiser: every
+    coefficient of the output on the latent and on each later draw equals the reference's to 1e-9."""
     den = FollmerMixture([[0.5]], [0.3])
     reference = follmer_reference(0.5, 0.3, 10, "deis", churn=(0.2, 0.05, 0.6), s_noise=1.003, n_draws=6)
     coef = noise_coefficients(den, 6, solver="deis", num_steps=10, churn=True, gamma=0.2, s_noise=1.003)

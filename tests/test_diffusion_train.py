@@ -90,7 +90,7 @@ def test_every_solver_from_one_cli(tmp_path, edm_run):
 
 
 def test_edm_stochastic_settings_typed_as_published(tmp_path, edm_run):
-    """Defect 9: EDM's sampler flags as its README writes them (ImageNet-64: --S_churn 40 --S_min 0.05 --S_max 50
+    """EDM's sampler flags as its README writes them (ImageNet-64: --S_churn 40 --S_min 0.05 --S_max 50
     --S_noise 1.003 with 256 steps). gamma = min(S_churn/N, sqrt(2) - 1) with N = --num_steps, EDM's num_steps
     (grid points, the final step to 0 included: EDM Algorithm 2 churns at every i < N). --S_min/--S_max/--S_noise
     are --s_min/--s_max/--s_noise (EDM's sigma is genzoo's t for EDM snapshots)."""
@@ -107,7 +107,7 @@ def test_edm_stochastic_settings_typed_as_published(tmp_path, edm_run):
     assert settings("--num_steps", "18", "--S_churn", "30")["gamma"] == math.sqrt(2) - 1  # CIFAR-10 VP: capped
     assert settings("--num_steps", "100", "--S_churn", "30")["gamma"] == 0.3
     assert not settings("--S_churn", "0")["churn"] and not settings()["churn"]  # EDM's deterministic default
-    assert settings("--churn")["gamma"] == 0.1  # seed 004's default gamma
+    assert settings("--churn")["gamma"] == 0.1  # CharacteristicGenerator's default gamma
     with pytest.raises(UserError, match="--gamma .* or --S_churn"):
         settings("--S_churn", "40", "--gamma", "0.2")
     # End to end: --S_churn 2 over 8 grid points is --churn --gamma 0.25, and churn changes the images.
@@ -152,8 +152,8 @@ def test_follmer_resume_is_bit_exact_and_stores_the_class_means(tmp_path, mnist_
 
 
 def test_fixed_ema_decay_with_warm_up(tmp_path):
-    """Defect 10: `--ema_decay 0.999` is seed 004's EMA, beta = min(0.999, (1 + k)/(10 + k)) at update k = 0, 1, ...:
-    the second update (k = 1) averages with beta = 2/11 (the default half-life EMA, 500 kimg with ramp-up 0.05,
+    """`--ema_decay 0.999` is CharacteristicGenerator's EMA, beta = min(0.999, (1 + k)/(10 + k)) at update k = 0, 1,
+    ...: the second update (k = 1) averages with beta = 2/11 (the default half-life EMA, 500 kimg with ramp-up 0.05,
     would use 0.5^(256/25.6) ~ 0.001 at 512 images seen; k off by one, 3/12). lr 1e-2 moves every weight by ~1e-2
     per Adam step, far above the tolerance. Buffers are copied."""
     argv = [

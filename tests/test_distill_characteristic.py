@@ -106,7 +106,7 @@ def test_student_samples_in_one_two_and_four_steps(tmp_path, student):
 
 
 def test_students_sample_on_the_grid_they_were_distilled_on(tmp_path, teacher):
-    """Defect 8: a student distilled with --t_min 0.01 --t_max 0.99 --rho 2 records the resolved grid in its
+    """A student distilled with --t_min 0.01 --t_max 0.99 --rho 2 records the resolved grid in its
     snapshot, and sample.py and compare.py sample it there by default (the class defaults are 1e-3, 0.999, 1);
     explicit flags still win. Snapshots from before the grid was recorded fall back to their config's flags."""
     argv = ["--teacher", teacher, "--workdir", str(tmp_path / "run"), "--bsz", "4", "--no-download", "--n_steps", "1"]
@@ -143,8 +143,8 @@ def test_students_sample_on_the_grid_they_were_distilled_on(tmp_path, teacher):
     assert [(r["t_min"], r["t_max"], r["rho"]) for r in rows[1:]] == [(0.01, 0.99, 2.0)] * 3
 
 
-def test_seed_004_sampling_line_runs_as_written(tmp_path, teacher, student):
-    """Defect 9: seed 004's eval.py line, `--mode ${mode} --checkpoint ${checkpoint} --workdir ${workdir}
+def test_characteristic_generator_sampling_line_runs_as_written(tmp_path, teacher, student):
+    """CharacteristicGenerator's eval.py line, `--mode ${mode} --checkpoint ${checkpoint} --workdir ${workdir}
     --start_seed 0 --end_seed 49999 --ode_solver ${solver} --num_steps $num_step --rho 1 --eval_eps0 1e-3
     --churn ${churn} --s_min ${s_min} --s_max ${s_max} --gamma ${gamma}`, with sample.py in place of eval.py:
     boolean flags take a value there (its str2bool), --workdir is the image folder, and the characteristic mode
@@ -164,7 +164,7 @@ def test_seed_004_sampling_line_runs_as_written(tmp_path, teacher, student):
         assert sorted(p.name for p in out.glob("0*.png")) == [f"{s:06d}.png" for s in range(4)]
     assert "--ode_solver deis is ignored" in result.stdout
     result = run_script("sample.py", "--mode", "characteristic", "--checkpoint", teacher, ok=False)
-    assert_one_line_error(result, "--mode characteristic", "'diffusion' snapshot")
+    assert_one_line_error(result, "--expect_snapshot characteristic", "'diffusion' snapshot")
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_seed_004_sampling_line_runs_as_written(tmp_path, teacher, student):
     ],
 )
 def test_boolean_flags_take_a_value_too(argv, churn):
-    """Defect 9: `--churn True|False` (seed 004's form) and the switch form `--churn/--no-churn` both parse."""
+    """`--churn True|False` (CharacteristicGenerator's form) and the switch form `--churn/--no-churn` both parse."""
     cfg = parse(sample_script.Config, argv + ["--grid", "False"])
     assert cfg.churn is churn and cfg.grid is False
 

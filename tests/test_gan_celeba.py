@@ -192,8 +192,9 @@ def celeba_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_seed_003_commands_run_as_written(tmp_path, celeba_root):
-    """Seed 003's three gan_celeba.py lines verbatim, plus --data_dir and a short --n_steps (argparse: last wins)."""
+def test_gau_nernst_gan_commands_run_as_written(tmp_path, celeba_root):
+    """gau-nernst/gan's three gan_celeba.py lines verbatim, plus --data_dir and a short --n_steps (argparse: last
+    wins)."""
     commands = [
         "--model dcgan --method gan --img_size 64 --log_name celeba_dcgan --batch_size 128 --n_steps 100000 --lr 2e-4 "
         "--beta1 0.5 --beta2 0.999 --ema",

@@ -1,4 +1,4 @@
-"""KALE (losses/kale.py, metrics/kale.py) against closed forms (reference gans_and_ebm.md §6.9), GEBM's penalties
+"""KALE (losses/kale.py, metrics/kale.py) against closed forms, GEBM's penalties
 and gradient transform, and the GEBM architectures (modelling/sngan.py, modelling/gebm.py)."""
 
 import math
@@ -55,7 +55,7 @@ def test_kale_between_gaussians_with_a_known_density_ratio(m):
 
 def test_learned_linear_energy_and_log_partition_reach_the_density_ratio():
     """Minimising L_E over a linear energy a x + b and A on P = N(1, 1) vs G = N(0, 1) gives a = -m,
-    A + b = m^2/2 and -L_E = KALE = KL = 1/2 (reference §6.9 b)."""
+    A + b = m^2/2 and -L_E = KALE = KL = 1/2."""
     m, data, base = 1.0, normal(200_000, 3, 1.0), normal(200_000, 4)
     a, b, log_partition = (torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(3))
     optimizer = torch.optim.LBFGS([a, b, log_partition], lr=1, max_iter=200, line_search_fn="strong_wolfe")

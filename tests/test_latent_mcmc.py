@@ -1,4 +1,4 @@
-"""Latent MCMC samplers (sampling/latent_mcmc.py) against closed forms (reference gans_and_ebm.md §6.8): each on a
+"""Latent MCMC samplers (sampling/latent_mcmc.py) against closed forms: each on a
 correlated 2-D Gaussian and a Gaussian mixture, exact invariance of the Metropolis samplers, ULA's and underdamped
 Langevin's exact stationary laws for their discretisations, the temperature's effect, and per-seed chains that do
 not depend on their batch. Everything runs in float64 with fixed seeds, so the numbers are reproducible."""
@@ -74,7 +74,7 @@ def test_ula_stationary_variance_is_its_discretisation_bias(gamma):
 
 @pytest.mark.parametrize("gamma,expected", [(0.1, 0.98), (0.5, 0.81)])
 def test_mala_moments_and_acceptance(gamma, expected):
-    """From the origin (not the target), 120 steps: exact mean and covariance, acceptance as in reference §6.8."""
+    """From the origin (not the target), 120 steps: exact mean and covariance, and the expected acceptance rate."""
     chains = run("mala", gamma, 120, torch.zeros(20_000, 2, dtype=torch.float64))
     assert acceptance(chains) == pytest.approx(expected, abs=0.01)
     assert_moments(chains.z, MU, SIGMA, 0.04, 0.08)

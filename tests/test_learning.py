@@ -741,10 +741,11 @@ def test_cyclegan_learns_to_close_the_cycle(tmp_path, mnist_dir):
 
 # ====================================================================================================================
 # Each optimizer step of diffusion_train.py (EDM, Föllmer) and distill_characteristic.py, as the scripts assemble it,
-# against the formulas written out by hand on a fixed tiny batch (reference §1.3, §2.3-2.6); what the loops do around
-# it (learning rate, EMA, clipping, gradient accumulation, which batch and seed), read back from the training states
-# of 1- and 2-step runs; and short runs on GPM's 2-D Gaussian mixture that learn: the denoiser's loss falls and its
-# samples spread to the data's covariance, the distilled one-step generator approaches its teacher's ODE map.
+# against the formulas written out by hand on a fixed tiny batch (EDM's loss, the Characteristic Learning paper's
+# losses); what the loops do around it (learning rate, EMA, clipping, gradient accumulation, which batch and seed), read
+# back from the training states of 1- and 2-step runs; and short runs on GPM's 2-D Gaussian mixture that learn: the
+# denoiser's loss falls and its samples spread to the data's covariance, the distilled one-step generator approaches its
+# teacher's ODE map.
 # ====================================================================================================================
 DIFFUSION_NET = dict(dim=2, width=16, depth=2)
 # The short toy runs: small enough for a few seconds on one CPU thread, long enough to learn (measured below).
@@ -821,7 +822,7 @@ def test_diffusion_step_loss_is_the_papers_weighted_error(method, sigma_data, lo
 
 def test_diffusion_lr_warm_up_and_clip_threshold():
     """EDM's warm-up is linear in images seen *before* the step (lr 0 at step 0), then flat; --lr_rampup_kimg 0 is
-    none. The clip threshold: EDM unclipped, Föllmer 1 (seed 004), --grad_clip wins, 0 = none."""
+    none. The clip threshold: EDM unclipped, Föllmer 1 (CharacteristicGenerator), --grad_clip wins, 0 = none."""
     cfg = diffusion_train.Config(lr=2e-3, lr_rampup_kimg=1.0)
     images = 100  # per step: 1,000 images after 10 steps
     assert [diffusion_train.learning_rate(cfg, step, images) for step in (0, 1, 5, 10, 20)] == pytest.approx(
@@ -973,8 +974,8 @@ def _diffusion_distill_nets(method: str):
 @pytest.mark.parametrize("method,distance", [("follmer", "pseudo_huber"), ("edm", "l2")])
 def test_distillation_step_loss_is_characteristic_plus_weighted_dsm(method, distance):
     """distill_characteristic.distillation_loss on 4 fixed points with jumps of n = 2 grid steps (one row ends its
-    jump at the data end u = 0, two go to s = 0), 2 accumulation rounds, against the formulas of reference §2.5-2.6
-    written out row by row:
+    jump at the data end u = 0, two go to s = 0), 2 accumulation rounds, against the Characteristic Learning
+    paper's formulas written out row by row:
         x_t = a_t·x0 + b_t·z;  x_u = two DEIS steps of the teacher, x <- G(x, t_k, t_k+1) with D_teacher;
         G(x, t, s) = (b_s/b_t)·x + (a_s - a_t·b_s/b_t)·D(x, t, s);
         L_char = mean dist(G_target(G_student(x_t, t, s), s, 0), sg[G_target(sg[G_student(x_u, u, s)], s, 0)]);
@@ -1071,7 +1072,8 @@ def test_distillation_step_loss_is_characteristic_plus_weighted_dsm(method, dist
 
 
 def test_distillation_lr_warm_up():
-    """Seed 004's warm-up counts optimizer steps from 1: lr·min((step + 1)/lr_rampup_steps, 1); 0 = none."""
+    """CharacteristicGenerator's warm-up counts optimizer steps from 1: lr·min((step + 1)/lr_rampup_steps, 1);
+    0 = none."""
     cfg = distill_characteristic.Config(lr=1e-3, lr_rampup_steps=4)
     rates = [distill_characteristic.learning_rate(cfg, step) for step in (0, 1, 3, 10)]
     assert rates == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3], abs=1e-12)
@@ -1081,10 +1083,10 @@ def test_distillation_lr_warm_up():
 def test_distillation_loop_sets_the_lr_clips_and_averages(diffusion_follmer_run, tmp_path):
     """What the loop does around the step loss, read back from the training states after steps 1 and 2 (8 points a
     step, the Föllmer toy teacher): the optimizer's lr is learning_rate's (1e-2·1/4, then 1e-2·2/4); the target
-    network is the EMA with seed 004's warm-up beta_k = min(decay, (1 + k)/(10 + k)) at update k (with --ema_decay
-    0.15: the warm-up's 0.1, then the decay 0.15 < 2/11), target_k = beta_k·target_(k-1) + (1 - beta_k)·student_k,
-    from the student that the teacher initialised; the update moves the weights. A second run with --grad_clip 1e-12
-    barely moves them (an Adam-family first step is ~lr·g/(|g| + 1e-8))."""
+    network is the EMA with CharacteristicGenerator's warm-up beta_k = min(decay, (1 + k)/(10 + k)) at update k (with
+    --ema_decay 0.15: the warm-up's 0.1, then the decay 0.15 < 2/11), target_k = beta_k·target_(k-1)
+    + (1 - beta_k)·student_k, from the student that the teacher initialised; the update moves the weights. A second
+    run with --grad_clip 1e-12 barely moves them (an Adam-family first step is ~lr·g/(|g| + 1e-8))."""
     argv = [
         "--teacher", str(diffusion_follmer_run), "--bsz", "8", "--num_steps", "4", "--lr", "1e-2",
         "--lr_rampup_steps", "4", "--ema_decay", "0.15", "--checkpoint_interval", "1", "--sample_interval", "0",

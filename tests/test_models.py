@@ -144,7 +144,7 @@ def test_spectral_norm_on_conv_uses_reshaped_matrix():
     torch.manual_seed(0)
     disc = build_discriminator("dcgan", img_size=16, img_channels=1, base_dim=4, spectral_norm=True, norm="none")
     x = torch.randn(2, 1, 16, 16)
-    for _ in range(300):  # a random matrix has no spectral gap: many iterations (reference 6.4)
+    for _ in range(300):  # a random matrix has no spectral gap: many iterations
         disc(x)
     for m in disc.modules():
         if isinstance(m, nn.Conv2d):

@@ -1,4 +1,4 @@
-"""GPM's particle models against closed forms (reference §7 T6/T7): the Discriminator Flow velocity and update for
+"""GPM's particle models against closed forms: the Discriminator Flow velocity and update for
 each loss, the critic losses' signs, the zero-centred gradient penalty, the critics (registry, batch independence,
 stored Fourier frequencies); ScoreGAN's noise law, its unweighted score loss and its generator gradient, and T6:
 SGD on the surrogate with exact Gaussian scores lands on the data's mean and std."""

@@ -266,6 +266,97 @@ def test_dry_run_prints_resolved_config_and_exits():
     assert json.loads(out.stdout) == {"method": "gan", "lr": 0.25, "ema": False, "kwargs": {}, "label": None}
 
 
+@dataclass
+class _AliasCfg:
+    batch_size: int = field(default=1, metadata={"aliases": ("bsz",)})
+    lr: float = 2e-4
+
+
+def test_aliases_work_as_flags_and_as_config_file_keys(tmp_path):
+    assert parse(_AliasCfg, ["--bsz", "4"]).batch_size == 4
+    old_key = tmp_path / "old.yaml"
+    old_key.write_text("bsz: 8\nlr: 0.5\n")
+    assert parse(_AliasCfg, ["--config", str(old_key)]) == _AliasCfg(batch_size=8, lr=0.5)
+    assert parse(_AliasCfg, ["--config", str(old_key), "--batch_size", "2"]).batch_size == 2  # the flag wins
+    both = tmp_path / "both.yaml"
+    both.write_text("batch_size: 8\nbsz: 16\n")
+    with pytest.raises(UserError, match="batch_size is given twice, as 'batch_size' and as 'bsz'"):
+        parse(_AliasCfg, ["--config", str(both)])
+    # A config file in CharacteristicGenerator's spelling still loads into distill_characteristic.py's Config.
+    import distill_characteristic
+
+    published = tmp_path / "cg.yaml"
+    published.write_text("bsz: 32\nglobal_bsz: 128\n")
+    cfg = parse(distill_characteristic.Config, ["--config", str(published)])
+    assert (cfg.batch_size, cfg.global_batch_size) == (32, 128)
+
+
+def _code_aliases() -> set[tuple[str, str, str]]:
+    """(alias, flag, script) for every alias in the `Config` of every script at the repository's top level."""
+    import importlib
+    from pathlib import Path
+
+    from utils.cli import alias_names
+    from utils.run import RunConfig
+
+    found = set()
+    for path in sorted(Path(__file__).resolve().parents[1].glob("*.py")):
+        if "\nclass Config" not in path.read_text():
+            continue
+        config = importlib.import_module(path.stem).Config
+        for alias, name in alias_names(config).items():
+            run_flag = issubclass(config, RunConfig) and name in RunConfig.__dataclass_fields__
+            found.add((f"--{alias}", f"--{name}", "every training script" if run_flag else path.name))
+    return found
+
+
+def test_the_flags_page_lists_every_alias_and_no_other():
+    """docs/flags.md's table of aliases has one row per alias in the scripts' Configs (read from their field
+    metadata): alias, genzoo's flag, the scripts that take it (RunConfig's flags: "every training script"), and whose
+    spelling it is; a row for an alias that no longer exists fails too."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "flags.md").read_text()
+    section = page.split("## Aliases", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `--"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            assert len(cells) == 4 and cells[3], f"docs/flags.md: a row needs 4 cells, whose spelling last: {line}"
+            rows[(cells[0].strip("`"), cells[1].strip("`"))] = cells[2]
+    code = _code_aliases()
+    assert ("--bsz", "--batch_size", "distill_characteristic.py") in code  # the scripts were found
+    assert {(alias, flag) for alias, flag, _ in code} == set(rows)
+    for alias, flag, scripts in code:
+        assert scripts in rows[(alias, flag)], f"docs/flags.md: {alias} -> {flag} should name {scripts}"
+
+
+def test_a_flag_name_has_one_type_in_every_script():
+    """A name shared by several scripts (as a flag or as an alias) takes the same kind of value in each: a bool switch
+    in one script and a number in another would be two meanings (as GEBM's gradient transform under --grad_clip
+    was next to diffusion_train.py's max norm)."""
+    import importlib
+    import typing
+    from pathlib import Path
+
+    from utils.cli import field_metadata
+
+    kinds = {}
+    for path in sorted(Path(__file__).resolve().parents[1].glob("*.py")):
+        if "\nclass Config" not in path.read_text():
+            continue
+        config = importlib.import_module(path.stem).Config
+        hints = typing.get_type_hints(config)
+        for name in config.__dataclass_fields__:
+            kind = [a for a in typing.get_args(hints[name]) if a is not type(None)] or [hints[name]]
+            for flag in (name, *field_metadata(config, name).get("aliases", ())):
+                kinds.setdefault(flag, {}).setdefault(str(kind[0]), []).append(path.name)
+    mixed = {flag: by_kind for flag, by_kind in kinds.items() if len(by_kind) > 1}
+    assert not mixed, f"flags with different kinds of value across scripts: {mixed}"
+    assert len(next(iter(kinds["batch_size"].values()))) > 1  # the scripts were found: the check compares something
+
+
 # Grids -----------------------------------------------------------------------------------------------------------
 def test_to_uint8_and_grid(tmp_path):
     x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 2, 3)

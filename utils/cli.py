@@ -5,11 +5,11 @@
 override, and handles `--dry_run` (print the resolved config, exit 0). Bad input raises `UserError`, which
 `user_errors()` turns into one line on stderr and exit code 2: no traceback for a user's mistake.
 
-Booleans are switches (`--ema`, `--no-ema`) that also take a value (`--ema true`, seed 004's form).
-Field metadata: "help", "choices", "aliases" (more flag names), "min" (inclusive lower bound, checked by
-`check_bounds`), "allow_inf" (a float that may be inf; NaN is never accepted). A subclass may redeclare a field with
-another default only: the metadata is looked up along the class hierarchy (`field_metadata`). Flags are never
-abbreviated (`--conf x.yaml` is an error, not a silent `--config_xyz`).
+Booleans are switches (`--ema`, `--no-ema`) that also take a value (`--ema true`, CharacteristicGenerator's form).
+Field metadata: "help", "choices", "aliases" (more flag names, also accepted as config-file keys), "min" (inclusive
+lower bound, checked by `check_bounds`), "allow_inf" (a float that may be inf; NaN is never accepted). A subclass may
+redeclare a field with another default only: the metadata is looked up along the class hierarchy (`field_metadata`).
+Flags are never abbreviated (`--conf x.yaml` is an error, not a silent `--config_xyz`).
 """
 
 import argparse
@@ -61,7 +61,8 @@ _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False
 
 class _BoolAction(argparse.BooleanOptionalAction):
     """`--flag` / `--no-flag`, and also `--flag VALUE` / `--flag=VALUE` with VALUE one of true/false/yes/no/1/0 in
-    any case: seed 004's command lines write booleans with a value (`--churn True`, argparse with str2bool)."""
+    any case: CharacteristicGenerator's command lines write booleans with a value (`--churn True`, argparse with
+    str2bool)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,6 +132,27 @@ def make_parser(config_cls, description: str | None = None) -> argparse.Argument
     return parser
 
 
+def alias_names(config_cls) -> dict[str, str]:
+    """Every alias of `config_cls`'s fields -> the field's name (a published spelling -> genzoo's flag)."""
+    return {
+        alias: f.name
+        for f in dataclasses.fields(config_cls)
+        for alias in field_metadata(config_cls, f.name).get("aliases", ())
+    }
+
+
+def _canonical_keys(config_cls, values: dict, path: str) -> dict:
+    """A config file's keys with aliases replaced by the field names (`bsz: 64` -> `batch_size: 64`); a file that
+    gives one option under two of its names is refused, as the two values could differ."""
+    aliases, out, spelled = alias_names(config_cls), {}, {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise UserError(f"--config {path}: {name} is given twice, as {spelled[name]!r} and as {key!r}")
+        out[name], spelled[name] = value, key
+    return out
+
+
 def check_bounds(cfg) -> None:
     """Refuse values below a field's "min" metadata (None means unset and is not checked)."""
     for f in dataclasses.fields(cfg):
@@ -173,9 +195,10 @@ def parse(config_cls, argv: list[str] | None = None, description: str | None = N
     if config_path:
         file_values = load_config_file(config_path)
         valid = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(file_values) - valid)
+        unknown = sorted(set(file_values) - valid - set(alias_names(config_cls)))
         if unknown:
             raise UserError(f"--config {config_path}: unknown option(s) {unknown}; valid: {sorted(valid)}")
+        file_values = _canonical_keys(config_cls, file_values, config_path)
         # Values from the file go through the same type conversion and choices as the flags.
         hints = typing.get_type_hints(config_cls)
         file_argv, none_values = [], {}

@@ -540,7 +540,7 @@ CELEBA_FOLDER = "img_align_celeba"  # the aligned-and-cropped 178x218 JPEGs (tor
 def celeba_dataset(data_dir: str | None, img_size: int) -> ImageFileDataset:
     """CelebA's aligned-and-cropped images, read from torchvision's layout (<data_dir>/celeba/img_align_celeba)
     or the bare folder, without torchvision's MD5 check of the annotation files (an images-only copy works).
-    All 202,599 images, no labels (seed 003 trains unconditionally); centre square, then resized."""
+    All 202,599 images, no labels (gau-nernst/gan trains unconditionally); centre square, then resized."""
     files = celeba_files(data_dir)
     return ImageFileDataset(files, torch.zeros(len(files), dtype=torch.int64), 0, img_size, channels=3)
 

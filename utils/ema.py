@@ -4,8 +4,8 @@ beta = 0.5 ** (batch / halflife_nimg) per update, so the averaging horizon measu
 the batch size or the number of GPUs changes (EDM's `ema_halflife_kimg`, StyleGAN2-ADA's `ema_kimg`). With a
 ramp-up ratio r the half-life is capped at r * images seen so far, so early weights are forgotten quickly.
 Parameters are averaged; buffers (BatchNorm statistics, spectral-norm vectors) are copied, as StyleGAN2-ADA does.
-Seed 004 (and consistency models) instead use a fixed decay with a warm-up, beta = min(decay, (1 + k)/(10 + k)) at
-update k = 0, 1, ...: `EMA(model, decay=0.999)`.
+CharacteristicGenerator (and consistency models) instead use a fixed decay with a warm-up,
+beta = min(decay, (1 + k)/(10 + k)) at update k = 0, 1, ...: `EMA(model, decay=0.999)`.
 Call `update` only after a real optimizer step (not a skipped fp16 step, not a gradient-accumulation micro-step).
 """
 
@@ -29,7 +29,8 @@ class EMA:
         model: torch.nn.Module,
         halflife_kimg: float = 10.0,
         rampup_ratio: float | None = 0.05,
-        decay: float | None = None,  # fixed per-update decay with seed 004's warm-up; overrides the half-life
+        # A fixed per-update decay with CharacteristicGenerator's warm-up; overrides the half-life.
+        decay: float | None = None,
     ):
         if decay is not None and not 0 <= decay < 1:
             raise UserError(f"--ema_decay must be in [0, 1), got {decay}")

@@ -81,7 +81,9 @@ class RunConfig:
     )
     log_dir: str = "logs"
     log_name: str = field(default="", metadata={"help": "run folder name inside --log_dir (default per script)"})
-    workdir: str = field(default="", metadata={"help": "run folder (seed 004's flag); overrides log_dir/log_name"})
+    workdir: str = field(
+        default="", metadata={"help": "run folder (CharacteristicGenerator's flag); overrides log_dir/log_name"}
+    )
     loggers: str = field(default="tensorboard", metadata={"choices": ["tensorboard", "none"]})
     log_interval: int = field(default=100, metadata={"min": 1})
     sample_interval: int = field(default=1000, metadata={"min": 0, "help": "steps between sample grids; 0 = none"})
