@@ -5,7 +5,7 @@ in the loop at fixed intervals and on many samples at the end, read from the run
     python benchmarks/quality.py --only dcgan,edm --out /tmp/q                 # some families
     python benchmarks/quality.py --smoke --data_dir /tmp/idx --out /tmp/q      # every code path on tiny budgets
 
-Per family (configs/quality/fashion_mnist.yaml says which script, flags and budget), as a user would run it: the
+Per family (benchmarks/quality_fashion_mnist.yaml says which script, flags and budget), as a user would run it: the
 training script with `--eval_interval` (FD_cls on `eval_samples` samples; translation: its own metric), timed by
 the lines it prints; then per table row `sample.py` on `final_samples` seeds (timed: sampling seconds per 1k
 images), `fid.py --mode gen --detector fmnist`, and FD_cls, precision/recall and the class accuracy against the
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from metrics.stats import frechet_distance, precision_recall  # noqa: E402
 
-CONFIG = ROOT / "configs" / "quality" / "fashion_mnist.yaml"
+CONFIG = ROOT / "benchmarks" / "quality_fashion_mnist.yaml"
 # The in-loop evaluation line of utils/run.py: "step 500: fd_cls 41.2345 on 2000 samples ...".
 EVAL_LINE = re.compile(r"^step (\d+): (\w+) (-?[\d.]+(?:e[-+]?\d+)?|nan|inf)\b")
 # --smoke: every family at a few steps with its tiny networks (`smoke_args`), so a test can run the whole pipeline.
