@@ -367,8 +367,12 @@ def main(cfg: Config) -> None:
         rows = n_classes or GRID_COLS
         zs = torch.randn(rows * GRID_COLS, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         labels = torch.arange(n_classes).repeat_interleave(GRID_COLS).to(device) if n_classes else None
+        chunk = standing_batches(cfg.img_size)[1]  # all 100 at once up to 64 px; large images a few at a time
         for tag, source in [("raw", gen)] + ([("ema", ema.module)] if ema else []):
-            save_grid(eval_generator(source)(zs, labels), run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
+            model = eval_generator(source)
+            images = torch.cat([model(zs[i : i + chunk], None if labels is None else labels[i : i + chunk])
+                                for i in range(0, len(zs), chunk)])  # fmt: skip
+            save_grid(images, run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
 
     def penalty_scale() -> float:
         # fp16: second-order terms are taken from gradients of the scaled output, then unscaled (PyTorch's AMP recipe)

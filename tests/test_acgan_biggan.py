@@ -160,6 +160,7 @@ def _celeba(data_dir, log_dir, *args, **kw):
     return run_script("gan_celeba.py", *common, *BIG, *map(str, args), **kw)
 
 
+@pytest.mark.slow
 def test_acgan_trains_resumes_bit_exactly_and_samples_classes(tmp_path, mnist_dir):
     args = ["--model", "acgan", "--conditional", "--ema", "--n_steps", "4", "--checkpoint_interval", "2"]
     args += ["--log_interval", "2", "--sample_interval", "4", "--loggers", "none"]
@@ -180,6 +181,7 @@ def test_acgan_trains_resumes_bit_exactly_and_samples_classes(tmp_path, mnist_di
     assert_one_line_error(bad, "--model acgan is class-conditional", "--conditional")
 
 
+@pytest.mark.slow
 def test_biggan_defaults_train_resume_bit_exactly_and_sample_truncated(tmp_path, mnist_dir):
     args = ["--conditional", "--ema", "--n_steps", "5", "--checkpoint_interval", "3", "--log_interval", "1"]
     args += ["--sample_interval", "5"]

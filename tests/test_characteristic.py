@@ -233,6 +233,7 @@ def test_adaptive_weight_is_computed_in_fp32_under_fp16_autocast(net, net_kwargs
     assert weights["fp16"] == pytest.approx(weights["fp32"], rel=0.02), weights
 
 
+@pytest.mark.slow
 def test_one_step_generator_from_a_closed_form_teacher():
     """Distil the exact Gaussian teacher (N(mu, s² I), 2-D, s = 0.6) with the script's scheme (N = 20 + the data end,
     rho 1, weighted jumps, l2, EMA target, DSM term) into a small MLP trained from scratch, with a 20-point Heun

@@ -51,6 +51,7 @@ def edm_run(tmp_path_factory, mnist_dir):
     return log_dir / "edm", result
 
 
+@pytest.mark.slow
 def test_run_folder_holds_every_artefact(edm_run):
     run_dir, result = edm_run
     assert "parameters identical on 1 process(es)" in result.stdout
@@ -120,6 +121,7 @@ def test_edm_stochastic_settings_typed_as_published(tmp_path, edm_run):
     assert pngs["S_churn"] == pngs["gamma"] != pngs["none"]
 
 
+@pytest.mark.slow
 def test_sampler_flags_of_the_other_method_are_refused(tmp_path, edm_run):
     run_dir, _ = edm_run
     result = run_script("sample.py", "--checkpoint", run_dir, "--eval_eps0", "1e-3", "--out_dir", tmp_path, ok=False)
@@ -128,6 +130,7 @@ def test_sampler_flags_of_the_other_method_are_refused(tmp_path, edm_run):
         sample_script.main(parse(sample_script.Config, ["--checkpoint", str(run_dir), "--num_steps", "0"]))
 
 
+@pytest.mark.slow
 def test_follmer_resume_is_bit_exact_and_stores_the_class_means(tmp_path, mnist_dir):
     """6 steps straight == 3 steps, a new process resuming, 3 more (weights, optimizer, EMA, logged losses)."""
     args = ["--method", "follmer", "--conditional", "--checkpoint_interval", "3", "--log_interval", "3"]

@@ -60,6 +60,7 @@ def student(tmp_path_factory, teacher):
     return root, straight, resumed
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_and_the_run_folder_is_complete(student):
     root, straight, resumed = student
     assert "resuming from" in resumed.stdout and "parameters identical on 1 process(es)" in straight.stdout
@@ -143,6 +144,7 @@ def test_students_sample_on_the_grid_they_were_distilled_on(tmp_path, teacher):
     assert [(r["t_min"], r["t_max"], r["rho"]) for r in rows[1:]] == [(0.01, 0.99, 2.0)] * 3
 
 
+@pytest.mark.slow
 def test_characteristic_generator_sampling_line_runs_as_written(tmp_path, teacher, student):
     """CharacteristicGenerator's eval.py line, `--mode ${mode} --checkpoint ${checkpoint} --workdir ${workdir}
     --start_seed 0 --end_seed 49999 --ode_solver ${solver} --num_steps $num_step --rho 1 --eval_eps0 1e-3
@@ -186,6 +188,7 @@ def test_boolean_flags_take_a_value_too(argv, churn):
     assert cfg.churn is churn and cfg.grid is False
 
 
+@pytest.mark.slow
 def test_bad_teachers_and_flags_are_refused(tmp_path, teacher, student):
     root, _, _ = student
     gan = tmp_path / "gan.safetensors"
@@ -217,6 +220,7 @@ def test_bad_teachers_and_flags_are_refused(tmp_path, teacher, student):
     assert not list((tmp_path / "lp").glob("states/state-*"))
 
 
+@pytest.mark.slow
 def test_two_processes_edm_teacher_and_gradient_accumulation(tmp_path, mnist_dir):
     """An EDM teacher, 2 processes x 2 accumulation rounds, bf16: replicas agree and the student samples."""
     train(

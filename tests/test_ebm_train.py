@@ -75,6 +75,7 @@ def gebm_run(tmp_path_factory, mnist_dir):
     return log_dir / "run", result
 
 
+@pytest.mark.slow
 def test_run_folder_holds_every_artefact(gebm_run):
     run_dir, result = gebm_run
     assert "initial log-partition A = " in result.stdout and "parameters identical on 1 process(es)" in result.stdout
@@ -98,6 +99,7 @@ def test_run_folder_holds_every_artefact(gebm_run):
     assert evals["metric"] == "fd_cls" and (run_dir / "best.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path, mnist_dir):
     """10 iterations straight == 5, a new process resuming, 5 more (resuming between an energy and a base step):
     every tensor, A, the optimizers, the EMA, base_steps and the logged losses."""
@@ -137,6 +139,7 @@ def test_energy_and_base_train_modes(tmp_path, mnist_dir, gebm_run):
         )
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(tmp_path, mnist_dir):
     """DDP over gloo, in bf16: both ranks take the same energy/base schedule, A's gradient is averaged like any
     other, and the parameters (A included) are bit-identical on both ranks at every checkpoint (checked by the

@@ -40,6 +40,7 @@ def _npz(path: Path) -> dict:
 FP32_AGREEMENT = 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("detector", ["pixels", "fmnist"])
 def test_ref_statistics_are_the_same_with_two_processes(tmp_path, mnist_dir, detector):
     # As on a user's 2-core machine: one process with 2 threads, or 2 processes with one thread each.
@@ -65,6 +66,7 @@ def test_ref_statistics_are_the_same_with_two_processes(tmp_path, mnist_dir, det
     assert abs(score) < 1e-6 and "precision: 1.0000   recall: 1.0000" in result.stdout
 
 
+@pytest.mark.slow
 def test_generated_samples_end_to_end_with_class_accuracy(tmp_path, mnist_dir):
     train(mnist_dir, tmp_path, "--log_name", "cond", "--n_steps", "2", "--conditional")
     run_script("sample.py", "--checkpoint", tmp_path / "cond", "--n_samples", "40", "--out_dir", tmp_path / "imgs")
@@ -148,6 +150,7 @@ def _folder(tmp_path: Path, name: str, sizes: list[tuple[int, int, int]]) -> Pat
     return folder
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path, mnist_dir):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -57,6 +57,7 @@ def train(data_dir, log_dir, model, *args, **kw):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(TINY))
 def test_every_model_trains_and_samples(tmp_path, image_dir, model):
     conditional = ["--conditional"] if model in ("dcgan", "sagan") else []
@@ -109,6 +110,7 @@ def test_every_model_trains_and_samples(tmp_path, image_dir, model):
         assert_one_line_error(bad, "--truncation/--truncation_cutoff need a style generator")
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_with_a_count(tmp_path):
     folder = tmp_path / "imgs"
     _write_images(folder, 4, (16, 16), 0)
@@ -136,6 +138,7 @@ RESUME_CASES = {  # (arguments, the step at which the first run stops and the se
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(RESUME_CASES))
 def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_dir, model):
     case_args, split_step = RESUME_CASES[model]
@@ -164,6 +167,7 @@ def test_resume_is_bit_exact_mid_growth_and_mid_regularisation(tmp_path, image_d
         assert float(split["pl_mean"]) > 0  # the path-length running mean was updated and carried over
 
 
+@pytest.mark.slow
 def test_regularisers_due_every_step_join_the_main_step(tmp_path, image_dir):
     """--r1_interval 1 / --pl_interval 1: R1 and path length are part of the D and G steps (StyleGAN2-ADA's "both"
     phases): one Adam step per network per iteration at the full lr, not a second step for the regulariser. With
@@ -192,6 +196,7 @@ def celeba_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_gau_nernst_gan_commands_run_as_written(tmp_path, celeba_root):
     """gau-nernst/gan's three gan_celeba.py lines verbatim, plus --data_dir and a short --n_steps (argparse: last
     wins)."""
@@ -232,6 +237,7 @@ DDP_CASES = {  # every --model; tiny nets, 2 steps of 2 x 4 images
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(DDP_CASES))
 def test_two_processes_with_torchrun(tmp_path, image_dir, case):
     """DDP over gloo; the checkpoint checks that the replicas hold identical weights and stops the run if not."""

@@ -88,6 +88,7 @@ RESUME_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(RESUME_CASES))
 def test_resume_is_bit_exact(tmp_path, mnist_dir, case):
     """N steps straight == N/2 steps, a new process resuming, N/2 more: every tensor bit-identical, data order
@@ -107,6 +108,7 @@ def test_resume_is_bit_exact(tmp_path, mnist_dir, case):
     assert [r["loss/d"] for r in rows_a] == [r["loss/d"] for r in rows_b]
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_setup_and_keeps_states(tmp_path, mnist_dir):
     train(mnist_dir, tmp_path, "--log_name", "r", "--n_steps", "2", "--checkpoint_interval", "1")
     states = tmp_path / "r" / "states"
@@ -121,6 +123,7 @@ def test_resume_refuses_another_setup_and_keeps_states(tmp_path, mnist_dir):
     assert before == after
 
 
+@pytest.mark.slow
 def test_resume_applies_a_new_lr_and_refuses_another_runs_folder(tmp_path, mnist_dir):
     train(mnist_dir, tmp_path, "--log_name", "a", "--n_steps", "2", "--checkpoint_interval", "2")
     new = ["--lr", "1e-3", "--beta1", "0.1"]
@@ -172,6 +175,7 @@ def test_two_processes_with_torchrun(tmp_path, mnist_dir):
     assert len(writers) == 1  # event files (scalars + hparams) all come from one process id
 
 
+@pytest.mark.slow
 def test_two_process_resume_is_bit_exact(tmp_path, mnist_dir):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     args = ["--ema", "--conditional", "--checkpoint_interval", "3", "--sample_interval", "100"]
@@ -184,6 +188,7 @@ def test_two_process_resume_is_bit_exact(tmp_path, mnist_dir):
         assert _same_tree(straight[key], split[key], key) == []
 
 
+@pytest.mark.slow
 def test_bf16_and_fp16_requests_on_cpu(tmp_path, mnist_dir):
     result = train(
         mnist_dir, tmp_path, "--log_name", "bf16", "--n_steps", "3", "--method", "wgan-gp", "--mixed_precision", "bf16"
@@ -211,6 +216,7 @@ def test_accelerate_launch(tmp_path, mnist_dir):
     assert (tmp_path / "acc" / "snapshots" / "snapshot-00000002.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_compile_with_gradient_penalty(tmp_path, mnist_dir):
     """G and D are compiled; the second-order penalty runs on the eager module and training stays finite."""
     result = train(
@@ -231,6 +237,7 @@ def test_compile_with_gradient_penalty(tmp_path, mnist_dir):
     assert all(r["skipped"] == 0 and r["penalty/gp"] < 10 for r in read_stats(tmp_path / "compiled"))
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, mnist_dir):
     result = train(
         mnist_dir,
@@ -286,6 +293,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_gives_one_clear_line(tmp_path, mnist_dir, case):
     args, fragments = BAD_INPUTS[case]
@@ -304,6 +312,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, mnist_dir, case):
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_data(tmp_path, mnist_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -326,6 +335,7 @@ def test_missing_and_corrupt_data(tmp_path, mnist_dir):
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_file(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_from_the_system_copy(tmp_path):
     empty = tmp_path / "empty"

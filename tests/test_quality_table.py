@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 KEYS = {"family", "kimg", "minutes", "fd_cls", "first_fd_cls", "precision", "recall", "command"}
 
 
+@pytest.mark.slow
 def test_the_quality_table_runs_every_path_on_tiny_budgets(tmp_path, mnist_dir):
     out = tmp_path / "quality"
     result = run([sys.executable, "benchmarks/quality.py", "--smoke", "--data_dir", str(mnist_dir), "--out", str(out),

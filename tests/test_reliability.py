@@ -132,6 +132,7 @@ def assert_same(a, b, path="") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, mnist_dir, toy_teacher, family):
     n_steps = int(FAMILIES[family][1][FAMILIES[family][1].index("--n_steps") + 1])

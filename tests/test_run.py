@@ -56,6 +56,7 @@ def test_existing_run_is_refused_delete_starts_over_and_code_is_recorded(tmp_pat
     assert version["modified"] == bool(diff) and (recorded.read_text() == diff if diff else not recorded.exists())
 
 
+@pytest.mark.slow
 def test_eval_best_checkpoint_only_test_and_load_best(tmp_path, mnist_dir, capsys):
     """The in-loop FD_cls equals sample.py + fid.py on the same seeds; the best step's snapshot and state are kept
     (never pruned); --only_test scores the last or best snapshot without training; --load_best continues from the
@@ -150,6 +151,7 @@ def _flat(tree, prefix=""):
     return []
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_folder_is_refused(tmp_path, mnist_dir):
     """One training process per run folder: a second one (even with --resume latest) stops with one line, and the
     first one's checkpoints are untouched."""
@@ -203,6 +205,7 @@ def test_a_finished_run_launched_again_is_done_and_untouched(tmp_path, mnist_dir
     assert "the training state is at step 4 already; pass --n_steps > 4" in line
 
 
+@pytest.mark.slow
 def test_killed_after_the_final_state_the_relaunch_finishes_pruning(tmp_path, mnist_dir):
     """SIGKILL after the final state is renamed into place but before older states are pruned: the same command
     again exits 0, prunes, and changes nothing else."""

@@ -22,6 +22,7 @@ def _pngs(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.glob("0*.png"))}
 
 
+@pytest.mark.slow
 def test_images_depend_only_on_seed_not_batch_or_processes(tmp_path, runs):
     run_script(
         "sample.py",
@@ -104,6 +105,7 @@ def test_class_labels(tmp_path, runs):
     ).tolist()
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_and_flags(tmp_path, runs):
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))

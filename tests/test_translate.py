@@ -202,6 +202,7 @@ def translate(model, log_dir, *args, data=None, **kw):
     return run_script("translate.py", *common, *map(str, args), **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["pix2pix", "cyclegan"])
 def test_demo_trains_evaluates_resumes_bit_exactly_and_translates_folders(tmp_path, mnist_dir, model):
     data = ["--dataset", DEMO[model], "--data_dir", mnist_dir]

@@ -254,6 +254,7 @@ def test_flags_are_never_abbreviated_and_nan_is_refused():
             parse(_Cfg, [f"--lr={text}"])
 
 
+@pytest.mark.slow
 def test_dry_run_prints_resolved_config_and_exits():
     code = (
         "import sys; sys.path.insert(0, '.'); from tests.test_utils import _Cfg; from utils.cli import parse; "
