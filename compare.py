@@ -21,7 +21,7 @@ import torch
 from modelling import build_denoiser
 from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, use_distilled_grid
 from utils.ckpt import build_from_snapshot, load_snapshot
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.grid import save_grid
 
 
@@ -114,10 +114,7 @@ def main(cfg: Config) -> None:
     print(f"wrote {out.with_suffix('.png')} (rows: {names}) and {out.with_suffix('.json')}")
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+cli = script_cli(__file__, __doc__, Config, main)
 
 
 if __name__ == "__main__":

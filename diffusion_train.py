@@ -20,7 +20,6 @@ of (seed, rank, step), so a resumed run equals an uninterrupted one.
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -30,7 +29,7 @@ from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import DENOISERS, NETWORK_PRESETS, build_denoiser
 from sampling import diffusion_images
 from sampling.diffusion import StackedNoise, sample
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
@@ -288,10 +287,7 @@ def main(cfg: Config) -> None:
     run.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+cli = script_cli(__file__, __doc__, Config, main)
 
 
 if __name__ == "__main__":

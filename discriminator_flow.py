@@ -24,7 +24,6 @@ checkpoint, --only_test) and --delete are gan_mnist.py's (utils/run.py).
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +33,7 @@ from losses.particle import PARTICLE_LOSSES, particle_loss
 from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import CRITICS, build_discr_flow
 from sampling.particles import discr_flow_images, discriminator_flow
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
@@ -281,10 +280,7 @@ def main(cfg: Config) -> None:
     run.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
+cli = script_cli(__file__, __doc__, Config, main, resolve=resolve_config)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from modelling import build_denoiser
 from sampling import diffusion_images
 from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, time_grid
 from utils.ckpt import build_from_snapshot, load_snapshot, tensors_sha256
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import DATASETS, build_dataset, make_loader, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
@@ -369,10 +369,7 @@ def main(cfg: Config) -> None:
     run.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+cli = script_cli(__file__, __doc__, Config, main)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from sampling.latent_mcmc import (
     save_chain_animation,
 )
 from utils.ckpt import build_from_snapshot, load_snapshot
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import build_dataset
 from utils.run import EVAL_METRIC_CHOICES
 from utils.tracking import progress
@@ -193,10 +193,7 @@ def main(cfg: Config) -> None:
     accelerator.wait_for_everyone()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+cli = script_cli(__file__, __doc__, Config, main)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ every genzoo script (utils/run.py): --eval_interval scores the base generator's 
 
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -47,7 +46,7 @@ from modelling.common import latent_batches, recalibrate_batchnorm
 from modelling.gebm import BASES, ENERGIES
 from sampling.latent_mcmc import gebm_images
 from utils.ckpt import load_snapshot
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
@@ -424,10 +423,7 @@ def main(cfg: Config) -> None:
     run.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
+cli = script_cli(__file__, __doc__, Config, main, resolve=resolve_config)
 
 
 if __name__ == "__main__":

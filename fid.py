@@ -29,7 +29,7 @@ from metrics.detectors import build_detector
 from metrics.evaluate import dataset_batches, feature_statistics
 from metrics.stats import frechet_distance, kid, precision_recall
 from utils.ckpt import write_atomic
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, image_files
 
 # Statistics are sensitive to reduced precision: no TF32 in the detector pass (EDM and StyleGAN2-ADA do the same).
@@ -193,10 +193,7 @@ def main(cfg: Config) -> None:
         )
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+cli = script_cli(__file__, __doc__, Config, main)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ The run folder, resume, evaluation (--eval_interval, best checkpoint, --only_tes
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -46,7 +45,7 @@ from modelling.common import latent_batches, recalibrate_batchnorm, standing_bat
 from modelling.progressive_gan import growth_at, stage_changed
 from modelling.recipes import apply_recipe
 from sampling import gan_images
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, select_class, step_seed
 from utils.dist import set_backends, uncompiled, unwrap, zero_term
 from utils.ema import EMA
@@ -403,10 +402,7 @@ def main(cfg: Config) -> None:
     run.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
+cli = script_cli(__file__, __doc__, Config, main, resolve=resolve_config)
 
 
 if __name__ == "__main__":

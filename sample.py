@@ -74,7 +74,7 @@ from sampling.latent_mcmc import (
 )
 from sampling.particles import flow_settings
 from utils.ckpt import build_from_snapshot, load_snapshot
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import image_files, mode_frequencies, read_image, to_signed_unit
 from utils.grid import (
     check_finite,
@@ -416,10 +416,7 @@ def translate_folder(cfg: Config, meta: dict, state_dict: dict) -> None:
         print(f"wrote {len(files)} translations{direction} of the images in {root} to {out_dir}")
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+cli = script_cli(__file__, __doc__, Config, main)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ or raw generator), --only_test and --delete are gan_mnist.py's (utils/run.py).
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +33,7 @@ from modelling import SCORE_GAN_GENERATORS, build_denoiser, build_score_gan_gene
 from modelling.common import latent_batches, recalibrate_batchnorm
 from sampling import gan_images
 from utils.ckpt import build_from_snapshot, load_snapshot, tensors_sha256
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
@@ -327,10 +326,7 @@ def main(cfg: Config) -> None:
     run.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
+cli = script_cli(__file__, __doc__, Config, main, resolve=resolve_config)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from modelling import build_classifier
 from utils.ckpt import save_snapshot, tensors_sha256
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import MNIST_LIKE, build_dataset, make_loader, step_seed
 from utils.tracking import progress
 
@@ -111,10 +111,7 @@ def main(cfg: Config) -> None:
         )
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0]))
+cli = script_cli(__file__, __doc__, Config, main)
 
 
 if __name__ == "__main__":

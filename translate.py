@@ -42,7 +42,7 @@ from metrics.evaluate import Evaluator, loop_evaluator, resolve_metric, score_sn
 from metrics.ssim import ssim
 from modelling import build_translator
 from modelling.translation import PatchDiscriminator
-from utils.cli import UserError, parse, user_errors
+from utils.cli import UserError, script_cli
 from utils.data import make_loader, step_seed
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
@@ -459,10 +459,7 @@ def main(cfg: Config) -> None:
     run.close()
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run; bad input ends with one line on stderr and exit code 2."""
-    with user_errors(Path(__file__).name):
-        main(parse(Config, argv, description=__doc__.split("\n")[0], resolve=resolve_config))
+cli = script_cli(__file__, __doc__, Config, main, resolve=resolve_config)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,18 @@ def user_errors(prog: str | None = None):
         sys.exit(2)
 
 
+def script_cli(script_file: str, doc: str, config_cls, main, resolve=None):
+    """A script's `cli(argv=None)`: parse the command line (or `argv`) into `config_cls` (the first line of the
+    script's docstring `doc` as the help's description; `resolve` as in `parse`) and call `main(cfg)`; bad input
+    ends with one line on stderr and exit code 2 (`user_errors`). Tests call it with an argv list."""
+
+    def cli(argv: list[str] | None = None) -> None:
+        with user_errors(Path(script_file).name):
+            main(parse(config_cls, argv, description=doc.split("\n")[0], resolve=resolve))
+
+    return cli
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
