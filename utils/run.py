@@ -261,17 +261,19 @@ class Run:
         states = list_states(self.dir / "states")
         if not states or states[-1][0] != self.cfg.n_steps:
             return False
-        saved = load_training_state(states[-1][1])["config"]
+        state = load_training_state(states[-1][1])
         now = dataclasses.asdict(self.cfg)
-        return all(saved.get(k) == v for k, v in now.items() if k not in _CONTROL_FIELDS)
+        if any(state["config"].get(k) != v for k, v in now.items() if k not in _CONTROL_FIELDS):
+            return False
+        self.state = state  # `_done` reads its best step instead of loading it again
+        return True
 
     def _done(self, accelerator) -> None:
         """A finished run launched again (a requeued job, or a restart after a kill that came after the final
         state): finish the pruning that the kill may have cut short, say so in one line, and end with exit 0.
         Nothing else is written."""
         if accelerator.is_main_process:
-            state = self.state or load_training_state(list_states(self.dir / "states")[-1][1])
-            best = state.get("run", {}).get("best")
+            best = self.state.get("run", {}).get("best")
             prune_states(self.dir / "states", self.cfg.keep_states, (best["step"],) if best else ())
         accelerator.wait_for_everyone()
         accelerator.print(f"{self.dir}: the run is done (step {self.cfg.n_steps} of {self.cfg.n_steps}), nothing to do")
