@@ -196,9 +196,9 @@ def distillation_loss(
     return (loss_char + weight * loss_dsm) / rounds, parts
 
 
-def main(cfg: Config) -> None:
-    check_config(cfg)
-    teacher, teacher_meta, teacher_sha = load_teacher(cfg.teacher)
+def apply_teacher_defaults(cfg: Config, teacher, teacher_meta: dict) -> tuple[float, float, float]:
+    """Fill --dataset, --data_dir and --img_size from the teacher's run, and return the grid's rho, t_min and t_max:
+    the flags, or the teacher's defaults, inside the teacher's time range."""
     teacher_cfg = teacher_meta["config"]
     cfg.dataset = cfg.dataset or teacher_cfg["dataset"]
     cfg.data_dir = cfg.data_dir or teacher_cfg.get("data_dir", "data")
@@ -208,6 +208,86 @@ def main(cfg: Config) -> None:
     t_max = teacher.t_max if cfg.t_max is None else cfg.t_max
     if not 0 < t_min < t_max < teacher.t_limit or rho <= 0:
         raise UserError(f"need 0 < --t_min < --t_max < {teacher.t_limit} and --rho > 0: got {t_min}, {t_max}, {rho}")
+    return rho, t_min, t_max
+
+
+def accumulation_rounds(cfg: Config, num_processes: int) -> tuple[int, int]:
+    """The global batch (--global_batch_size, 0 = --batch_size x processes) and the number of accumulation rounds of
+    --batch_size per process that make it up; a global batch that is not a whole number of rounds is refused."""
+    global_batch_size = cfg.global_batch_size or cfg.batch_size * num_processes
+    rounds, remainder = divmod(global_batch_size, cfg.batch_size * num_processes)
+    if remainder or rounds < 1:
+        raise UserError(
+            f"--global_batch_size {global_batch_size} is not a multiple of --batch_size {cfg.batch_size} x "
+            f"{num_processes} process(es)"
+        )
+    return global_batch_size, rounds
+
+
+def check_dataset(cfg: Config, dataset, teacher) -> None:
+    """Refuse a dataset whose sample shape or number of classes differs from the teacher's."""
+    if tuple(dataset.sample_shape) != teacher.sample_shape:
+        raise UserError(
+            f"--dataset {cfg.dataset} at --img_size {cfg.img_size} gives samples of shape "
+            f"{tuple(dataset.sample_shape)}, but the teacher generates {teacher.sample_shape}"
+        )
+    if teacher.n_classes and dataset.n_classes != teacher.n_classes:
+        raise UserError(
+            f"the teacher is conditional on {teacher.n_classes} classes; {cfg.dataset} has {dataset.n_classes}"
+        )
+
+
+def build_student_and_target(cfg: Config, teacher_meta: dict, teacher: torch.nn.Module, device):
+    """The student (two-time network from the teacher's weights), its model kwargs, its EMA, and the EMA's module on
+    `device`: the target network theta^- of the loss and the weights the snapshots hold."""
+    torch.manual_seed(cfg.seed)  # the s-branch's init: the same on every rank and in every run of this seed
+    student, model_kwargs = build_student(teacher_meta, teacher)
+    student.eval()  # CharacteristicGenerator distils in eval mode: dropout stays off, as in the teacher
+    ema = EMA(student, decay=cfg.ema_decay)
+    return student, model_kwargs, ema, ema.module.to(device)
+
+
+def teacher_grid(cfg: Config, rho: float, t_min: float, t_max: float, device) -> torch.Tensor:
+    """The teacher's grid t_0 = t_max > ... > t_{N-1} = t_min, and (--train_data_end) the data end t = 0, which the
+    teacher reaches with its samplers' final step D(x; t_min) and which the one-step sampler G(z, t_max, 0) needs."""
+    grid = time_grid(t_max, t_min, cfg.num_steps, rho) + ([0.0] if cfg.train_data_end else [])
+    return torch.tensor(grid, dtype=torch.float64, device=device)
+
+
+@torch.no_grad()
+def save_grids(run: Run, step: int, student, target, teacher, t_max: float, device) -> None:
+    """One-step samples of fixed seeds 0.. from the raw student and the EMA: an image grid, or a scatter plot for
+    2-D toy data."""
+    toy, n_classes = len(teacher.sample_shape) == 1, teacher.n_classes
+    n = SCATTER_POINTS if toy else GRID_ROWS**2
+    labels = torch.arange(n_classes).repeat_interleave(-(-n // n_classes))[:n].to(device) if n_classes else None
+    for tag, source in (("raw", unwrap(student)), ("ema", target)):
+        samples, _ = sample(source, StackedNoise(range(n)), labels, num_steps=1, t_max=t_max, device=device)
+        path = run.dir / "grids" / f"{tag}-{step:08d}.png"
+        save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
+
+
+def one_step_sampler(t_max: float):
+    """The evaluation's sampler: the student's one step G(z, t_max, 0) from each seed's latent."""
+    return lambda model, seeds, labels, device: diffusion_images(model, seeds, labels, device, t_max=t_max)
+
+
+def checkpoint_snapshot(cfg: Config, teacher, teacher_meta, teacher_sha, model_kwargs, module, grid_params) -> dict:
+    """The snapshot a checkpoint writes: `module` with the teacher it was distilled from and the resolved grid
+    (flags or the teacher's defaults), on which sample.py and compare.py sample. The teacher never changes: its
+    weights are checked against their hash here, at every checkpoint."""
+    if tensors_sha256(sorted(teacher.state_dict().items())) != teacher_sha:
+        raise RuntimeError("the teacher's weights changed during distillation")  # a bug, never a user error
+    return dict(
+        kind="characteristic", model=teacher_meta["model"], model_kwargs=model_kwargs, module=module,
+        extra={"teacher": teacher_meta["path"], "teacher_sha256": teacher_sha, "grid": grid_params},
+    )  # fmt: skip
+
+
+def main(cfg: Config) -> None:
+    check_config(cfg)
+    teacher, teacher_meta, teacher_sha = load_teacher(cfg.teacher)
+    rho, t_min, t_max = apply_teacher_defaults(cfg, teacher, teacher_meta)
     teacher_run = Path(teacher_meta["path"]).parent.parent.name or "teacher"
     run = Run(cfg, f"{teacher_run}_characteristic", RESUME_KEYS)
 
@@ -215,13 +295,7 @@ def main(cfg: Config) -> None:
     set_backends(cfg.deterministic)  # GPU kernels: TF32 and cudnn autotuning, or --deterministic's bit-exact ones
     accelerator = Accelerator(**run.accelerator_kwargs())
     device, is_main = accelerator.device, accelerator.is_main_process
-    global_batch_size = cfg.global_batch_size or cfg.batch_size * accelerator.num_processes
-    rounds, remainder = divmod(global_batch_size, cfg.batch_size * accelerator.num_processes)
-    if remainder or rounds < 1:
-        raise UserError(
-            f"--global_batch_size {global_batch_size} is not a multiple of --batch_size {cfg.batch_size} x "
-            f"{accelerator.num_processes} process(es)"
-        )
+    global_batch_size, rounds = accumulation_rounds(cfg, accelerator.num_processes)
     cfg.global_batch_size = global_batch_size
     run.open(accelerator)
 
@@ -231,14 +305,8 @@ def main(cfg: Config) -> None:
     if cfg.only_test:
         score_snapshot(run, accelerator, dataset)
         return
-    if tuple(dataset.sample_shape) != teacher.sample_shape:
-        raise UserError(
-            f"--dataset {cfg.dataset} at --img_size {cfg.img_size} gives samples of shape "
-            f"{tuple(dataset.sample_shape)}, but the teacher generates {teacher.sample_shape}"
-        )
+    check_dataset(cfg, dataset, teacher)
     n_classes = teacher.n_classes
-    if n_classes and dataset.n_classes != n_classes:
-        raise UserError(f"the teacher is conditional on {n_classes} classes; {cfg.dataset} has {dataset.n_classes}")
     loader = iter(
         make_loader(
             dataset,
@@ -253,19 +321,12 @@ def main(cfg: Config) -> None:
     # Models: the frozen teacher, the student (two-time network from the teacher's weights), and the EMA of the
     # student, which is both the target network theta^- of the loss and the weights the snapshots hold.
     teacher.to(device)
-    torch.manual_seed(cfg.seed)  # the s-branch's init: the same on every rank and in every run of this seed
-    student, model_kwargs = build_student(teacher_meta, teacher)
-    student.eval()  # CharacteristicGenerator distils in eval mode: dropout stays off, as in the teacher
-    ema = EMA(student, decay=cfg.ema_decay)
-    target = ema.module.to(device)
+    student, model_kwargs, ema, target = build_student_and_target(cfg, teacher_meta, teacher, device)
     dsm_loss_fn = get_dsm_loss(cfg, teacher_meta["model"])
     distance = get_distance(cfg)
     if isinstance(distance, torch.nn.Module):
         distance.to(device)
-    # The teacher's grid t_0 = t_max > ... > t_{N-1} = t_min, and the data end t = 0, which the teacher reaches with
-    # its samplers' final step D(x; t_min) and which the one-step sampler G(z, t_max, 0) needs.
-    grid = time_grid(t_max, t_min, cfg.num_steps, rho) + ([0.0] if cfg.train_data_end else [])
-    grid = torch.tensor(grid, dtype=torch.float64, device=device)
+    grid = teacher_grid(cfg, rho, t_min, t_max, device)
     accelerator.print(
         f"teacher {teacher_meta['path']} ({teacher_meta['model']}, step {teacher_meta['step']}); student "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters; grid of {cfg.num_steps} times "
@@ -287,17 +348,6 @@ def main(cfg: Config) -> None:
         group["betas"] = (cfg.beta1, cfg.beta2)
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
     run.begin(accelerator, dataset, evaluator)
-
-    @torch.no_grad()
-    def save_grids(step: int) -> None:
-        """One-step samples of fixed seeds 0.. from the raw student and the EMA."""
-        toy = len(teacher.sample_shape) == 1
-        n = SCATTER_POINTS if toy else GRID_ROWS**2
-        labels = torch.arange(n_classes).repeat_interleave(-(-n // n_classes))[:n].to(device) if n_classes else None
-        for tag, source in (("raw", unwrap(student)), ("ema", target)):
-            samples, _ = sample(source, StackedNoise(range(n)), labels, num_steps=1, t_max=t_max, device=device)
-            path = run.dir / "grids" / f"{tag}-{step:08d}.png"
-            save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
 
     # Loop.
     meters, clock = RunningMeans(), KimgClock(run.start_step, global_batch_size)
@@ -342,23 +392,15 @@ def main(cfg: Config) -> None:
         if run.due(done, cfg.log_interval):
             run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
 
-        # Sample grids; evaluate the one-step EMA student; save checkpoints (also at a new best evaluation). The
-        # teacher never changes: its weights are checked against their hash at every checkpoint.
+        # Sample grids; evaluate the one-step EMA student; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
-            save_grids(done)
+            save_grids(run, done, student, target, teacher, t_max, device)
         if run.due(done, cfg.eval_interval):
-            one_step = lambda model, seeds, labels, device: diffusion_images(model, seeds, labels, device, t_max=t_max)
-            run.evaluate(accelerator, done, one_step, target, n_classes)
+            run.evaluate(accelerator, done, one_step_sampler(t_max), target, n_classes)
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
-            if tensors_sha256(sorted(teacher.state_dict().items())) != teacher_sha:
-                raise RuntimeError("the teacher's weights changed during distillation")  # a bug, never a user error
-            snapshot = dict(
-                kind="characteristic", model=teacher_meta["model"], model_kwargs=model_kwargs,
-                module=target if cfg.ema else student,
-                # The resolved grid (flags or the teacher's defaults): sample.py and compare.py sample on it.
-                extra={"teacher": teacher_meta["path"], "teacher_sha256": teacher_sha,
-                       "grid": {"t_min": t_min, "t_max": t_max, "rho": rho}},
-            )  # fmt: skip
+            grid_params = {"t_min": t_min, "t_max": t_max, "rho": rho}
+            module = target if cfg.ema else student
+            snapshot = checkpoint_snapshot(cfg, teacher, teacher_meta, teacher_sha, model_kwargs, module, grid_params)
             nets = dict(student=student, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
             run.save(
                 accelerator, done, replicas=(student,), snapshot=snapshot, **nets,
