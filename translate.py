@@ -235,6 +235,145 @@ def paired_scores(accelerator, model, data, n: int, batch_size: int = 250) -> di
     return {"l1": l1, "ssim": similarity, "n_samples": n}
 
 
+def build_models(cfg: Config, in_ch: int, out_ch: int):
+    """(the generator module the snapshot holds, its kwargs, the trained networks by name): pix2pix's U-Net `gen`
+    and its conditional PatchGAN `disc` on (output, input) pairs; CycleGAN's pair of ResNets, `gen_ab` (G: A -> B)
+    and `gen_ba` (F: B -> A), and a PatchGAN per domain, `disc_b` then `disc_a`. Draws the initial weights from the
+    global RNG in that order (the caller seeds it)."""
+    paired = cfg.model == "pix2pix"
+    channels = dict(in_channels=in_ch, out_channels=out_ch) if paired else dict(a_channels=in_ch, b_channels=out_ch)
+    gen_kwargs = dict(img_size=cfg.img_size) | channels | cfg.gen_kwargs
+    judged = [(out_ch, in_ch)] if paired else [(out_ch, 0), (in_ch, 0)]  # (image, condition) channels of each D
+    try:
+        gen_module = build_translator("unet" if paired else "cycle", **gen_kwargs)
+        discs = [
+            PatchDiscriminator(**dict(img_size=cfg.img_size, in_channels=c, cond_channels=k) | cfg.disc_kwargs)
+            for c, k in judged
+        ]
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"cannot build --model {cfg.model}: {e.args[0] if e.args else e}")
+    if not paired and cfg.identity_weight > 0 and in_ch != out_ch:
+        raise UserError(f"the identity loss needs domains of equal channels ({in_ch}, {out_ch}): --identity_weight 0")
+    if paired:
+        return gen_module, gen_kwargs, dict(gen=gen_module, disc=discs[0])
+    return gen_module, gen_kwargs, dict(gen_ab=gen_module.ab, gen_ba=gen_module.ba, disc_b=discs[0], disc_a=discs[1])
+
+
+# One training iteration of each model, chosen once before the loop; both take the step's batches (one per loader)
+# and the prepared networks by name, and return (the values to log, whether the G and the D update were applied).
+def pix2pix_step(accelerator, cfg: Config, batches, models: dict, pools, optim_g, optim_d, g_group, d_group):
+    """pix2pix: one G forward, the D step on it (detached), then the G step that differentiates it (Isola et al.'s
+    code). `pools` is unused (CycleGAN's)."""
+    gen, disc = models["gen"], models["disc"]
+    (batch,) = batches
+    inputs, targets = (t.to(accelerator.device, non_blocking=True) for t in batch)
+    inputs, targets = augment_batch(cfg, inputs, targets)  # one crop and flip for both images of a pair
+    outputs = gen(inputs)  # one forward: the D step sees it detached, the G step differentiates it
+
+    # Discriminator step: real pairs (x, y) against (x, G(x)).
+    loss_d, d_reals, d_fakes = pix2pix_d_loss(disc, inputs, targets, outputs)
+    optim_d.zero_grad(set_to_none=True)
+    accelerator.backward(loss_d)
+    d_applied, _ = step_optimizer(accelerator, optim_d, d_group)
+
+    # Generator step: fool the (frozen) D and stay close to the target in L1.
+    disc.requires_grad_(False)
+    loss_g, loss_l1 = pix2pix_g_loss(disc, inputs, targets, outputs, cfg)
+    optim_g.zero_grad(set_to_none=True)
+    accelerator.backward(loss_g)
+    disc.requires_grad_(True)
+    g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
+    stats = {"loss/d": loss_d, "loss/g": loss_g, "loss/l1": loss_l1}
+    return stats | {"d/real": d_reals.mean(), "d/fake": d_fakes.mean()}, g_applied, d_applied
+
+
+def cyclegan_step(accelerator, cfg: Config, batches, models: dict, pools, optim_g, optim_d, g_group, d_group):
+    """CycleGAN: the G step for G and F, then the D step for D_B and D_A on fakes drawn through `pools` (B's, A's),
+    as the reference code."""
+    gens, discs = (models["gen_ab"], models["gen_ba"]), (models["disc_b"], models["disc_a"])
+    (reals_a, _), (reals_b, _) = batches
+    device = accelerator.device
+    reals_a, reals_b = reals_a.to(device, non_blocking=True), reals_b.to(device, non_blocking=True)
+    (reals_a,), (reals_b,) = augment_batch(cfg, reals_a), augment_batch(cfg, reals_b)  # a draw per domain
+
+    # Generator step: fool both (frozen) discriminators, come back by the cycle, leave the target domain be.
+    d_group.requires_grad_(False)
+    loss_g, fakes, stats = cyclegan_g_loss(gens, discs, reals_a, reals_b, cfg)
+    optim_g.zero_grad(set_to_none=True)
+    accelerator.backward(loss_g)
+    d_group.requires_grad_(True)
+    g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
+
+    # Discriminator step: reals against fakes drawn from the pools of earlier generators.
+    loss_d, d_reals, d_fakes = cyclegan_d_loss(discs, pools, reals_a, reals_b, fakes)
+    optim_d.zero_grad(set_to_none=True)
+    accelerator.backward(loss_d)
+    d_applied, _ = step_optimizer(accelerator, optim_d, d_group)
+    stats |= {"loss/d": loss_d, "loss/g": loss_g}
+    return stats | {"d/real": d_reals.mean(), "d/fake": d_fakes.mean()}, g_applied, d_applied
+
+
+def make_scorer(cfg: Config, accelerator, run: Run, train, held_out, n_eval: int):
+    """pix2pix: L1/SSIM to held-out targets. CycleGAN: FD of translated held-out A images to the B training images,
+    with the reference statistics cached in <run>/eval (fid.py's code: metrics/evaluate.py); `baseline=True` adds
+    the same FD of the A images as they are."""
+    if cfg.model == "pix2pix":
+        return lambda model, baseline=False: paired_scores(accelerator, model, held_out, n_eval)
+    inputs = held_out[0]
+    metric = resolve_metric("auto", tuple(train[1].sample_shape))
+    source = Path(cfg.resume) if cfg.only_test and cfg.resume not in ("", "latest") else run.dir
+    ref = source / "eval" / f"ref-target-{metric}.npz"
+    evaluator = Evaluator(accelerator, metric, n_eval, train[1], ref, cfg.eval_weights)
+    translate = lambda model, seeds, labels, device: (model(inputs[seeds][0].to(device)), 1)  # noqa: E731
+    untranslated = lambda model, seeds, labels, device: (inputs[seeds][0].to(device), 0)  # noqa: E731
+
+    def scorer(model, baseline: bool = False) -> dict:
+        scores = {"fd_target": evaluator(translate, model, 0)["value"], "n_samples": n_eval}
+        if baseline:  # the same FD of the A images as they are: what translating has to beat
+            scores["fd_target_untranslated"] = evaluator(untranslated, model, 0)["value"]
+        return scores
+
+    return scorer
+
+
+def pool_state(accelerator, pools: list[ImagePool]) -> dict:
+    """Every process's pools (each keeps its own history), gathered so that a resume restores all of them."""
+    state = {f"images_{k}": accelerator.gather(pool.images[None]) for k, pool in enumerate(pools)}
+    counts = torch.tensor([[pool.count for pool in pools]], device=accelerator.device)
+    return state | {"counts": accelerator.gather(counts)}
+
+
+def restore_pools(accelerator, pools: list[ImagePool], saved: dict) -> None:
+    """This process's pools from `pool_state`'s gathered tensors, if the same number of processes saved them."""
+    if saved["counts"].shape[0] != accelerator.num_processes:
+        accelerator.print(f"note: the image pools were saved by {saved['counts'].shape[0]} processes; start empty")
+        return
+    for k, pool in enumerate(pools):
+        pool.images.copy_(saved[f"images_{k}"][accelerator.process_index])
+        pool.count = int(saved["counts"][accelerator.process_index, k])
+
+
+@torch.no_grad()
+def save_grids(grid_dir: Path, step: int, modules: dict, grid_inputs, paired: bool) -> None:
+    """[input | output | target] triplets (CycleGAN: [A | G(A) | F(G(A))] and [B | F(B) | G(F(B))]), two a row, one
+    grid per generator module (tag -> module), written to grid_dir/<tag>-<step>.png."""
+    for tag, module in modules.items():
+        was_training = module.training
+        module.eval()  # no dropout
+        if paired:
+            x, y = grid_inputs
+            columns = [x, module(x), y]
+        else:
+            a, b = grid_inputs
+            fake_b, fake_a = module(a), module(b, reverse=True)
+            cycles = module(fake_b, reverse=True), module(fake_a)
+            columns = [torch.cat(pair) for pair in ((a, b), (fake_b, fake_a), cycles)]
+        module.train(was_training)
+        c = max(t.shape[1] for t in columns)
+        tiles = torch.stack([t.expand(-1, c, -1, -1) for t in columns], dim=1).flatten(0, 1)  # (3n, C, H, W)
+        save_grid(tiles, grid_dir / f"{tag}-{step:08d}.png", nrow=6)
+
+
 def main(cfg: Config) -> None:
     cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
     run = Run(cfg, f"{cfg.dataset}_{cfg.model}{'_BtoA' if cfg.direction == 'BtoA' else ''}", RESUME_KEYS)
@@ -253,34 +392,13 @@ def main(cfg: Config) -> None:
         train, held_out = build_data(cfg)
     n_eval = min(cfg.eval_samples, len(held_out if paired else held_out[0]))
 
-    def make_scorer():
-        """pix2pix: L1/SSIM to held-out targets. CycleGAN: FD of translated held-out A images to the B training
-        images, with the reference statistics cached in <run>/eval (fid.py's code: metrics/evaluate.py)."""
-        if paired:
-            return lambda model: paired_scores(accelerator, model, held_out, n_eval)
-        inputs = held_out[0]
-        metric = resolve_metric("auto", tuple(train[1].sample_shape))
-        source = Path(cfg.resume) if cfg.only_test and cfg.resume not in ("", "latest") else run.dir
-        ref = source / "eval" / f"ref-target-{metric}.npz"
-        evaluator = Evaluator(accelerator, metric, n_eval, train[1], ref, cfg.eval_weights)
-        translate = lambda model, seeds, labels, device: (model(inputs[seeds][0].to(device)), 1)  # noqa: E731
-        untranslated = lambda model, seeds, labels, device: (inputs[seeds][0].to(device), 0)  # noqa: E731
-
-        def scorer(model, baseline: bool = False) -> dict:
-            scores = {"fd_target": evaluator(translate, model, 0)["value"], "n_samples": n_eval}
-            if baseline:  # the same FD of the A images as they are: what translating has to beat
-                scores["fd_target_untranslated"] = evaluator(untranslated, model, 0)["value"]
-            return scores
-
-        return scorer
-
     if cfg.only_test:
-        scorer = make_scorer()
+        scorer = make_scorer(cfg, accelerator, run, train, held_out, n_eval)
 
         def scores_fn(model, meta):
             if meta["kind"] != "translation":
                 raise UserError(f"{meta['path']} is a {meta['kind']!r} snapshot, not a translate.py one")
-            return scorer(model) if paired else scorer(model, baseline=True)
+            return scorer(model, baseline=True)  # CycleGAN: also the FD of the untranslated A images
 
         score_snapshot(run, accelerator, None, scores_fn)
         return
@@ -293,88 +411,49 @@ def main(cfg: Config) -> None:
     # Models: same init on every rank; the EMA is made before prepare() wraps anything.
     torch.manual_seed(cfg.seed)
     in_ch, out_ch = (train.in_channels, train.out_channels) if paired else (d.sample_shape[0] for d in train)
+    gen_module, gen_kwargs, models = build_models(cfg, in_ch, out_ch)
     snapshot_model = "unet" if paired else "cycle"  # the snapshot holds pix2pix's G, or CycleGAN's G and F
-    channels = dict(in_channels=in_ch, out_channels=out_ch) if paired else dict(a_channels=in_ch, b_channels=out_ch)
-    gen_kwargs = dict(img_size=cfg.img_size) | channels | cfg.gen_kwargs
-    judged = [(out_ch, in_ch)] if paired else [(out_ch, 0), (in_ch, 0)]  # (image, condition) channels of each D
-    try:
-        gen_module = build_translator(snapshot_model, **gen_kwargs)
-        discs = [
-            PatchDiscriminator(**dict(img_size=cfg.img_size, in_channels=c, cond_channels=k) | cfg.disc_kwargs)
-            for c, k in judged
-        ]
-    except (KeyError, ValueError, TypeError) as e:
-        raise UserError(f"cannot build --model {cfg.model}: {e.args[0] if e.args else e}")
-    gens = [gen_module] if paired else [gen_module.ab, gen_module.ba]  # CycleGAN: G: A -> B, F: B -> A
-    if not paired and cfg.identity_weight > 0 and in_ch != out_ch:
-        raise UserError(f"the identity loss needs domains of equal channels ({in_ch}, {out_ch}): --identity_weight 0")
     ema = EMA(gen_module, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
     if ema is not None:
         ema.module.to(device)
-    pools = [ImagePool(cfg.pool_size, (c, cfg.img_size, cfg.img_size), device) for c, _ in judged] if not paired else []
+    # CycleGAN's image pools, B's then A's (the order of the discriminators, D_B and D_A).
+    pool_shapes = [] if paired else [(c, cfg.img_size, cfg.img_size) for c in (out_ch, in_ch)]
+    pools = [ImagePool(cfg.pool_size, shape, device) for shape in pool_shapes]
 
     # Optimizers: one for the generator(s), one for the discriminator(s), as the reference code.
     betas = (cfg.beta1, cfg.beta2)
-    optim_g = make_optimizer("Adam", [p for g in gens for p in g.parameters()], cfg.lr, betas)
-    optim_d = make_optimizer("Adam", [p for d in discs for p in d.parameters()], cfg.lr, betas)
+    gen_params = [p for name, m in models.items() if name.startswith("gen") for p in m.parameters()]
+    disc_params = [p for name, m in models.items() if name.startswith("disc") for p in m.parameters()]
+    optim_g = make_optimizer("Adam", gen_params, cfg.lr, betas)
+    optim_d = make_optimizer("Adam", disc_params, cfg.lr, betas)
 
-    # Prepare.
-    *prepared, optim_g, optim_d = accelerator.prepare(*gens, *discs, optim_g, optim_d)
-    gens, discs = prepared[: len(gens)], prepared[len(gens) :]
-    g_group, d_group = torch.nn.ModuleList(gens), torch.nn.ModuleList(discs)  # for step_optimizer's gradient check
+    # Prepare: the networks in their named order (generators, then discriminators), then the two optimizers.
+    *prepared, optim_g, optim_d = accelerator.prepare(*models.values(), optim_g, optim_d)
+    models = dict(zip(models, prepared, strict=True))
+    g_group = torch.nn.ModuleList(m for name, m in models.items() if name.startswith("gen"))
+    d_group = torch.nn.ModuleList(m for name, m in models.items() if name.startswith("disc"))  # for gradient checks
 
     # Resume: networks, optimizers, EMA and every process's image pools.
-    names = ["gen", "disc"] if paired else ["gen_ab", "gen_ba", "disc_b", "disc_a"]
-    nets = dict(zip(names, [*gens, *discs], strict=True))
-    nets |= dict(optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
+    nets = models | dict(optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
     resumed = run.restore(**nets)
     if resumed.get("pools"):
-        saved = resumed["pools"]
-        if saved["counts"].shape[0] == world:
-            for k, pool in enumerate(pools):
-                pool.images.copy_(saved[f"images_{k}"][rank])
-                pool.count = int(saved["counts"][rank, k])
-        else:
-            accelerator.print(f"note: the image pools were saved by {saved['counts'].shape[0]} processes; start empty")
-    n_params = [sum(p.numel() for m in ms for p in unwrap(m).parameters()) / 1e6 for ms in (gens, discs)]
+        restore_pools(accelerator, pools, resumed["pools"])
+    n_params = [sum(p.numel() for m in group for p in unwrap(m).parameters()) / 1e6 for group in (g_group, d_group)]
     sizes = f"{len(train)} pairs" if paired else f"{len(train[0])} A / {len(train[1])} B images"
     evaluator = loop_evaluator(run, accelerator, None)  # --eval_interval's FD metric; None: no FD in the loop
     summary = f"{cfg.model} (G {n_params[0]:.2f}M, D {n_params[1]:.2f}M parameters), {sizes}"
     run.begin(accelerator, None, evaluator, summary)
-    scorer = make_scorer() if cfg.eval_interval else None
-
-    def pool_state() -> dict:
-        """Every process's pools (each keeps its own history), gathered so that a resume restores all of them."""
-        state = {f"images_{k}": accelerator.gather(pool.images[None]) for k, pool in enumerate(pools)}
-        counts = torch.tensor([[pool.count for pool in pools]], device=device)
-        return state | {"counts": accelerator.gather(counts)}
+    scorer = make_scorer(cfg, accelerator, run, train, held_out, n_eval) if cfg.eval_interval else None
 
     # Fixed held-out examples for the grids: pix2pix (input, target) pairs; CycleGAN A and B images.
     if paired:
         grid_inputs = [t.to(device) for t in held_out[list(range(min(GRID_EXAMPLES, len(held_out))))]]
     else:
         grid_inputs = [d[list(range(min(GRID_EXAMPLES // 2, len(d))))][0].to(device) for d in held_out]
-
-    @torch.no_grad()
-    def save_grids(step: int) -> None:
-        """[input | output | target] triplets (CycleGAN: [A | G(A) | F(G(A))] and [B | F(B) | G(F(B))]), two a row."""
-        for tag, module in [("raw", gen_module)] + ([("ema", ema.module)] if ema else []):
-            was_training = module.training
-            module.eval()  # no dropout
-            if paired:
-                x, y = grid_inputs
-                columns = [x, module(x), y]
-            else:
-                a, b = grid_inputs
-                fake_b, fake_a = module(a), module(b, reverse=True)
-                cycles = module(fake_b, reverse=True), module(fake_a)
-                columns = [torch.cat(pair) for pair in ((a, b), (fake_b, fake_a), cycles)]
-            module.train(was_training)
-            c = max(t.shape[1] for t in columns)
-            tiles = torch.stack([t.expand(-1, c, -1, -1) for t in columns], dim=1).flatten(0, 1)  # (3n, C, H, W)
-            save_grid(tiles, run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=6)
+    grid_modules = {"raw": gen_module} | ({"ema": ema.module} if ema else {})
 
     # Loop.
+    train_step = pix2pix_step if paired else cyclegan_step
     images_per_step = cfg.batch_size * world
     meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
     skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
@@ -388,45 +467,10 @@ def main(cfg: Config) -> None:
         lr = cfg.lr * min(1.0, (cfg.n_steps - step) / max(cfg.n_steps - decay_from, 1))
         for optimizer in (optim_g, optim_d):
             set_hyperparameters(optimizer, lr, betas)
-        if paired:
-            inputs, targets = (t.to(device, non_blocking=True) for t in next(loaders[0]))
-            inputs, targets = augment_batch(cfg, inputs, targets)  # one crop and flip for both images of a pair
-            outputs = gens[0](inputs)  # one forward: the D step sees it detached, the G step differentiates it
-
-            # Discriminator step: real pairs (x, y) against (x, G(x)).
-            loss_d, d_reals, d_fakes = pix2pix_d_loss(discs[0], inputs, targets, outputs)
-            optim_d.zero_grad(set_to_none=True)
-            accelerator.backward(loss_d)
-            d_applied, _ = step_optimizer(accelerator, optim_d, d_group)
-
-            # Generator step: fool the (frozen) D and stay close to the target in L1.
-            discs[0].requires_grad_(False)
-            loss_g, loss_l1 = pix2pix_g_loss(discs[0], inputs, targets, outputs, cfg)
-            optim_g.zero_grad(set_to_none=True)
-            accelerator.backward(loss_g)
-            discs[0].requires_grad_(True)
-            g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
-            stats = {"loss/d": loss_d, "loss/g": loss_g, "loss/l1": loss_l1}
-        else:
-            (reals_a, _), (reals_b, _) = next(loaders[0]), next(loaders[1])
-            reals_a, reals_b = reals_a.to(device, non_blocking=True), reals_b.to(device, non_blocking=True)
-            (reals_a,), (reals_b,) = augment_batch(cfg, reals_a), augment_batch(cfg, reals_b)  # a draw per domain
-
-            # Generator step: fool both (frozen) discriminators, come back by the cycle, leave the target domain be.
-            d_group.requires_grad_(False)
-            loss_g, fakes, stats = cyclegan_g_loss(gens, discs, reals_a, reals_b, cfg)  # gens (G, F), discs (D_B, D_A)
-            optim_g.zero_grad(set_to_none=True)
-            accelerator.backward(loss_g)
-            d_group.requires_grad_(True)
-            g_applied, _ = step_optimizer(accelerator, optim_g, g_group)
-
-            # Discriminator step: reals against fakes drawn from the pools of earlier generators.
-            loss_d, d_reals, d_fakes = cyclegan_d_loss(discs, pools, reals_a, reals_b, fakes)
-            optim_d.zero_grad(set_to_none=True)
-            accelerator.backward(loss_d)
-            d_applied, _ = step_optimizer(accelerator, optim_d, d_group)
-            stats |= {"loss/d": loss_d, "loss/g": loss_g}
-        stats |= {"d/real": d_reals.mean(), "d/fake": d_fakes.mean()}
+        batches = [next(loader) for loader in loaders]  # CycleGAN: A's batch, then B's
+        stats, g_applied, d_applied = train_step(
+            accelerator, cfg, batches, models, pools, optim_g, optim_d, g_group, d_group
+        )
 
         # Update EMA, only after an update that really happened.
         if ema is not None and g_applied:
@@ -441,7 +485,7 @@ def main(cfg: Config) -> None:
 
         # Grids; evaluate the EMA generator on held-out data; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
-            save_grids(done)
+            save_grids(run.dir / "grids", done, grid_modules, grid_inputs, paired)
         if run.due(done, cfg.eval_interval):
             model = ema.module if ema else gen_module
             was_training = model.training
@@ -450,8 +494,8 @@ def main(cfg: Config) -> None:
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             module = ema.module if ema else gen_module
             snapshot = dict(kind="translation", model=snapshot_model, model_kwargs=gen_kwargs, module=module)
-            extra = dict(pools=pool_state()) if pools else {}  # a collective: every process takes part
-            replicas = (*gens, *discs)
+            extra = dict(pools=pool_state(accelerator, pools)) if pools else {}  # a collective: all processes
+            replicas = tuple(models.values())
             run.save(accelerator, done, replicas=replicas, snapshot=snapshot, **nets, **extra, skipped=skips.total)
 
     # Final save happened at the last step; close the trackers.
