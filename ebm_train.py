@@ -258,6 +258,51 @@ def kale_scores(result: dict) -> dict:
     return {"kale": result["value"]} | {k: result[k] for k in keys if k in result}
 
 
+def initialize_log_partition(cfg: Config, accelerator: Accelerator, model) -> None:
+    """A <- the Monte-Carlo log-partition of the initial networks, from the same latents on every rank, so every rank
+    gets the same A; fakes as the energy step makes them (batch statistics: GEBM runs the base in eval mode here, on
+    the running statistics of a base that has not trained yet)."""
+    rng = torch.Generator().manual_seed(cfg.seed + 2)
+    batches = [torch.randn(LOG_PARTITION_BATCH, cfg.z_dim, generator=rng) for _ in range(LOG_PARTITION_BATCHES)]
+    model.base.train()
+    model.energy.eval()
+    log_partition = monte_carlo_log_partition(model.energy, model.base, (zs.to(accelerator.device) for zs in batches))
+    model.energy.train()
+    with torch.no_grad():
+        model.energy.log_partition.fill_(log_partition.item())
+    accelerator.print(f"initial log-partition A = {log_partition.item():.6f} (Monte-Carlo, {len(batches)} batches)")
+
+
+def train_step(cfg: Config, accelerator: Accelerator, nets: dict, transform, reals, zs, base_step: bool):
+    """One iteration: an energy step (D and A minimise L_E + lambda * penalty, then GEBM's gradient transform) or,
+    when `base_step`, a base step (G minimises L_G through a frozen energy), each loss from its named step function.
+    Returns (logged terms, whether the update was applied)."""
+    gen, energy, optim_g, optim_e = (nets[k] for k in ("gen", "energy", "optim_g", "optim_e"))
+    if not base_step:
+        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+        loss, stats = energy_step_loss(gen, energy, reals, zs, cfg, scale)
+        optim_e.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        applied, _ = step_optimizer(accelerator, optim_e, energy, transform=transform)
+    else:
+        loss, stats = base_step_loss(gen, energy, reals, zs)
+        optim_g.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        applied, _ = step_optimizer(accelerator, optim_g, gen)
+    return stats, applied
+
+
+@torch.no_grad()
+def save_grids(run: Run, step: int, sources: list, eval_model, toy: bool, device) -> None:
+    """Base samples of fixed seeds (MCMC belongs to sample.py) for each (tag, model) in `sources`, drawn from
+    `eval_model(model)`: a scatter plot for 2-D toy data, else an image grid, as grids/<tag>-<step>.png."""
+    seeds = list(range(SCATTER_POINTS if toy else GRID_ROWS**2))
+    for tag, source in sources:
+        samples, _ = gebm_images(eval_model(source), seeds, None, device)
+        path = run.dir / "grids" / f"{tag}-{step:08d}.png"
+        save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
+
+
 def main(cfg: Config) -> None:
     cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
     name = f"{cfg.dataset}_gebm_{cfg.g_model}_{cfg.d_model}"
@@ -292,18 +337,7 @@ def main(cfg: Config) -> None:
     load_pretrained(cfg, model)
     model.to(device)
     if cfg.initialize_log_partition and run.start_step == 0:
-        # A <- the Monte-Carlo log-partition of the initial networks (fresh start only), from the same latents on
-        # every rank, so every rank gets the same A; fakes as the energy step makes them (batch statistics: GEBM
-        # runs the base in eval mode here, on the running statistics of a base that has not trained yet).
-        rng = torch.Generator().manual_seed(cfg.seed + 2)
-        batches = [torch.randn(LOG_PARTITION_BATCH, cfg.z_dim, generator=rng) for _ in range(LOG_PARTITION_BATCHES)]
-        model.base.train()
-        model.energy.eval()
-        log_partition = monte_carlo_log_partition(model.energy, model.base, (zs.to(device) for zs in batches))
-        model.energy.train()
-        with torch.no_grad():
-            model.energy.log_partition.fill_(log_partition.item())
-        accelerator.print(f"initial log-partition A = {log_partition.item():.6f} (Monte-Carlo, {len(batches)} batches)")
+        initialize_log_partition(cfg, accelerator, model)  # fresh start only
     ema = EMA(model, cfg.ema_halflife_kimg, cfg.ema_rampup) if cfg.ema else None
     model_eval = build_gebm("gebm", **model_kwargs).to(device)
     if ema is not None:
@@ -318,7 +352,8 @@ def main(cfg: Config) -> None:
     gen, energy, optim_g, optim_e = accelerator.prepare(gen, energy, optim_g, optim_e)
 
     # Resume (learning rates and betas are set at every step, so new flags apply to the restored optimizers).
-    resumed = run.restore(gen=gen, energy=energy, optim_g=optim_g, optim_e=optim_e, ema=ema, scaler=accelerator.scaler)
+    nets = dict(gen=gen, energy=energy, optim_g=optim_g, optim_e=optim_e, ema=ema, scaler=accelerator.scaler)
+    resumed = run.restore(**nets)
     base_steps = resumed.get("base_steps", 0)
     n_params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (model.base, model.energy)]
     evaluator = loop_evaluator(run, accelerator, dataset)  # --eval_interval's FD metric; None: no FD in the loop
@@ -331,15 +366,6 @@ def main(cfg: Config) -> None:
         model_eval.load_state_dict(source.state_dict())
         recalibrate_batchnorm(model_eval.base, latent_batches(cfg.z_dim, 0, seed=cfg.seed + 1, device=device))
         return model_eval.eval()
-
-    @torch.no_grad()
-    def save_grids(step: int) -> None:
-        """Base samples of fixed seeds (MCMC belongs to sample.py), from the raw and the EMA model."""
-        seeds = list(range(SCATTER_POINTS if toy else GRID_ROWS**2))
-        for tag, source in [("raw", model)] + ([("ema", ema.module)] if ema else []):
-            samples, _ = gebm_images(eval_model(source), seeds, None, device)
-            path = run.dir / "grids" / f"{tag}-{step:08d}.png"
-            save_scatter(samples, path) if toy else save_grid(samples, path, nrow=GRID_ROWS)
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
@@ -362,19 +388,8 @@ def main(cfg: Config) -> None:
         set_hyperparameters(optim_e, cfg.lr * factor, (cfg.beta1, cfg.beta2))
         set_hyperparameters(optim_g, cfg.lr_generator * factor, (cfg.beta1, cfg.beta2))
 
-        if not base_step:
-            # Energy step: D and A minimise L_E + lambda * penalty, then GEBM's gradient transform.
-            scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-            loss, stats = energy_step_loss(gen, energy, reals, zs, cfg, scale)
-            optim_e.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            applied, _ = step_optimizer(accelerator, optim_e, energy, transform=transform)
-        else:
-            # Base step: G minimises L_G through a frozen energy.
-            loss, stats = base_step_loss(gen, energy, reals, zs)
-            optim_g.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            applied, _ = step_optimizer(accelerator, optim_g, gen)
+        stats, applied = train_step(cfg, accelerator, nets, transform, reals, zs, base_step)
+        if base_step:
             base_steps += 1
         meters.add(**stats)
 
@@ -404,7 +419,8 @@ def main(cfg: Config) -> None:
 
         # Sample grids; evaluate (FD of the base samples, or KALE); save checkpoints (also at a new best).
         if is_main and run.due(done, cfg.sample_interval):
-            save_grids(done)
+            sources = [("raw", model)] + ([("ema", ema.module)] if ema else [])
+            save_grids(run, done, sources, eval_model, toy, device)
         if run.due(done, cfg.eval_interval):
             scored = eval_model(ema.module if ema else model)
             if cfg.eval_metric == "kale":  # a family metric: computed here, passed as scores
@@ -414,7 +430,6 @@ def main(cfg: Config) -> None:
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             module = eval_model(ema.module if ema else model)
             snapshot = dict(kind="gebm", model="gebm", model_kwargs=model_kwargs, module=module)
-            nets = dict(gen=gen, energy=energy, optim_g=optim_g, optim_e=optim_e, ema=ema, scaler=accelerator.scaler)
             run.save(accelerator, done, replicas=(gen, energy), snapshot=snapshot, **nets, skipped=skips.total,
                      base_steps=base_steps)  # fmt: skip
 

@@ -204,6 +204,105 @@ def pl_step_loss(cfg: Config, gen, zs, pl_mean, scale: float = 1.0, mean_over_pr
     return loss, pl_mean, {"penalty/pl": pl_penalty, "pl_mean": pl_mean}
 
 
+def penalty_scale(accelerator: Accelerator) -> float:
+    """The loss scale that second-order penalties multiply in and divide out again: fp16 takes their terms from
+    gradients of the scaled output, then unscales them (PyTorch's AMP recipe); 1 without a scaler."""
+    return accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
+
+
+def set_growth_stage(cfg: Config, step: int, images_per_step: int, nets: dict) -> int:
+    """Progressive GAN: set G, D and the EMA copy to the growth stage of `step` and return it. The stage is a pure
+    function of the images seen, so a run resumed mid-fade re-enters it exactly; Adam's moments restart when a level
+    starts or finishes fading in (NVIDIA's reset_opt_for_new_lod), decided from the schedule alone, so a resumed run
+    resets at the same steps."""
+    gen, disc, ema = unwrap(nets["gen"]), unwrap(nets["disc"]), nets["ema"]
+    prev_growth, growth = (growth_at(s * images_per_step, cfg.fade_kimg * 1000, gen.depth) for s in (step - 1, step))
+    for net in (gen, disc) + ((ema.module,) if ema else ()):
+        net.set_growth(growth)
+    if stage_changed(prev_growth, growth):
+        for optim in (nets["optim_g"], nets["optim_d"]):
+            optim.state.clear()
+    return growth
+
+
+def train_step(cfg: Config, accelerator: Accelerator, nets: dict, loss_fns: tuple, step: int, reals, labels, pl_mean):
+    """One training iteration on a batch of `reals`: the D step, the lazy R1 step when due, and every
+    train_g_interval D steps the G step with its path-length step when due and the EMA update. Each step's loss
+    comes from its named step function. Returns (logged terms, path-length mean a, whether every optimizer step
+    was applied)."""
+    gen, disc, optim_g, optim_d, ema = (nets[k] for k in ("gen", "disc", "optim_g", "optim_d", "ema"))
+    loss_fn, aux_loss = loss_fns
+    device, n = accelerator.device, reals.shape[0]
+    images_per_step = cfg.batch_size * accelerator.num_processes
+
+    # Discriminator step: fakes from the current G without its graph.
+    with torch.no_grad():
+        fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
+    loss_d, d_stats = d_step_loss(cfg, disc, loss_fn, aux_loss, reals, fakes, labels, penalty_scale(accelerator))
+    stats = dict(d_stats)
+    optim_d.zero_grad(set_to_none=True)
+    accelerator.backward(loss_d)
+    d_applied, _ = step_optimizer(accelerator, optim_d, disc)
+    clip_critic(cfg, disc)
+
+    # Lazy R1 (StyleGAN2): its own D step, through the eager DDP module so that its gradients are averaged.
+    if lazy_r1_due(step, cfg):
+        loss_r1, r1_stats = lazy_r1_loss(cfg, uncompiled(disc), reals, labels, penalty_scale(accelerator))
+        optim_d.zero_grad(set_to_none=True)
+        accelerator.backward(loss_r1)
+        r1_applied, _ = step_optimizer(accelerator, optim_d, disc)
+        d_applied = d_applied and r1_applied
+        stats |= r1_stats
+
+    # Generator step every train_g_interval D steps; D frozen so only G gets gradients.
+    g_applied = True
+    if g_step_due(step, cfg.train_g_interval):
+        disc.requires_grad_(False)
+        loss_g, g_stats = g_step_loss(
+            cfg, gen, disc, loss_fn, aux_loss, torch.randn(n, cfg.z_dim, device=device), labels
+        )
+        stats |= g_stats
+        optim_g.zero_grad(set_to_none=True)
+        accelerator.backward(loss_g)
+        pl_due = pl_step_due(step, cfg)
+        if not (pl_due and cfg.pl_interval == 1):  # at interval 1 the path-length gradient joins this step
+            g_applied, _ = step_optimizer(accelerator, optim_g, gen)
+
+        # Path-length regularisation (StyleGAN2) on a smaller batch. Lazy (interval k > 1): its own step; k = 1:
+        # its gradient is added to the G step's, one step (as R1 in the D loss).
+        if pl_due:
+            zs_pl = torch.randn(max(1, n // cfg.pl_batch_shrink), cfg.z_dim, device=device)
+            loss_pl, pl_mean, pl_stats = pl_step_loss(
+                cfg, gen, zs_pl, pl_mean, penalty_scale(accelerator), lambda x: accelerator.reduce(x, "mean")
+            )
+            if cfg.pl_interval > 1:
+                optim_g.zero_grad(set_to_none=True)
+            accelerator.backward(loss_pl)
+            pl_applied, _ = step_optimizer(accelerator, optim_g, gen)
+            g_applied = g_applied and pl_applied
+            stats |= pl_stats
+        disc.requires_grad_(True)
+
+        if ema is not None and g_applied:
+            ema.update(unwrap(gen), cfg.train_g_interval * images_per_step, (step + 1) * images_per_step)
+    return stats, pl_mean, d_applied and g_applied
+
+
+@torch.no_grad()
+def save_grids(cfg: Config, run: Run, step: int, sources: list, eval_generator, n_classes: int, device) -> None:
+    """A 10 x 10 grid (one row of 10 per class when conditional) of fixed latents for each (tag, generator) in
+    `sources`, drawn by `eval_generator(generator)`, as grids/<tag>-<step>.png."""
+    rows = n_classes or GRID_COLS
+    zs = torch.randn(rows * GRID_COLS, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    labels = torch.arange(n_classes).repeat_interleave(GRID_COLS).to(device) if n_classes else None
+    chunk = standing_batches(cfg.img_size)[1]  # all 100 at once up to 64 px; large images a few at a time
+    for tag, source in sources:
+        model = eval_generator(source)
+        images = torch.cat([model(zs[i : i + chunk], None if labels is None else labels[i : i + chunk])
+                            for i in range(0, len(zs), chunk)])  # fmt: skip
+        save_grid(images, run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
+
+
 def main(cfg: Config) -> None:
     cfg = resolve_config(cfg)  # idempotent: parse() already resolved it, tests may pass a raw Config
     suffix = ("_cond" if cfg.conditional else "") + (f"_class{cfg.image_class}" if cfg.image_class is not None else "")
@@ -281,22 +380,6 @@ def main(cfg: Config) -> None:
         )
         return recalibrate_batchnorm(gen_eval, batches)
 
-    @torch.no_grad()
-    def save_grids(step: int) -> None:
-        rows = n_classes or GRID_COLS
-        zs = torch.randn(rows * GRID_COLS, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-        labels = torch.arange(n_classes).repeat_interleave(GRID_COLS).to(device) if n_classes else None
-        chunk = standing_batches(cfg.img_size)[1]  # all 100 at once up to 64 px; large images a few at a time
-        for tag, source in [("raw", gen)] + ([("ema", ema.module)] if ema else []):
-            model = eval_generator(source)
-            images = torch.cat([model(zs[i : i + chunk], None if labels is None else labels[i : i + chunk])
-                                for i in range(0, len(zs), chunk)])  # fmt: skip
-            save_grid(images, run.dir / "grids" / f"{tag}-{step:08d}.png", nrow=GRID_COLS)
-
-    def penalty_scale() -> float:
-        # fp16: second-order terms are taken from gradients of the scaled output, then unscaled (PyTorch's AMP recipe)
-        return accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
-
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
     meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
@@ -308,77 +391,19 @@ def main(cfg: Config) -> None:
         torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
         stats = {}
         if growing:
-            # The stage is a pure function of the images seen: resuming mid-fade re-enters it exactly.
-            prev_growth, growth = (
-                growth_at(s * images_per_step, cfg.fade_kimg * 1000, unwrap(gen).depth) for s in (step - 1, step)
-            )
-            for net in (unwrap(gen), unwrap(disc)) + ((ema.module,) if ema else ()):
-                net.set_growth(growth)
+            growth = set_growth_stage(cfg, step, images_per_step, nets)
             stats["growth"] = torch.tensor(growth, device=device)  # stacked with the losses: same device
-            # Adam's moments restart when a level starts or finishes fading in (NVIDIA's reset_opt_for_new_lod),
-            # decided from the schedule alone, so a resumed run resets at the same steps.
-            if stage_changed(prev_growth, growth):
-                for optim in (optim_g, optim_d):
-                    optim.state.clear()
         reals, labels = next(loader)
         reals = reals.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True) if n_classes else None
         if growing:
             reals = unwrap(disc).fade_reals(reals)  # reals at the resolution G draws now (NVIDIA's lod blending)
-        n = reals.shape[0]
-
-        # Discriminator step: fakes from the current G without its graph.
-        with torch.no_grad():
-            fakes = gen(torch.randn(n, cfg.z_dim, device=device), labels)
-        loss_d, d_stats = d_step_loss(cfg, disc, loss_fn, aux_loss, reals, fakes, labels, penalty_scale())
-        stats |= d_stats
-        optim_d.zero_grad(set_to_none=True)
-        accelerator.backward(loss_d)
-        d_applied, _ = step_optimizer(accelerator, optim_d, disc)
-        clip_critic(cfg, disc)
-
-        # Lazy R1 (StyleGAN2): its own D step, through the eager DDP module so that its gradients are averaged.
-        if lazy_r1_due(step, cfg):
-            loss_r1, r1_stats = lazy_r1_loss(cfg, uncompiled(disc), reals, labels, penalty_scale())
-            optim_d.zero_grad(set_to_none=True)
-            accelerator.backward(loss_r1)
-            r1_applied, _ = step_optimizer(accelerator, optim_d, disc)
-            d_applied = d_applied and r1_applied
-            stats |= r1_stats
-
-        # Generator step every train_g_interval D steps; D frozen so only G gets gradients.
-        g_applied = True
-        if g_step_due(step, cfg.train_g_interval):
-            disc.requires_grad_(False)
-            loss_g, g_stats = g_step_loss(
-                cfg, gen, disc, loss_fn, aux_loss, torch.randn(n, cfg.z_dim, device=device), labels
-            )
-            stats |= g_stats
-            optim_g.zero_grad(set_to_none=True)
-            accelerator.backward(loss_g)
-            pl_due = pl_step_due(step, cfg)
-            if not (pl_due and cfg.pl_interval == 1):  # at interval 1 the path-length gradient joins this step
-                g_applied, _ = step_optimizer(accelerator, optim_g, gen)
-
-            # Path-length regularisation (StyleGAN2) on a smaller batch. Lazy (interval k > 1): its own step; k = 1:
-            # its gradient is added to the G step's, one step (as R1 in the D loss).
-            if pl_due:
-                zs_pl = torch.randn(max(1, n // cfg.pl_batch_shrink), cfg.z_dim, device=device)
-                loss_pl, pl_mean, pl_stats = pl_step_loss(
-                    cfg, gen, zs_pl, pl_mean, penalty_scale(), lambda x: accelerator.reduce(x, "mean")
-                )
-                if cfg.pl_interval > 1:
-                    optim_g.zero_grad(set_to_none=True)
-                accelerator.backward(loss_pl)
-                pl_applied, _ = step_optimizer(accelerator, optim_g, gen)
-                g_applied = g_applied and pl_applied
-                stats |= pl_stats
-            disc.requires_grad_(True)
-
-            if ema is not None and g_applied:
-                ema.update(unwrap(gen), cfg.train_g_interval * images_per_step, (step + 1) * images_per_step)
+        step_stats, pl_mean, applied = train_step(
+            cfg, accelerator, nets, (loss_fn, aux_loss), step, reals, labels, pl_mean
+        )
+        stats |= step_stats
         meters.add(**stats)
-        skips.update(d_applied and g_applied, step)
+        skips.update(applied, step)
 
         # Log.
         done = step + 1
@@ -387,7 +412,8 @@ def main(cfg: Config) -> None:
 
         # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
-            save_grids(done)
+            sources = [("raw", gen)] + ([("ema", ema.module)] if ema else [])
+            save_grids(cfg, run, done, sources, eval_generator, n_classes, device)
         if run.due(done, cfg.eval_interval):
             run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), n_classes)
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
