@@ -10,7 +10,8 @@ training script with `--eval_interval` (FD_cls on `eval_samples` samples; transl
 the lines it prints; then per table row `sample.py` on `final_samples` seeds (timed: sampling seconds per 1k
 images), `fid.py --mode gen --detector fmnist`, and FD_cls, precision/recall and the class accuracy against the
 training set's statistics (`fid.py --mode ref`, computed once), with the library functions `fid.py --mode fid`
-uses. Two families run side by side (`--jobs 2`), each on one thread; a family that needs another (a teacher, a data
+uses; a row that keeps the best of several ways of sampling (`best_of`) chooses on `eval_samples` samples.
+Two families run side by side (`--jobs 2`), each on one thread; a family that needs another (a teacher, a data
 score) waits for it. Writes results.json, results.md, curves.png (FD_cls against minutes, one line per family) and
 grids/<row>.png. "minutes" are wall minutes on one thread since the training process started (evaluations
 included); a family that fails becomes an error row and the others go on.
@@ -161,13 +162,16 @@ def run_family(name: str, family: dict, spec: dict, args, work: Path, ref: dict,
         return [base | {"row": next(iter(family["rows"])), "first_value": trained["curve"][0]["value"]} | scored]
     rows = []
     for row_name, row in family["rows"].items():
-        candidates = row.get("best_of") or [row.get("sample_args", [])]
-        scored = [score_samples(f"{row_name}-{i}", trained["run_dir"], [str(a) for a in c], n, work, ref)
-                  for i, c in enumerate(candidates)]  # fmt: skip
-        best = min(scored, key=lambda r: r["fd_cls"])
-        if len(scored) > 1:
-            best["candidates"] = {s["sample_command"]: s["fd_cls"] for s in scored}
-        rows.append(base | {"row": row_name} | best)
+        candidates = [[str(a) for a in c] for c in row.get("best_of") or [row.get("sample_args", [])]]
+        choice = {}
+        if len(candidates) > 1:  # chosen on the in-loop sample count, then scored on the final count like any row
+            m = SMOKE["eval_samples"] if args.smoke else spec["eval_samples"]
+            scored = [score_samples(f"{row_name}-{i}", trained["run_dir"], c, m, work, ref)
+                      for i, c in enumerate(candidates)]  # fmt: skip
+            choice = {"candidates": {s["sample_command"]: s["fd_cls"] for s in scored}, "candidates_samples": m}
+            candidates = [candidates[min(range(len(scored)), key=lambda i: scored[i]["fd_cls"])]]
+        rows.append(base | {"row": row_name} | score_samples(row_name, trained["run_dir"], candidates[0], n, work, ref)
+                    | choice)  # fmt: skip
     return rows
 
 
@@ -240,6 +244,26 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_table(results: list[dict], out: Path) -> None:
+    """results.json, results.md (headed by the harness command(s) that made its rows, with their hours at the time
+    the row was written) and curves.png."""
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    runs = {json.dumps(r["table_command"], sort_keys=True) for r in results if "table_command" in r}
+    made = [f"`{c['command']}` ({c['hours']:.2f} h, {c['jobs']} families side by side)" for c in map(json.loads, runs)]
+    write_markdown(results, out / "results.md", f"Made by {'; '.join(sorted(made))}, each family on one thread.")
+    plot_curves(results, out / "curves.png")
+
+
+def merge(results: list[dict], earlier: Path | None, order: list[str]) -> list[dict]:
+    """The rows in the config's family order. With `earlier` (a results.json; `--only`), these rows replace the same
+    families' rows there and the other families' rows (each with the harness command that made it) stay."""
+    fresh = {r["family"] for r in results}
+    kept = json.loads(earlier.read_text()) if earlier and earlier.is_file() else []
+    kept = [r for r in kept if r["family"] not in fresh]
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(kept + results, key=lambda r: rank.get(r["family"], len(rank)))  # stable: rows keep their order
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(CONFIG))
@@ -260,6 +284,10 @@ def main(argv: list[str] | None = None) -> None:
         need = families[name].get("needs")
         if need and need not in chosen:
             chosen.insert(0, need)
+    # Teachers and data scores start first and the families that wait for them last, so that no worker sits idle
+    # waiting while the family it waits for is still queued behind it.
+    needed = {families[n].get("needs") for n in chosen}
+    chosen.sort(key=lambda n: 0 if n in needed else 2 if families[n].get("needs") else 1)
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out / "work"
     for sub in ("logs", "stats", "runs", "samples"):
@@ -276,27 +304,27 @@ def main(argv: list[str] | None = None) -> None:
         ref = {k: f[k] for k in f.files}
 
     started = time.perf_counter()
+    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         waits = {}
         for name in chosen:  # dependencies are listed first, so their futures exist when a family waits
             waits[name] = pool.submit(run_family, name, families[name], spec, args, work, ref, waits)
         results = []
-        for name in chosen:
+        for name in chosen:  # the table is written again as each family ends: a stopped run keeps what it made
             try:
-                results += waits[name].result()
+                rows = waits[name].result()
             except Exception as e:  # noqa: BLE001 - one failed family must not lose the others' rows
-                results.append({"family": name, "error": f"{type(e).__name__}: {e}"})
-    for r in results:
-        if r.get("grid") and Path(r["grid"]).is_file():
-            shutil.copyfile(r["grid"], out / "grids" / f"{r['row']}.png")
-        r.pop("grid", None)
-    plot_curves(results, out / "curves.png")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    hours = (time.perf_counter() - started) / 3600
-    command = shlex.join(["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
-    write_markdown(results, out / "results.md", f"Command: `{command}` ({hours:.2f} h, {args.jobs} families side by "
-                   "side, one thread each).")  # fmt: skip
-    print(f"wrote {out / 'results.md'}: {len(results)} rows ({sum('error' in r for r in results)} errors)")
+                rows = [{"family": name, "error": f"{type(e).__name__}: {e}"}]
+            hours = (time.perf_counter() - started) / 3600
+            for r in rows:
+                if r.get("grid") and Path(r["grid"]).is_file():
+                    shutil.copyfile(r["grid"], out / "grids" / f"{r['row']}.png")
+                r.pop("grid", None)
+                r["table_command"] = {"command": command, "hours": round(hours, 2), "jobs": args.jobs}
+            results += rows
+            earlier = out / "results.json" if args.only else None  # the whole table replaces an earlier one
+            write_table(merge(results, earlier, list(families)), out)
+    print(f"wrote {out / 'results.md'}: {len(results)} new rows ({sum('error' in r for r in results)} errors)")
 
 
 if __name__ == "__main__":

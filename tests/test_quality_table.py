@@ -8,9 +8,9 @@ import sys
 import pytest
 from PIL import Image
 
+from benchmarks.quality import merge, write_markdown
 from tests.conftest import run
 
-pytestmark = pytest.mark.slow
 KEYS = {"family", "kimg", "minutes", "fd_cls", "first_fd_cls", "precision", "recall", "command"}
 
 
@@ -35,12 +35,31 @@ def test_the_quality_table_runs_every_path_on_tiny_budgets(tmp_path, mnist_dir):
     assert rows["student_1step"]["command"] == rows["student_4step"]["command"]
     assert "--teacher" in rows["student_1step"]["command"] and rows["follmer"]["family"] == "follmer"
     assert rows["student_1step"]["sample_command"].endswith("--num_steps 1")
-    # The GEBM sampler row keeps the lowest FD_cls of its three candidates.
+    # The GEBM sampler row keeps the candidate of lowest FD_cls on the in-loop sample count, then scores it on the
+    # final count.
     candidates = rows["gebm_sampler"]["candidates"]
-    assert len(candidates) == 3 and rows["gebm_sampler"]["fd_cls"] == min(candidates.values())
+    assert len(candidates) == 3 and rows["gebm_sampler"]["candidates_samples"] == 32
+    chosen = min(candidates, key=candidates.get).split()[-4:]  # --latent_sampler <name> --num_sampler_steps <n>
+    assert rows["gebm_sampler"]["sample_command"].split()[-4:] == chosen
     # CycleGAN: its own metric, FD to the target domain, from translate.py --only_test.
     assert rows["cyclegan"]["metric"] == "fd_target" and rows["cyclegan"]["fd_cls"] == rows["cyclegan"]["value"] > 0
     assert rows["cyclegan"]["fd_target_untranslated"] > 0
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in expected) and "error" not in table
     assert Image.open(out / "curves.png").size == (900, 560)
+
+
+def test_only_replaces_its_families_rows_and_keeps_the_others_in_config_order(tmp_path):
+    def row(family, fd, command):
+        made = {"command": command, "hours": 1.0, "jobs": 2}
+        return {"family": family, "row": family, "fd_cls": fd, "first_fd_cls": 2 * fd, "kimg": 1.0, "minutes": 1.0,
+                "sec_per_kimg": 1.0, "command": family, "table_command": made}  # fmt: skip
+
+    earlier = tmp_path / "results.json"
+    earlier.write_text(json.dumps([row("dcgan", 10.0, "all"), row("edm", 30.0, "all"), row("gebm", 50.0, "all")]))
+    merged = merge([row("edm", 20.0, "only edm")], earlier, ["dcgan", "edm", "gebm"])
+    assert [(r["family"], r["fd_cls"]) for r in merged] == [("dcgan", 10.0), ("edm", 20.0), ("gebm", 50.0)]
+    assert merge([row("gebm", 1.0, "x"), row("dcgan", 2.0, "x")], None, ["dcgan", "gebm"])[0]["family"] == "dcgan"
+    write_markdown(merged, tmp_path / "results.md", "header")
+    table = (tmp_path / "results.md").read_text()
+    assert "20.00" in table and "30.00" not in table
