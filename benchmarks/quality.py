@@ -4,6 +4,7 @@ in the loop at fixed intervals and on many samples at the end, read from the run
     python benchmarks/quality.py --out benchmarks/results/quality              # the table (about 3 h on 2 cores)
     python benchmarks/quality.py --only dcgan,edm --out /tmp/q                 # some families
     python benchmarks/quality.py --smoke --data_dir /tmp/idx --out /tmp/q      # every code path on tiny budgets
+    python benchmarks/quality.py --publish       # write the committed table into README.md and docs/results.md
 
 Per family (benchmarks/quality_fashion_mnist.yaml says which script, flags and budget), as a user would run it: the
 training script with `--eval_interval` (FD_cls on `eval_samples` samples; translation: its own metric), timed by
@@ -254,6 +255,31 @@ def write_table(results: list[dict], out: Path) -> None:
     plot_curves(results, out / "curves.png")
 
 
+START, END = "<!-- quality table: written by benchmarks/quality.py -->", "<!-- end of the quality table -->"
+
+
+def publish(results: list[dict], out: Path, pages: dict[Path, str]) -> None:
+    """Write the table into each page between the START and END markers (already there): docs/results.md gets the
+    whole results.md and the curve plot, README.md a short table (row, FD_cls first → final, minutes)."""
+    short = ["| row | FD_cls (first in-loop → final) | minutes | kimg |", "|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            short.append(f"| {r['family']} | error | | |")
+            continue
+        score = f"{r['first_fd_cls']:.1f} → **{r['fd_cls']:.1f}**" if "metric" not in r else (
+            f"{r['metric']} {r['first_value']:.3g} → **{r['value']:.3g}**")  # fmt: skip
+        short.append(f"| {r['row']} | {score} | {r['minutes']:.1f} | {r['kimg']:.1f} |")
+    for page, kind in pages.items():
+        text = page.read_text()
+        if START not in text or END not in text:
+            raise SystemExit(f"{page}: no {START} ... {END} block to write the table into")
+        rel = os.path.relpath(out, page.parent)
+        body = (out / "results.md").read_text().strip() + f"\n\n![FD_cls against minutes]({rel}/curves.png)"
+        body = body if kind == "full" else "\n".join(short)
+        head, rest = text.split(START, 1)
+        page.write_text(f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}")
+
+
 def merge(results: list[dict], earlier: Path | None, order: list[str]) -> list[dict]:
     """The rows in the config's family order. With `earlier` (a results.json; `--only`), these rows replace the same
     families' rows there and the other families' rows (each with the harness command that made it) stay."""
@@ -273,9 +299,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated family names")
     parser.add_argument("--jobs", type=int, default=2, help="families trained side by side, one thread each")
     parser.add_argument("--smoke", action="store_true", help="a few steps and tiny networks: the pipeline only")
+    parser.add_argument("--publish", action="store_true", help="only write --out's table into the README and docs")
     args = parser.parse_args(argv)
     spec = yaml.safe_load(Path(args.config).read_text())
     families = spec["families"]
+    out = Path(args.out).resolve()
+    pages = {ROOT / "docs" / "results.md": "full", ROOT / "README.md": "short"}
+    if args.publish:
+        publish(json.loads((out / "results.json").read_text()), out, pages)
+        return
     chosen = [n for n in args.only.split(",") if n] or list(families)
     unknown = sorted(set(chosen) - set(families))
     if unknown:
@@ -288,7 +320,6 @@ def main(argv: list[str] | None = None) -> None:
     # waiting while the family it waits for is still queued behind it.
     needed = {families[n].get("needs") for n in chosen}
     chosen.sort(key=lambda n: 0 if n in needed else 2 if families[n].get("needs") else 1)
-    out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else out / "work"
     for sub in ("logs", "stats", "runs", "samples"):
         (work / sub).mkdir(parents=True, exist_ok=True)
@@ -324,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
             results += rows
             earlier = out / "results.json" if args.only else None  # the whole table replaces an earlier one
             write_table(merge(results, earlier, list(families)), out)
+    if out == (ROOT / "benchmarks" / "results" / "quality").resolve() and not args.smoke:  # the committed table
+        publish(merge(results, out / "results.json" if args.only else None, list(families)), out, pages)
     print(f"wrote {out / 'results.md'}: {len(results)} new rows ({sum('error' in r for r in results)} errors)")
 
 

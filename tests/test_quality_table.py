@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from benchmarks.quality import merge, write_markdown
+from benchmarks.quality import END, START, merge, publish, write_markdown
 from tests.conftest import run
 
 KEYS = {"family", "kimg", "minutes", "fd_cls", "first_fd_cls", "precision", "recall", "command"}
@@ -63,3 +63,28 @@ def test_only_replaces_its_families_rows_and_keeps_the_others_in_config_order(tm
     write_markdown(merged, tmp_path / "results.md", "header")
     table = (tmp_path / "results.md").read_text()
     assert "20.00" in table and "30.00" not in table
+
+
+def test_publish_writes_the_table_between_the_markers_and_nothing_else(tmp_path):
+    out = tmp_path / "quality"
+    out.mkdir()
+    (out / "results.md").write_text("| row | ... |\n| dcgan | 100.00 → **20.00** |\n")
+    rows = [{"family": "dcgan", "row": "dcgan", "first_fd_cls": 100.0, "fd_cls": 20.0, "minutes": 9.5, "kimg": 128.0},
+            {"family": "pix2pix", "row": "pix2pix", "metric": "l1", "first_value": 0.3, "value": 0.1, "minutes": 6.0,
+             "kimg": 12.0}]  # fmt: skip
+    docs, readme = tmp_path / "docs" / "results.md", tmp_path / "README.md"
+    docs.parent.mkdir()
+    for page in (docs, readme):
+        page.write_text(f"before\n{START}\nold table\n{END}\nafter\n")
+    publish(rows, out, {docs: "full", readme: "short"})
+    publish(rows, out, {docs: "full", readme: "short"})  # again: the block is replaced, not added
+    full, short = docs.read_text(), readme.read_text()
+    assert full.startswith(f"before\n{START}\n| row | ... |") and full.endswith(f"{END}\nafter\n")
+    assert "![FD_cls against minutes](../quality/curves.png)" in full and "old table" not in full
+    assert (
+        "| dcgan | 100.0 → **20.0** | 9.5 | 128.0 |" in short and "| pix2pix | l1 0.3 → **0.1** | 6.0 | 12.0 |" in short
+    )
+    assert short.count(START) == 1 and short.endswith(f"{END}\nafter\n")
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- quality table"):
+        publish(rows, out, {readme: "short"})
