@@ -212,15 +212,18 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     assert parse(_Cfg, ["--config", str(saved)]) == _Cfg(method="hinge", lr=0.5, ema=False, label=None)
 
 
+def _config_file_error(tmp_path, text: str, cls=_Cfg) -> str:
+    """The UserError that parse() raises for a config file holding `text`."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        parse(cls, ["--config", str(path)])
+    return str(err.value)
+
+
 def test_config_file_errors(tmp_path):
-    bad_key = tmp_path / "k.yaml"
-    bad_key.write_text("metod: gan\n")
-    with pytest.raises(UserError, match="unknown option"):
-        parse(_Cfg, ["--config", str(bad_key)])
-    bad_choice = tmp_path / "c.yaml"
-    bad_choice.write_text("method: lsgan\n")
-    with pytest.raises(UserError, match="invalid choice"):
-        parse(_Cfg, ["--config", str(bad_choice)])
+    assert "unknown option" in _config_file_error(tmp_path, "metod: gan\n")
+    assert "invalid choice" in _config_file_error(tmp_path, "method: lsgan\n")
     with pytest.raises(UserError, match="no such file"):
         parse(_Cfg, ["--config", str(tmp_path / "missing.yaml")])
     with pytest.raises(UserError, match="JSON"):
@@ -239,11 +242,8 @@ def test_config_file_errors(tmp_path):
     ],
 )
 def test_config_file_values_of_the_wrong_kind_give_one_line(tmp_path, text, fragment):
-    path = tmp_path / "c.yaml"
-    path.write_text(text)
-    with pytest.raises(UserError) as err:
-        parse(_Cfg, ["--config", str(path)])
-    assert fragment in str(err.value) and "\n" not in str(err.value)
+    message = _config_file_error(tmp_path, text)
+    assert fragment in message and "\n" not in message
 
 
 def test_flags_are_never_abbreviated_and_nan_is_refused():
@@ -279,10 +279,8 @@ def test_aliases_work_as_flags_and_as_config_file_keys(tmp_path):
     old_key.write_text("bsz: 8\nlr: 0.5\n")
     assert parse(_AliasCfg, ["--config", str(old_key)]) == _AliasCfg(batch_size=8, lr=0.5)
     assert parse(_AliasCfg, ["--config", str(old_key), "--batch_size", "2"]).batch_size == 2  # the flag wins
-    both = tmp_path / "both.yaml"
-    both.write_text("batch_size: 8\nbsz: 16\n")
-    with pytest.raises(UserError, match="batch_size is given twice, as 'batch_size' and as 'bsz'"):
-        parse(_AliasCfg, ["--config", str(both)])
+    message = _config_file_error(tmp_path, "batch_size: 8\nbsz: 16\n", _AliasCfg)
+    assert "batch_size is given twice, as 'batch_size' and as 'bsz'" in message
     # A config file in CharacteristicGenerator's spelling still loads into distill_characteristic.py's Config.
     import distill_characteristic
 
