@@ -13,11 +13,8 @@ The last line printed is the ratio of the two times.
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import timed_seconds  # noqa: E402
+from benchmarks.timing import bench_device, run_script, timed_seconds, timed_steps  # noqa: E402
 from losses import get_diffusion_loss  # noqa: E402
 from modelling import NETWORK_PRESETS, build_denoiser  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
@@ -47,10 +44,7 @@ def script_run(args: argparse.Namespace, data_dir: str, log_dir: str) -> tuple[f
     ]  # fmt: skip
     if args.mixed_precision:
         cmd += ["--mixed_precision", args.mixed_precision]
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"diffusion_train.py failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    run_script(cmd, args.threads)
     stats_path = Path(log_dir) / "bench" / "stats.jsonl"
     seconds = timed_seconds(stats_path, args.warmup, total, args.batch_size)
     mem_gb = json.loads(stats_path.read_text().splitlines()[-1])["mem_gb"]
@@ -58,7 +52,7 @@ def script_run(args: argparse.Namespace, data_dir: str, log_dir: str) -> tuple[f
 
 
 def bare_sec_per_kimg(args: argparse.Namespace, data_dir: str) -> float:
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    device = bench_device()
     images = build_dataset("mnist", data_dir, args.img_size, download=False).images.to(device)
     net, preset = NETWORK_PRESETS[args.model]
     torch.manual_seed(0)
@@ -82,15 +76,7 @@ def bare_sec_per_kimg(args: argparse.Namespace, data_dir: str) -> float:
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1e-3)
 
-    for _ in range(args.warmup):
-        step()
-    sync = torch.accelerator.synchronize if device.type != "cpu" else lambda: None
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.n_steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / (args.n_steps * n / 1000)
+    return timed_steps(step, args.warmup, args.n_steps, device) / (args.n_steps * n / 1000)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ printed is the in-process throughput ratio.
 """
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fid  # noqa: E402
+from benchmarks.timing import thread_env, timed  # noqa: E402
 from metrics.detectors import INCEPTION_FILE, fid_inception_v3, load_inception  # noqa: E402
 from utils.grid import save_png  # noqa: E402
 
@@ -62,15 +62,6 @@ def make_images(folder: Path, n: int) -> None:
 
 def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def timed(fn, device: torch.device):
-    sync = torch.accelerator.synchronize if device.type != "cpu" else lambda: None
-    sync()
-    start = time.perf_counter()
-    result = fn()
-    sync()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:
@@ -132,11 +123,7 @@ def main() -> None:
             str(folder),
             str(out),
         ]
-        env = os.environ | {
-            "TORCH_HOME": str(tmp),
-            "OMP_NUM_THREADS": str(args.threads),
-            "MKL_NUM_THREADS": str(args.threads),
-        }
+        env = thread_env(args.threads) | {"TORCH_HOME": str(tmp)}
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         cli_time = time.perf_counter() - start

@@ -15,11 +15,8 @@ The last line printed is the ratio of the two.
 
 import argparse
 import copy
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import timed_seconds  # noqa: E402
+from benchmarks.timing import bench_device, run_script, timed_seconds, timed_steps  # noqa: E402
 from losses import get_gan_loss, gradient_penalty  # noqa: E402
 from modelling import build_discriminator, build_generator  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
@@ -66,17 +63,14 @@ def script_sec_per_step(args: argparse.Namespace, data_dir: str, log_dir: str) -
         "--log_name",
         "bench",
     ] + (["--conditional"] if args.conditional else [])
-    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"gan_mnist.py failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    run_script(cmd, args.threads)
     seconds = timed_seconds(Path(log_dir) / "bench" / "stats.jsonl", args.warmup, total, args.batch_size)
     return seconds / args.n_steps
 
 
 def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
     """The same D step, G step and EMA update in plain PyTorch; returns seconds per step after `warmup` steps."""
-    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    device = bench_device()
     dataset = build_dataset("mnist", data_dir, 32, download=False)
     images, all_labels = dataset.images.to(device), dataset.labels.to(device)  # uint8 (N, 1, 32, 32), int64 (N,)
     n_classes = 10 if args.conditional else 0
@@ -123,15 +117,7 @@ def bare_sec_per_step(args: argparse.Namespace, data_dir: str) -> float:
             for ema_b, b in zip(ema.buffers(), gen.buffers(), strict=True):
                 ema_b.copy_(b)
 
-    for _ in range(args.warmup):
-        step()
-    sync = torch.accelerator.synchronize if device.type != "cpu" else lambda: None
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.n_steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / args.n_steps
+    return timed_steps(step, args.warmup, args.n_steps, device) / args.n_steps
 
 
 def main() -> None:

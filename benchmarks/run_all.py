@@ -23,7 +23,6 @@ not run. A case that fails becomes an error row with its command and the end of 
 import argparse
 import datetime
 import json
-import os
 import re
 import shlex
 import shutil
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import bench_diffusion_step, bench_gan_step  # noqa: E402
 from benchmarks.bench_gan_zoo import VARIANTS as PRECISION_FLAGS  # noqa: E402
 from benchmarks.bench_gan_zoo import write_folder  # noqa: E402
-from benchmarks.timing import timed_seconds  # noqa: E402
+from benchmarks.timing import thread_env, timed_seconds  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
 
 ALL_VARIANTS = ["fp32", "fp16", "bf16", "compile", "channels_last"]
@@ -105,7 +104,7 @@ class Bench:
         return str(self.work / "edm_teacher")
 
     def env(self) -> dict[str, str]:
-        return os.environ | {"OMP_NUM_THREADS": str(self.args.threads), "MKL_NUM_THREADS": str(self.args.threads)}
+        return thread_env(self.args.threads)
 
 
 def run(bench: Bench, cmd: list[str]) -> subprocess.CompletedProcess:

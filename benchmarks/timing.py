@@ -1,8 +1,35 @@
-"""Shared by the step benchmarks: the steady-state time of a training script, read back from its stats.jsonl."""
+"""Shared by the benchmarks: running a training script as a user would and reading its steady-state time back from
+its stats.jsonl, and timing a bare loop in this process with the accelerator's queue drained at both ends."""
 
 import json
+import os
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_device() -> torch.device:
+    """The accelerator if there is one, else the CPU: where a bare loop runs."""
+    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """This environment with `threads` CPU threads for torch, so that a subprocess uses what the bare side does."""
+    return os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_script(cmd: list[str], threads: int) -> None:
+    """Run `cmd` (python, a script of the repository, its flags) from the repository root; exits with the tail of
+    its output if it fails."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=thread_env(threads), capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[1]} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
 
 
 def timed_seconds(stats_path: Path, warmup: int, total: int, batch_size: int) -> float:
@@ -17,3 +44,25 @@ def timed_seconds(stats_path: Path, warmup: int, total: int, batch_size: int) ->
     if prev != total:
         sys.exit(f"stats.jsonl has no row at the last step {total}: {[row['step'] for row in rows]}")
     return seconds
+
+
+def timed(fn: Callable, device: torch.device) -> tuple:
+    """(fn(), its wall time in seconds); the device's queue is drained before and after, so that the time covers
+    the kernels `fn` launched and nothing queued earlier."""
+    sync = torch.accelerator.synchronize if device.type != "cpu" else lambda: None
+    sync()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - start
+
+
+def timed_steps(step: Callable[[], None], warmup: int, n_steps: int, device: torch.device) -> float:
+    """Seconds of `n_steps` calls of `step`, after `warmup` untimed ones."""
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
+
+    run(warmup)
+    return timed(lambda: run(n_steps), device)[1]

@@ -116,3 +116,16 @@ def cli_error(cli, argv: list[str], capsys) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def random_denoiser(method: str, net: str, net_kwargs: dict, std: float = 0.3):
+    """A denoiser in eval mode with every parameter drawn from N(0, std²) after torch.manual_seed(0): an O(1)
+    network output, as a trained teacher has (the init zeroes the last layer of every residual branch)."""
+    from modelling import build_denoiser
+
+    torch.manual_seed(0)
+    denoiser = build_denoiser(method, net=net, net_kwargs=net_kwargs).eval()
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.normal_(std=std)
+    return denoiser

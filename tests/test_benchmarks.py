@@ -4,11 +4,12 @@ shared CPU say nothing about correctness, only that a number was measured."""
 import json
 import shlex
 import sys
+import types
 
 import pytest
 import torch
 
-from benchmarks import run_all
+from benchmarks import run_all, timing
 from tests.conftest import run_script
 
 COLUMNS = ["case", "variant", "device", "img/s", "sec/kimg", "peak mem (GiB)", "ratio vs bare", "note", "command"]
@@ -74,3 +75,21 @@ def test_unknown_cases_are_refused(tmp_path):
     with pytest.raises(SystemExit) as stop:
         run_all.main(["--only", "no_such_case", "--out", str(tmp_path)])
     assert stop.value.code == 2
+
+
+def test_timed_steps_times_only_the_steps_after_the_warmup(monkeypatch):
+    now, calls = [0.0], []
+
+    def step():
+        calls.append(now[0])
+        now[0] += 1.0  # each step takes one second of the fake clock
+
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    assert timing.timed_steps(step, 3, 5, torch.device("cpu")) == 5.0 and len(calls) == 8
+
+
+def test_run_script_passes_the_thread_count_and_exits_with_the_output_of_a_failure():
+    timing.run_script([sys.executable, "-c", "import os, sys; sys.exit(os.environ['OMP_NUM_THREADS'] != '3')"], 3)
+    with pytest.raises(SystemExit) as stop:
+        timing.run_script([sys.executable, "gan_mnist.py", "--no_such_flag"], 1)
+    assert str(stop.value).startswith("gan_mnist.py failed (exit 2):") and "--no_such_flag" in str(stop.value)

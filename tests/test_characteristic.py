@@ -20,6 +20,7 @@ from losses.characteristic import (
 from modelling import build_denoiser
 from modelling.precond import flow_map
 from sampling.diffusion import StackedNoise, ode_step, sample, time_grid
+from tests.conftest import random_denoiser
 from tests.gaussians import FollmerMixture
 from utils.ema import EMA
 
@@ -30,11 +31,7 @@ TINY_UNET = dict(img_size=8, img_channels=1, model_channels=8, channel_mult=[1, 
 def test_student_starts_as_its_teachers_ddim_step(method):
     """Initialised from the teacher, G(x, t, s) is exactly the teacher's DDIM/DEIS step from t to s for every s;
     G(x, t, t) = x; and once the s-branch moves, the output depends on s."""
-    torch.manual_seed(0)
-    teacher = build_denoiser(method, net="ddpmpp", net_kwargs=TINY_UNET | {"n_classes": 3}).eval()
-    with torch.no_grad():  # an O(1) network output: the init zeroes the last layer of every residual branch
-        for p in teacher.parameters():
-            p.normal_(std=0.3)
+    teacher = random_denoiser(method, "ddpmpp", TINY_UNET | {"n_classes": 3})
     meta = {"model": method, "model_kwargs": {"net": "ddpmpp", "net_kwargs": TINY_UNET | {"n_classes": 3}}}
     student, kwargs = build_student(meta, teacher)
     student.eval()
@@ -129,12 +126,8 @@ def test_characteristic_target_at_initialisation_and_its_stop_gradients(method):
     gradient), the online network's target call G_theta(x_u, u, s) runs without autograd, and the target network
     runs with autograd on y (the gradient path) and without on y*. (3) There, with the s-branches made non-zero
     (else D(x, t, s) ignores s), the loss equals the formula written out in the test."""
-    torch.manual_seed(0)
     net_kwargs = TINY_UNET | {"n_classes": 3}
-    teacher = build_denoiser(method, net="ddpmpp", net_kwargs=net_kwargs).eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.normal_(std=0.3)
+    teacher = random_denoiser(method, "ddpmpp", net_kwargs)
     student, _ = build_student({"model": method, "model_kwargs": {"net": "ddpmpp", "net_kwargs": net_kwargs}}, teacher)
     student.eval()
     target = EMA(student, decay=0.999).module
@@ -215,11 +208,7 @@ def test_adaptive_weight_is_computed_in_fp32_under_fp16_autocast(net, net_kwargs
     With the output layer in fp32 the weight matches the fp32 forward's to the fp16 rounding of the rest of the
     network (measured 0.08 % and 0.4 %; bound 2 %). The residuals are systematic (a shift and a 10 % shrink of the
     output), so the fp16 forward's rounding error does not dominate them."""
-    torch.manual_seed(0)
-    den = build_denoiser("follmer", net=net, net_kwargs=net_kwargs | dict(two_time=True)).eval()
-    with torch.no_grad():  # an O(1) network output and O(1) activations into the last layer
-        for p in den.parameters():
-            p.normal_(std=0.3)
+    den = random_denoiser("follmer", net, net_kwargs | dict(two_time=True))  # O(1) activations into the last layer
     x, t = torch.randn(shape, generator=torch.Generator().manual_seed(1)), torch.full((shape[0],), 0.5)
     with torch.no_grad():
         reference = den(x, t)

@@ -36,7 +36,7 @@ from sampling import gan_images
 from sampling.diffusion import StackedNoise, sample, time_grid
 from sampling.latent_mcmc import LatentChains, latent_potential
 from sampling.particles import discr_flow_images
-from tests.conftest import REPO, TINY, cli_error, read_stats
+from tests.conftest import REPO, TINY, cli_error, random_denoiser, read_stats
 from utils.ckpt import build_from_snapshot, load_snapshot, load_training_state
 from utils.cli import UserError, parse
 from utils.data import build_dataset, make_loader, step_seed, toy_moments, toy_points
@@ -953,12 +953,8 @@ def test_diffusion_toy_run_learns(method, tmp_path, request):
 def _diffusion_distill_nets(method: str):
     """A teacher MLP with O(1) random weights, its student (two-time, the s-branch made non-zero, else D(x, t, s)
     ignores s) and a target network that differs from the student."""
-    torch.manual_seed(0)
     net_kwargs = DIFFUSION_NET | {"n_classes": 3}
-    teacher = build_denoiser(method, net="mlp", net_kwargs=net_kwargs).eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.normal_(std=0.3)
+    teacher = random_denoiser(method, "mlp", net_kwargs)
     meta = {"model": method, "model_kwargs": {"net": "mlp", "net_kwargs": net_kwargs}}
     student = distill_characteristic.build_student(meta, teacher)[0].eval()
     with torch.no_grad():

@@ -229,6 +229,17 @@ def _gan(ctx, *args):
             "--loggers", "none", "--conditional", *args]  # fmt: skip
 
 
+def _fid_of_stats(ctx, ref, gen):
+    """fid.py --mode fid on two of the crafted statistics files."""
+    return ["--mode", "fid", "--ref_path", str(ctx["files"] / ref), "--stat_path", str(ctx["files"] / gen)]
+
+
+def _fid_gen(ctx, folder, detector, *args):
+    """fid.py --mode gen on one of the crafted sample folders, written next to the run (never into it)."""
+    return ["--mode", "gen", "--img_folder", str(ctx["files"] / folder), "--detector", detector, *args,
+            "--dest", str(ctx["root"] / "g")]  # fmt: skip
+
+
 # (script, argv from the context, fragment of the one error line). Every case is a distinct way to get it wrong.
 BAD_INPUTS = {
     "missing-data": (
@@ -372,70 +383,29 @@ BAD_INPUTS = {
     ),
     "fid-shapes": (
         "fid",
-        lambda c: [
-            "--mode",
-            "fid",
-            "--ref_path",
-            str(c["files"] / "ref3.npz"),
-            "--stat_path",
-            str(c["files"] / "gen4.npz"),
-        ],
+        lambda c: _fid_of_stats(c, "ref3.npz", "gen4.npz"),
         "has mu (3,)",
     ),
     "fid-skewed-stats": (
         "fid",
-        lambda c: [
-            "--mode",
-            "fid",
-            "--ref_path",
-            str(c["files"] / "ref3.npz"),
-            "--stat_path",
-            str(c["files"] / "skew.npz"),
-        ],
+        lambda c: _fid_of_stats(c, "ref3.npz", "skew.npz"),
         "are not (d,) and (d, d) statistics",
     ),
     "truncated-sample-info": (
         "fid",
-        lambda c: [
-            "--mode",
-            "gen",
-            "--img_folder",
-            str(c["files"] / "samples"),
-            "--detector",
-            "pixels",
-            "--dest",
-            str(c["root"] / "g"),
-        ],
+        lambda c: _fid_gen(c, "samples", "pixels"),
         "damaged sample_info.json",
     ),
     "corrupt-generated-image": (
         "fid",
-        lambda c: [
-            "--mode",
-            "gen",
-            "--img_folder",
-            str(c["files"] / "broken_samples"),
-            "--detector",
-            "pixels",
-            "--dest",
-            str(c["root"] / "g"),
-        ],
+        lambda c: _fid_gen(c, "broken_samples", "pixels"),
         "cannot read this image",
     ),
     "detector-weights-of-a-gan": (
         "fid",
-        lambda c: [
-            "--mode",
-            "gen",
-            "--img_folder",
-            str(c["files"] / "samples"),
-            "--detector",
-            "fmnist",
-            "--detector_weights",
-            str(c["run"] / "snapshots" / "snapshot-00000004.safetensors"),
-            "--dest",
-            str(c["root"] / "g"),
-        ],
+        lambda c: _fid_gen(
+            c, "samples", "fmnist", "--detector_weights", str(c["run"] / "snapshots" / "snapshot-00000004.safetensors")
+        ),
         "not a classifier",
     ),
     "translate-unpaired-without-b": (

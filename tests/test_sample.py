@@ -18,53 +18,22 @@ def runs(tmp_path_factory, mnist_dir):
     return log_dir
 
 
+def _sample(checkpoint, out_dir, *args, **kw):
+    """sample.py on `checkpoint`, writing into `out_dir`."""
+    return run_script("sample.py", "--checkpoint", checkpoint, *args, "--out_dir", out_dir, **kw)
+
+
 def _pngs(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.glob("0*.png"))}
 
 
 @pytest.mark.slow
 def test_images_depend_only_on_seed_not_batch_or_processes(tmp_path, runs):
-    run_script(
-        "sample.py",
-        "--checkpoint",
-        runs / "uncond",
-        "--n_samples",
-        "12",
-        "--seed",
-        "3",
-        "--batch_size",
-        "5",
-        "--out_dir",
-        tmp_path / "a",
-    )
-    run_script(
-        "sample.py",
-        "--checkpoint",
-        runs / "uncond",
-        "--start_seed",
-        "3",
-        "--end_seed",
-        "14",
-        "--batch_size",
-        "12",
-        "--out_dir",
-        tmp_path / "b",
-    )
+    seeds_3_to_14 = ["--start_seed", "3", "--end_seed", "14"]
+    _sample(runs / "uncond", tmp_path / "a", "--n_samples", "12", "--seed", "3", "--batch_size", "5")
+    _sample(runs / "uncond", tmp_path / "b", *seeds_3_to_14, "--batch_size", "12")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = run_script(
-        "sample.py",
-        "--checkpoint",
-        runs / "uncond",
-        "--start_seed",
-        "3",
-        "--end_seed",
-        "14",
-        "--batch_size",
-        "4",
-        "--out_dir",
-        tmp_path / "c",
-        launcher=launcher,
-    )
+    result = _sample(runs / "uncond", tmp_path / "c", *seeds_3_to_14, "--batch_size", "4", launcher=launcher)
     a = _pngs(tmp_path / "a")
     assert sorted(a) == [f"{s:06d}.png" for s in range(3, 15)]
     assert (
@@ -78,18 +47,8 @@ def test_images_depend_only_on_seed_not_batch_or_processes(tmp_path, runs):
 
 
 def test_class_labels(tmp_path, runs):
-    run_script("sample.py", "--checkpoint", runs / "cond", "--n_samples", "20", "--out_dir", tmp_path / "mixed")
-    run_script(
-        "sample.py",
-        "--checkpoint",
-        runs / "cond",
-        "--n_samples",
-        "20",
-        "--class_label",
-        "3",
-        "--out_dir",
-        tmp_path / "threes",
-    )
+    _sample(runs / "cond", tmp_path / "mixed", "--n_samples", "20")
+    _sample(runs / "cond", tmp_path / "threes", "--n_samples", "20", "--class_label", "3")
     mixed, threes = _pngs(tmp_path / "mixed"), _pngs(tmp_path / "threes")
     # Without --class_label, seed s gets class s mod 10: seeds 3 and 13 match the all-threes run, others do not.
     same = sorted(name for name in mixed if mixed[name] == threes[name])
