@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from modelling import dcgan
-from modelling.common import apply_spectral_norm
+from modelling.common import apply_spectral_norm, init_dcgan
 
 Generator = dcgan.Generator  # concat(z, embed(y)) -> DCGAN generator: the paper's "noise plus class" input
 
@@ -46,7 +46,7 @@ class Discriminator(nn.Module):
             apply_spectral_norm(self)
 
     def reset_parameters(self) -> None:
-        dcgan._init_weights(self)
+        init_dcgan(self)
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None, aux: bool = False):
         """Source logits (N,); with `aux=True` also the class logits (N, n_classes). `labels` is not used."""

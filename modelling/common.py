@@ -1,4 +1,4 @@
-"""Pieces every architecture family may use: spectral normalisation and BatchNorm "standing statistics"."""
+"""Pieces every architecture family may use: DCGAN init, spectral normalisation and BatchNorm "standing statistics"."""
 
 import torch
 from torch import nn
@@ -10,6 +10,20 @@ SN_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32 for softmaxes, sums and norms that overflow or lose precision; fp32/fp64 unchanged."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def init_dcgan(module: nn.Module) -> None:
+    """DCGAN init (Radford et al. 2016, arXiv 1511.06434, Sec. 4), which pix2pix and CycleGAN keep: conv, dense and
+    embedding weights N(0, 0.02), affine BatchNorm/InstanceNorm scales N(1, 0.02), biases 0. Draws in `modules()`
+    order, one weight after another, so a model's initial values depend only on its layer order and the seed."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.affine:
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
 
 
 def apply_spectral_norm(module: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from modelling.common import apply_spectral_norm
+from modelling.common import apply_spectral_norm, init_dcgan
 
 
 def _depth(img_size: int) -> int:
@@ -34,19 +34,20 @@ def _depth(img_size: int) -> int:
     return int(depth)
 
 
-def _init_weights(module: nn.Module) -> None:
-    """DCGAN init: conv and embedding weights N(0, 0.02), BatchNorm scale N(1, 0.02), biases 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d) and m.affine:
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
+class _Net(nn.Module):
+    """What G and D share: their layer stack `net`, DCGAN init, then optional spectral norm."""
+
+    def _set_net(self, layers: list[nn.Module], spectral_norm: bool) -> None:
+        self.net = nn.Sequential(*layers)
+        self.reset_parameters()
+        if spectral_norm:  # after the init: SN normalises the initialised weights, its vectors drawn last
+            apply_spectral_norm(self)
+
+    def reset_parameters(self) -> None:
+        init_dcgan(self)
 
 
-class Generator(nn.Module):
+class Generator(_Net):
     def __init__(
         self,
         img_size: int = 32,
@@ -68,13 +69,7 @@ class Generator(nn.Module):
         for ch, out in pairwise(widths):
             layers += [nn.ConvTranspose2d(ch, out, 4, 2, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(widths[-1], img_channels, 4, 2, 1), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-        self.reset_parameters()
-        if spectral_norm:
-            apply_spectral_norm(self)
-
-    def reset_parameters(self) -> None:
-        _init_weights(self)
+        self._set_net(layers, spectral_norm)
 
     def forward(self, zs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
@@ -82,7 +77,7 @@ class Generator(nn.Module):
         return self.net(zs[:, :, None, None])  # (N, z, 1, 1) -> (N, C, H, W)
 
 
-class Discriminator(nn.Module):
+class Discriminator(_Net):
     def __init__(
         self,
         img_size: int = 32,
@@ -109,13 +104,7 @@ class Discriminator(nn.Module):
             layers += [nn.BatchNorm2d(out, track_running_stats=False)] if use_bn else []
             layers += [nn.LeakyReLU(0.2, inplace=True)]
         layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0)]  # "flatten and matmul" as a conv over the whole 4x4 map
-        self.net = nn.Sequential(*layers)
-        self.reset_parameters()
-        if spectral_norm:
-            apply_spectral_norm(self)
-
-    def reset_parameters(self) -> None:
-        _init_weights(self)
+        self._set_net(layers, spectral_norm)
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is None:

@@ -103,12 +103,27 @@ def _time_mlp(emb_channels: int) -> nn.Module:
     )
 
 
-def _check_size(name: str, img_size: int) -> None:
-    if img_size not in (32, 64):
-        raise ValueError(f"the {name} critic takes 32 or 64 px images (GPM's layouts), got {img_size}")
+class _ConvCritic(nn.Module):
+    """What the conv critics share: GPM's image sizes, the time embedding and its MLP, and GPM's init. A subclass
+    builds its layers after this `__init__`, then calls `reset_parameters()`."""
+
+    def __init__(self, name: str, img_size: int, img_channels: int, emb_channels: int, init: str, init_gain: float):
+        super().__init__()
+        if img_size not in (32, 64):
+            raise ValueError(f"the {name} critic takes 32 or 64 px images (GPM's layouts), got {img_size}")
+        self.sample_shape = (img_channels, img_size, img_size)
+        self.embed, self.map_emb = FourierEmbedding(emb_channels), _time_mlp(emb_channels)
+        self.init, self.init_gain = init, init_gain
+
+    def reset_parameters(self) -> None:
+        init_critic(self, self.init, self.init_gain)
+
+    def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B,) -> (B, 2 * emb_channels): what every modulation reads."""
+        return self.map_emb(self.embed(t).to(dtype))
 
 
-class TimeDCGANCritic(nn.Module):
+class TimeDCGANCritic(_ConvCritic):
     """GPM's DCGAN discriminator with time modulation, without BatchNorm (GPM's Discriminator Flow configs)."""
 
     def __init__(
@@ -121,10 +136,7 @@ class TimeDCGANCritic(nn.Module):
         init: str = "orthogonal",
         init_gain: float = 1.41,
     ):
-        super().__init__()
-        _check_size("dcgan", img_size)
-        self.sample_shape = (img_channels, img_size, img_size)
-        self.embed, self.map_emb = FourierEmbedding(emb_channels), _time_mlp(emb_channels)
+        super().__init__("dcgan", img_size, img_channels, emb_channels, init, init_gain)
         e, w = 2 * emb_channels, base_dim
         first = (
             nn.Conv2d(img_channels, w, 3, 1, 1, bias=first_bias)
@@ -134,14 +146,10 @@ class TimeDCGANCritic(nn.Module):
         convs = [first] + [nn.Conv2d(w * 2**i, w * 2 ** (i + 1), 4, 2, 1) for i in range(3)]  # -> (8w, 4, 4)
         self.blocks = nn.ModuleList(Modulated(conv, e) for conv in convs)
         self.last = Modulated(nn.Conv2d(8 * w, 1, 4, 1, 0, bias=False), e)  # "flatten and matmul" over 4 x 4
-        self.init, self.init_gain = init, init_gain
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_critic(self, self.init, self.init_gain)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.map_emb(self.embed(t).to(x.dtype))
+        emb = self.time_embedding(t, x.dtype)
         h = x
         for block in self.blocks:
             h = F.leaky_relu(block(h, emb), SLOPE)
@@ -168,7 +176,7 @@ class _ResBlock(nn.Module):
         return h + (self.skip(pool(x), emb) if self.first else pool(self.skip(x, emb)))
 
 
-class TimeResNetCritic(nn.Module):
+class TimeResNetCritic(_ConvCritic):
     """GPM's ResNet discriminator (after PyTorch-StudioGAN) with time modulation, without BatchNorm."""
 
     LAYOUTS = {  # img_size -> (output channels in units of base_dim, downsampling) per block
@@ -185,24 +193,17 @@ class TimeResNetCritic(nn.Module):
         init: str = "normal",
         init_gain: float = 0.02,
     ):
-        super().__init__()
-        _check_size("resnet", img_size)
-        self.sample_shape = (img_channels, img_size, img_size)
-        self.embed, self.map_emb = FourierEmbedding(emb_channels), _time_mlp(emb_channels)
+        super().__init__("resnet", img_size, img_channels, emb_channels, init, init_gain)
         mults, downs = self.LAYOUTS[img_size]
         widths = [img_channels] + [m * base_dim for m in mults]
         self.blocks = nn.ModuleList(
             _ResBlock(widths[i], widths[i + 1], 2 * emb_channels, downs[i], first=i == 0) for i in range(len(mults))
         )
         self.out = nn.Linear(widths[-1], 1)
-        self.init, self.init_gain = init, init_gain
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_critic(self, self.init, self.init_gain)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.map_emb(self.embed(t).to(x.dtype))
+        emb = self.time_embedding(t, x.dtype)
         h = x
         for block in self.blocks:
             h = block(h, emb)

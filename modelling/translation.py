@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modelling.common import init_dcgan
+
 NORMS = ("instance", "batch", "none")
 
 
@@ -33,18 +35,6 @@ def _norm(kind: str, ch: int) -> nn.Module:
     if kind not in NORMS:
         raise ValueError(f"unknown norm {kind!r}; valid: {list(NORMS)}")
     return {"instance": nn.InstanceNorm2d, "batch": nn.BatchNorm2d, "none": lambda c: nn.Identity()}[kind](ch)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """pix2pix/CycleGAN init: conv weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.affine:
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
 
 
 class UNetGenerator(nn.Module):
@@ -80,7 +70,7 @@ class UNetGenerator(nn.Module):
             if i >= depth - 3 and dropout > 0:  # the three innermost decoder layers: CD512 x 3
                 layers.append(nn.Dropout(dropout))
             self.up.append(nn.Sequential(*layers))
-        _init_weights(self)
+        init_dcgan(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -116,7 +106,7 @@ class PatchDiscriminator(nn.Module):
             ch = out
         layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
-        _init_weights(self)
+        init_dcgan(self)
 
     def forward(self, imgs: torch.Tensor, conds: torch.Tensor | None = None) -> torch.Tensor:
         """Patch logits (N, h, w); `conds` (pix2pix's input images) are concatenated along the channels."""
@@ -159,7 +149,7 @@ class ResnetGenerator(nn.Module):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 3, 2, 1, output_padding=1), _norm(norm, ch // 2), nn.ReLU()]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(b, out_channels, 7), nn.Tanh()]  # c7s1-3
         self.net = nn.Sequential(*layers)
-        _init_weights(self)
+        init_dcgan(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -9,12 +9,14 @@ from modelling import (
     DENOISERS,
     GENERATORS,
     NETWORK_PRESETS,
+    acgan,
     build_denoiser,
     build_discriminator,
     build_generator,
     build_network,
+    translation,
 )
-from modelling.common import apply_spectral_norm, latent_batches, recalibrate_batchnorm
+from modelling.common import apply_spectral_norm, init_dcgan, latent_batches, recalibrate_batchnorm
 
 # The families with tanh outputs, base_dim, spectral_norm and conditioning; the NVIDIA families (no tanh, other
 # width kwargs, unconditional) are covered model by model in tests/test_gan_zoo.py.
@@ -117,6 +119,52 @@ def test_init_follows_dcgan():
     assert abs(weights.std().item() - 0.02) < 1e-3 and abs(weights.mean().item()) < 1e-3
     bn_weights = torch.cat([m.weight for m in gen.modules() if isinstance(m, nn.BatchNorm2d)])
     assert abs(bn_weights.mean().item() - 1) < 5e-3
+
+
+def test_dcgan_init_draws_every_weight_in_module_order():
+    """N(0, 0.02) conv, dense and embedding weights, N(1, 0.02) affine norm scales, one draw per weight in
+    `modules()` order (what makes a checkpoint's initial values a function of the seed), biases 0."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ConvTranspose2d(8, 4, 4, bias=False),
+        nn.InstanceNorm2d(4, affine=True), nn.InstanceNorm2d(4), nn.Linear(16, 5), nn.Embedding(10, 5),
+    )  # fmt: skip
+    for m in net.modules():  # away from the values under test
+        for p in m.parameters(recurse=False):
+            nn.init.constant_(p, 7.0)
+    torch.manual_seed(0)
+    init_dcgan(net)
+    torch.manual_seed(0)
+    for m in net:
+        if getattr(m, "weight", None) is None:
+            continue  # the non-affine InstanceNorm
+        mean = 1.0 if isinstance(m, nn.modules.batchnorm._NormBase) else 0.0
+        assert torch.equal(m.weight, torch.empty_like(m.weight).normal_(mean, 0.02)), type(m).__name__
+        if getattr(m, "bias", None) is not None:
+            assert not m.bias.any(), type(m).__name__
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: build_generator("dcgan", img_size=32, base_dim=32, n_classes=10),
+        lambda: build_discriminator("dcgan", img_size=32, base_dim=32, n_classes=10),
+        lambda: acgan.Discriminator(32, base_dim=32, n_classes=10),
+        lambda: translation.UNetGenerator(32, 1, 3, base_dim=32, norm="batch"),
+        lambda: translation.PatchDiscriminator(64, 3, 1, base_dim=32, norm="batch"),
+        lambda: translation.ResnetGenerator(32, 3, 3, base_dim=32, n_blocks=2, norm="batch"),
+    ],
+    ids=["dcgan-g", "dcgan-d", "acgan-d", "pix2pix-unet", "pix2pix-patch", "cyclegan-resnet"],
+)
+def test_dcgan_and_pix2pix_families_start_from_the_dcgan_init(build):
+    torch.manual_seed(0)
+    net = build()
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding))]
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    weights = torch.cat([m.weight.flatten() for m in layers])
+    scales = torch.cat([m.weight for m in norms]) if norms else torch.ones(1)
+    assert abs(weights.std().item() - 0.02) < 1e-3 and abs(weights.mean().item()) < 1e-3
+    assert abs(scales.mean().item() - 1) < 0.01 and scales.std().item() < 0.03
+    assert all(not m.bias.any() for m in layers + norms if getattr(m, "bias", None) is not None)
 
 
 def test_spectral_norm_reaches_one_with_a_spectral_gap():

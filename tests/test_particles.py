@@ -207,6 +207,24 @@ def test_every_critic_is_per_sample_and_stores_its_frequencies(case):
     torch.testing.assert_close(rebuilt(z.float(), t.float()), model(z.float(), t.float()))
 
 
+@pytest.mark.parametrize("name,init", [("dcgan", "orthogonal"), ("resnet", "normal")])
+def test_conv_critics_start_from_gpms_init(name, init):
+    """GPM's configs: dcgan orthogonal with gain 1.41, resnet N(0, 0.02), on every conv and linear layer, the time
+    MLP and the modulations included; biases 0."""
+    torch.manual_seed(0)
+    critic = build_critic(name, img_size=32, img_channels=3, base_dim=16, emb_channels=32)
+    layers = [m for m in critic.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert any(m in layers for m in critic.map_emb) and all(not m.bias.any() for m in layers if m.bias is not None)
+    if init == "normal":
+        weights = torch.cat([m.weight.flatten() for m in layers])
+        assert abs(weights.std().item() - 0.02) < 1e-3 and abs(weights.mean().item()) < 1e-3
+        return
+    for m in layers:
+        w = m.weight.flatten(1)
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        torch.testing.assert_close(gram, 1.41**2 * torch.eye(len(gram)), atol=1e-4, rtol=0)
+
+
 def test_critics_refuse_what_they_cannot_be():
     with pytest.raises(ValueError, match="32 or 64 px"):
         build_critic("dcgan", img_size=28)
