@@ -30,13 +30,13 @@ from modelling import DENOISERS, NETWORK_PRESETS, build_denoiser
 from sampling import diffusion_images
 from sampling.diffusion import StackedNoise, sample
 from utils.cli import UserError, script_cli
-from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
+from utils.data import DATASETS, TOY_DATASETS, build_dataset, conditioning_classes, to_device, train_batches
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import SkipCounter, step_optimizer
+from utils.optim import step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.tracking import LoopTracker
 
 GRID_ROWS = 10  # image grids are 10 x 10; conditional ones hold the classes in turn (one per row for 10 classes)
 GRID_STEPS = 18  # in-loop grids use each method's default solver with 18 grid points (EDM Heun: NFE 35)
@@ -175,14 +175,8 @@ def main(cfg: Config) -> None:
     if cfg.only_test:
         score_snapshot(run, accelerator, dataset)
         return
-    if cfg.conditional and not dataset.n_classes:
-        raise UserError(f"--conditional needs class labels, and {cfg.dataset} at {cfg.data_dir} has none")
-    n_classes = dataset.n_classes if cfg.conditional else 0
-    loader = iter(
-        make_loader(
-            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step
-        )
-    )
+    n_classes = conditioning_classes(cfg, dataset)
+    loader = train_batches(dataset, cfg, accelerator, run.start_step)
 
     # Models. Same init on every rank; the EMA is made before prepare() wraps anything.
     torch.manual_seed(cfg.seed)
@@ -230,16 +224,9 @@ def main(cfg: Config) -> None:
     # Loop.
     grad_clip = max_grad_norm(cfg)
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
-        reals, labels = next(loader)
-        reals = reals.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if n_classes else None
+    loop = LoopTracker(run, accelerator, images_per_step, resumed.get("skipped", 0))
+    for step in loop.steps():
+        reals, labels = to_device(next(loader), device, labels=n_classes > 0)
 
         # Learning-rate warm-up, linear in images seen (EDM's lr_rampup_kimg).
         lr = learning_rate(cfg, step, images_per_step)
@@ -255,17 +242,9 @@ def main(cfg: Config) -> None:
         # Update EMA, only after an update that really happened.
         if ema is not None and applied:
             ema.update(unwrap(denoiser), images_per_step, (step + 1) * images_per_step)
-        meters.add(**{"loss/denoise": loss})
-        if applied:  # a skipped step's norm is inf/NaN (routine under fp16 loss scaling) and would poison the mean
-            meters.add(grad_norm=grad_norm)
 
-        # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
-        skips.update(applied, step)
-
-        # Log.
-        done = step + 1
-        if run.due(done, cfg.log_interval):
-            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
+        # Count a skipped update (too many in a row stop a diverged run); log.
+        done = loop.end_step(step, applied, {"loss/denoise": loss}, {"lr": lr}, grad_norm)
 
         # Sample grids; evaluate the EMA denoiser (its default solver); save checkpoints (also at a new best).
         if is_main and run.due(done, cfg.sample_interval):
@@ -280,7 +259,7 @@ def main(cfg: Config) -> None:
                 kind="diffusion", model=cfg.method, model_kwargs=model_kwargs, module=ema.module if ema else denoiser
             )
             nets = dict(denoiser=denoiser, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
-            run.save(accelerator, done, replicas=(denoiser,), snapshot=snapshot, **nets, skipped=skips.total)
+            run.save(accelerator, done, replicas=(denoiser,), snapshot=snapshot, **nets, skipped=loop.skips.total)
 
     # Final save happened at the last step; close the trackers.
     accelerator.end_training()

@@ -34,13 +34,13 @@ from metrics.evaluate import loop_evaluator, score_snapshot
 from modelling import CRITICS, build_discr_flow
 from sampling.particles import discr_flow_images, discriminator_flow
 from utils.cli import UserError, script_cli
-from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
+from utils.data import DATASETS, TOY_DATASETS, build_dataset, to_device, train_batches
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import SkipCounter, set_hyperparameters, step_optimizer
+from utils.optim import set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.tracking import LoopTracker
 
 GRID_ROWS = 10  # grids of 10 x 10 flowed images
 SCATTER_POINTS = 2000  # 2-D data: flowed points per scatter plot
@@ -179,11 +179,7 @@ def main(cfg: Config) -> None:
     if cfg.only_test:
         score_snapshot(run, accelerator, dataset)
         return
-    loader = iter(
-        make_loader(
-            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step
-        )
-    )
+    loader = train_batches(dataset, cfg, accelerator, run.start_step)
 
     # Model: the critic and its flow, no generator. Same init (and Fourier frequencies) on every rank; the EMA copy
     # is made before prepare() wraps anything.
@@ -220,15 +216,9 @@ def main(cfg: Config) -> None:
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
-        reals, _ = next(loader)
-        reals = reals.to(device, non_blocking=True)
+    loop = LoopTracker(run, accelerator, images_per_step, resumed.get("skipped", 0))
+    for step in loop.steps():
+        reals, _ = to_device(next(loader), device, labels=False)
         # Under fp16 the input gradients of the flow and of the penalty follow PyTorch's AMP recipe (scaled, then
         # unscaled in fp32); the particles themselves stay fp32.
         scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else 1.0
@@ -251,17 +241,9 @@ def main(cfg: Config) -> None:
         # Update EMA, only after an update that really happened.
         if ema is not None and applied:
             ema.update(unwrap(model), images_per_step, (step + 1) * images_per_step)
-        meters.add(**stats)
-        if applied:
-            meters.add(grad_norm=grad_norm)
 
-        # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
-        skips.update(applied, step)
-
-        # Log.
-        done = step + 1
-        if run.due(done, cfg.log_interval):
-            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
+        # Count a skipped update (too many in a row stop a diverged run); log.
+        done = loop.end_step(step, applied, stats, grad_norm=grad_norm)
 
         # Sample grids; evaluate the flow of the EMA (or raw) critic; save checkpoints (also at a new best).
         if is_main and run.due(done, cfg.sample_interval):
@@ -273,7 +255,7 @@ def main(cfg: Config) -> None:
                 kind="discr_flow", model=cfg.critic, model_kwargs=model_kwargs, module=ema.module if ema else model
             )
             nets = dict(critic=model, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
-            run.save(accelerator, done, replicas=(model,), snapshot=snapshot, **nets, skipped=skips.total)
+            run.save(accelerator, done, replicas=(model,), snapshot=snapshot, **nets, skipped=loop.skips.total)
 
     # Final save happened at the last step; close the trackers.
     accelerator.end_training()

@@ -43,13 +43,13 @@ from sampling import diffusion_images
 from sampling.diffusion import ODE_SOLVERS, StackedNoise, sample, time_grid
 from utils.ckpt import build_from_snapshot, load_snapshot, tensors_sha256
 from utils.cli import UserError, script_cli
-from utils.data import DATASETS, build_dataset, make_loader, step_seed
+from utils.data import DATASETS, build_dataset, step_seed, to_device, train_batches
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import SkipCounter, step_optimizer
+from utils.optim import step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.tracking import LoopTracker
 
 GRID_ROWS = 10
 SCATTER_POINTS = 4000
@@ -307,16 +307,7 @@ def main(cfg: Config) -> None:
         return
     check_dataset(cfg, dataset, teacher)
     n_classes = teacher.n_classes
-    loader = iter(
-        make_loader(
-            dataset,
-            cfg.batch_size,
-            accelerator.process_index,
-            accelerator.num_processes,
-            cfg.seed,
-            run.start_step * rounds,
-        )
-    )
+    loader = train_batches(dataset, cfg, accelerator, run.start_step * rounds)  # `rounds` batches per step
 
     # Models: the frozen teacher, the student (two-time network from the teacher's weights), and the EMA of the
     # student, which is both the target network theta^- of the loss and the weights the snapshots hold.
@@ -350,22 +341,15 @@ def main(cfg: Config) -> None:
     run.begin(accelerator, dataset, evaluator)
 
     # Loop.
-    meters, clock = RunningMeans(), KimgClock(run.start_step, global_batch_size)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
+    loop = LoopTracker(run, accelerator, global_batch_size, resumed.get("skipped", 0))
+    for step in loop.steps():
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         optimizer.zero_grad(set_to_none=True)
         for r in range(rounds):
-            reals, labels = next(loader)
-            reals = reals.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True) if n_classes else None
+            reals, labels = to_device(next(loader), device, labels=n_classes > 0)
             # One jump length n per round, the same on every process (its RNG ignores the rank): all ranks then run
             # the same number of teacher steps. Start and end times are per sample.
             jump_rng = torch.Generator().manual_seed(step_seed(cfg.seed, -1, step * rounds + r))
@@ -377,20 +361,15 @@ def main(cfg: Config) -> None:
                     accelerator.autocast,
                 )  # fmt: skip
                 accelerator.backward(loss)
-            meters.add(**parts)
+            loop.meters.add(**parts)
         applied, grad_norm = step_optimizer(accelerator, optimizer, student, cfg.grad_clip or float("inf"))
 
-        # Update the EMA (the target network), only after an update that really happened; count skipped steps and
-        # stop after too many in a row (a diverged run).
+        # Update the EMA (the target network), only after an update that really happened.
         if applied:
             ema.update(unwrap(student), global_batch_size, (step + 1) * global_batch_size)
-            meters.add(grad_norm=grad_norm)
-        skips.update(applied, step)
 
-        # Log.
-        done = step + 1
-        if run.due(done, cfg.log_interval):
-            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
+        # Count a skipped update (too many in a row stop a diverged run); log.
+        done = loop.end_step(step, applied, values={"lr": lr}, grad_norm=grad_norm)
 
         # Sample grids; evaluate the one-step EMA student; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
@@ -404,7 +383,7 @@ def main(cfg: Config) -> None:
             nets = dict(student=student, optimizer=optimizer, ema=ema, scaler=accelerator.scaler)
             run.save(
                 accelerator, done, replicas=(student,), snapshot=snapshot, **nets,
-                teacher_sha256=teacher_sha, skipped=skips.total,
+                teacher_sha256=teacher_sha, skipped=loop.skips.total,
             )  # fmt: skip
 
     accelerator.end_training()

@@ -47,13 +47,13 @@ from modelling.gebm import BASES, ENERGIES
 from sampling.latent_mcmc import gebm_images
 from utils.ckpt import load_snapshot
 from utils.cli import UserError, script_cli
-from utils.data import DATASETS, TOY_DATASETS, build_dataset, make_loader, step_seed
+from utils.data import DATASETS, TOY_DATASETS, build_dataset, to_device, train_batches
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import OPTIMIZERS, SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
+from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters, step_optimizer
 from utils.run import EVAL_METRIC_CHOICES, Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.tracking import LoopTracker
 
 GRID_ROWS = 10  # base-sample grids are 10 x 10; toy data: scatter plots of SCATTER_POINTS points
 SCATTER_POINTS = 4000
@@ -324,11 +324,7 @@ def main(cfg: Config) -> None:
         )
         return
     toy = cfg.dataset in TOY_DATASETS
-    loader = iter(
-        make_loader(
-            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step
-        )
-    )
+    loader = train_batches(dataset, cfg, accelerator, run.start_step)
 
     # Models. Same init on every rank; `model` holds the live base and energy (the EMA tracks it), `model_eval` is a
     # scratch copy for grids, evaluations and snapshots.
@@ -369,17 +365,11 @@ def main(cfg: Config) -> None:
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
+    loop = LoopTracker(run, accelerator, images_per_step, resumed.get("skipped", 0))
     kale_eval = kale_evaluator(cfg, accelerator, dataset) if cfg.eval_kale or cfg.eval_metric == "kale" else None
     transform = partial(transform_gradients, unwrap(energy)) if cfg.grad_transform else None
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
-        reals, _ = next(loader)
-        reals = reals.to(device, non_blocking=True)
+    for step in loop.steps():
+        reals, _ = to_device(next(loader), device, labels=False)
         zs = torch.randn(cfg.noise_factor * reals.shape[0], cfg.z_dim, device=device)
         base_step = is_base_step(step + 1, base_steps, cfg)
 
@@ -391,14 +381,14 @@ def main(cfg: Config) -> None:
         stats, applied = train_step(cfg, accelerator, nets, transform, reals, zs, base_step)
         if base_step:
             base_steps += 1
-        meters.add(**stats)
+        loop.meters.add(**stats)
 
         # Update EMA (base, energy and A together), only after an update that really happened.
         if ema is not None and applied:
             ema.update(model, images_per_step, (step + 1) * images_per_step)
 
         # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
-        skips.update(applied, step)
+        loop.skips.update(applied, step)
 
         # KALE on the train and test splits (GEBM's --eval_kale), logged with the step's row.
         done = step + 1
@@ -407,15 +397,10 @@ def main(cfg: Config) -> None:
             kale = kale_eval(gebm_images, eval_model(ema.module if ema else model))
             extra = {"kale/train": kale["value"]} | ({"kale/test": kale["kale_test"]} if "kale_test" in kale else {})
 
-        # Log.
+        # Log (reading the log partition is a host sync: only for a row).
         if run.due(done, cfg.log_interval) or extra:
-            values = clock.tick(done) | meters.pop(accelerator) | extra
-            values |= {
-                "log_partition": unwrap(energy).log_partition.item(),
-                "base_steps": base_steps,
-                "lr_factor": factor,
-            }
-            run.log(accelerator, done, values | {"skipped": skips.total})
+            counters = {"base_steps": base_steps, "lr_factor": factor}
+            loop.log(done, extra | {"log_partition": unwrap(energy).log_partition.item()} | counters, force=True)
 
         # Sample grids; evaluate (FD of the base samples, or KALE); save checkpoints (also at a new best).
         if is_main and run.due(done, cfg.sample_interval):
@@ -430,7 +415,7 @@ def main(cfg: Config) -> None:
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             module = eval_model(ema.module if ema else model)
             snapshot = dict(kind="gebm", model="gebm", model_kwargs=model_kwargs, module=module)
-            run.save(accelerator, done, replicas=(gen, energy), snapshot=snapshot, **nets, skipped=skips.total,
+            run.save(accelerator, done, replicas=(gen, energy), snapshot=snapshot, **nets, skipped=loop.skips.total,
                      base_steps=base_steps)  # fmt: skip
 
     # Final save happened at the last step; close the trackers.

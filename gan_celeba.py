@@ -40,19 +40,28 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from losses import AuxClassifierLoss, get_gan_loss, path_lengths, r1_penalty
 from losses.gan_steps import clip_critic, d_step_loss, g_step_due, g_step_loss
 from metrics.evaluate import loop_evaluator, score_snapshot
-from modelling import GENERATORS, build_discriminator, build_generator
+from modelling import build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm, standing_batches
 from modelling.progressive_gan import growth_at, stage_changed
-from modelling.recipes import apply_recipe
+from modelling.recipes import GanConfig, apply_recipe
 from sampling import gan_images
 from utils.cli import UserError, script_cli
-from utils.data import DATASETS, TOY_DATASETS, ImageFileDataset, build_dataset, make_loader, select_class, step_seed
+from utils.data import (
+    DATASETS,
+    TOY_DATASETS,
+    ImageFileDataset,
+    build_dataset,
+    conditioning_classes,
+    select_class,
+    to_device,
+    train_batches,
+)
 from utils.dist import set_backends, uncompiled, unwrap, zero_term
 from utils.ema import EMA
 from utils.grid import save_grid
-from utils.optim import OPTIMIZERS, SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
-from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.optim import make_optimizer, set_hyperparameters, step_optimizer
+from utils.run import Run
+from utils.tracking import LoopTracker
 
 GRID_COLS = 10  # 10 x 10 grids; conditional grids have one row of 10 per class
 STYLE_MODELS = ("stylegan", "stylegan2")  # generators with a mapping network (ws, truncation, path length)
@@ -64,22 +73,16 @@ RESUME_KEYS += ("sn_gen", "sn_disc", "optimizer", "r1_interval", "pl_interval", 
 
 
 @dataclass
-class Config(RunConfig):
+class Config(GanConfig):  # the flags of both GAN scripts (modelling/recipes.py), then the ones of this script
     dataset: str = field(default="celeba", metadata={"choices": [d for d in DATASETS if d not in TOY_DATASETS]})
-    data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download MNIST-like data"})
     img_size: int = 64
-    model: str = field(default="dcgan", metadata={"choices": sorted(GENERATORS)})
-    gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the generator"})
-    disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the discriminator"})
-    z_dim: int = 128
     conditional: bool = field(
         default=False, metadata={"help": "dcgan (CGAN), sagan (CBN + projection D), acgan (needs it), biggan"}
     )
-    image_class: int | None = field(default=None, metadata={"help": "train on this label only (Ganzo)"})
     method: str | None = field(default=None, metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"]})
-    gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
-    clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
+    sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm in D, no BatchNorm (SN-GAN)"})
+    sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
     drift_penalty: float | None = field(default=None, metadata={"help": "ProGAN eps_drift * D(real)^2"})
     r1_gamma: float | None = field(default=None, metadata={"help": "R1 weight gamma (penalty gamma/2 ||grad||^2)"})
     r1_interval: int | None = field(default=None, metadata={"min": 1, "help": "lazy R1: every k D steps, weight x k"})
@@ -87,26 +90,8 @@ class Config(RunConfig):
     pl_interval: int = field(default=4, metadata={"min": 1, "help": "lazy path length: every k G steps, weight x k"})
     pl_batch_shrink: int = field(default=2, metadata={"min": 1})
     pl_decay: float = 0.01
-    sn_disc: bool = field(default=False, metadata={"help": "dcgan: spectral norm in D, no BatchNorm (SN-GAN)"})
-    sn_gen: bool = field(default=False, metadata={"help": "dcgan: spectral norm on every G layer"})
-    ortho_reg: float | None = field(default=None, metadata={"help": "orthogonal regularisation beta on G (BigGAN)"})
-    soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
-    noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
     progressive_growing: bool = field(default=True, metadata={"help": "progressive_gan: grow from 4x4 with fade-in"})
     fade_kimg: float = field(default=800.0, metadata={"help": "growing: kimg per fade-in and per stable phase"})
-    batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
-    n_steps: int = field(default=10000, metadata={"min": 1, "help": "discriminator steps"})
-    optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
-    lr: float | None = None
-    lr_d: float | None = field(default=None, metadata={"help": "D learning rate (TTUR); default --lr"})
-    beta1: float | None = None
-    beta2: float | None = None
-    train_g_interval: int | None = field(
-        default=None, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"}
-    )
-    ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
-    ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
     num_workers: int = field(default=4, metadata={"min": 0, "help": "decoding processes for celeba/folder data"})
 
 
@@ -325,21 +310,9 @@ def main(cfg: Config) -> None:
     if cfg.only_test:
         score_snapshot(run, accelerator, dataset)
         return
-    if cfg.conditional and not dataset.n_classes:
-        raise UserError(f"--conditional needs labelled data; {cfg.dataset} at {cfg.data_dir} has no classes")
-    n_classes = dataset.n_classes if cfg.conditional else 0
+    n_classes = conditioning_classes(cfg, dataset)
     workers = cfg.num_workers if isinstance(dataset, ImageFileDataset) else 0  # in-memory data needs no decoding
-    loader = iter(
-        make_loader(
-            dataset,
-            cfg.batch_size,
-            accelerator.process_index,
-            accelerator.num_processes,
-            cfg.seed,
-            run.start_step,
-            workers,
-        )
-    )
+    loader = train_batches(dataset, cfg, accelerator, run.start_step, workers)
 
     # Models: same init on every rank; EMA and the evaluation copy are made before prepare() wraps anything.
     torch.manual_seed(cfg.seed)
@@ -382,33 +355,22 @@ def main(cfg: Config) -> None:
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
+    loop = LoopTracker(run, accelerator, images_per_step, resumed.get("skipped", 0))
+    for step in loop.steps():
         stats = {}
         if growing:
             growth = set_growth_stage(cfg, step, images_per_step, nets)
             stats["growth"] = torch.tensor(growth, device=device)  # stacked with the losses: same device
-        reals, labels = next(loader)
-        reals = reals.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if n_classes else None
+        reals, labels = to_device(next(loader), device, labels=n_classes > 0)
         if growing:
             reals = unwrap(disc).fade_reals(reals)  # reals at the resolution G draws now (NVIDIA's lod blending)
         step_stats, pl_mean, applied = train_step(
             cfg, accelerator, nets, (loss_fn, aux_loss), step, reals, labels, pl_mean
         )
         stats |= step_stats
-        meters.add(**stats)
-        skips.update(applied, step)
 
-        # Log.
-        done = step + 1
-        if run.due(done, cfg.log_interval):
-            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
+        # Count a skipped update (too many in a row stop a diverged run); log.
+        done = loop.end_step(step, applied, stats)
 
         # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
@@ -421,8 +383,9 @@ def main(cfg: Config) -> None:
                 kind="gan", model=cfg.model, model_kwargs=gen_kwargs, module=eval_generator(ema.module if ema else gen)
             )
             run.save(
-                accelerator, done, replicas=(gen, disc), snapshot=snapshot, **nets, skipped=skips.total, pl_mean=pl_mean
-            )
+                accelerator, done, replicas=(gen, disc), snapshot=snapshot, **nets, skipped=loop.skips.total,
+                pl_mean=pl_mean,
+            )  # fmt: skip
 
     accelerator.end_training()
     run.close()

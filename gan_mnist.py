@@ -35,18 +35,18 @@ from accelerate import Accelerator
 from losses import AuxClassifierLoss, get_gan_loss
 from losses.gan_steps import clip_critic, d_step_loss, g_step_due, g_step_loss
 from metrics.evaluate import loop_evaluator, score_snapshot
-from modelling import GENERATORS, build_discriminator, build_generator
+from modelling import build_discriminator, build_generator
 from modelling.common import latent_batches, recalibrate_batchnorm
-from modelling.recipes import apply_recipe
+from modelling.recipes import GanConfig, apply_recipe
 from sampling import gan_images
 from utils.cli import UserError, parse, user_errors
-from utils.data import MNIST_LIKE, build_dataset, make_loader, select_class, step_seed
+from utils.data import MNIST_LIKE, build_dataset, conditioning_classes, select_class, to_device, train_batches
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid
-from utils.optim import OPTIMIZERS, SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
-from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.optim import make_optimizer, set_hyperparameters, step_optimizer
+from utils.run import Run
+from utils.tracking import LoopTracker
 
 GRID_ROWS = 10  # sample grids are 10 x 10; conditional grids have one row per class
 # A resumed run must match these; anything else (lr, n_steps, intervals) may change, with a note.
@@ -72,40 +72,8 @@ CELEBA_ONLY += ("progressive_growing", "fade_kimg", "num_workers")
 
 
 @dataclass
-class Config(RunConfig):
+class Config(GanConfig):  # the flags of both GAN scripts (modelling/recipes.py)
     dataset: str = field(default="mnist", metadata={"choices": sorted(MNIST_LIKE)})
-    data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
-    download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
-    img_size: int = 32
-    model: str = field(default="dcgan", metadata={"choices": sorted(GENERATORS)})
-    gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the generator"})
-    disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the discriminator"})
-    z_dim: int = 128
-    conditional: bool = False
-    image_class: int | None = field(default=None, metadata={"help": "train on this label only (Ganzo)"})
-    method: str | None = field(
-        default=None, metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"], "help": "default: the model's recipe"}
-    )
-    gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
-    clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
-    sn_disc: bool = field(default=False, metadata={"help": "spectral norm on every D layer, no BatchNorm (SN-GAN)"})
-    sn_gen: bool = field(default=False, metadata={"help": "spectral norm on every G layer (SA-GAN)"})
-    ortho_reg: float | None = field(default=None, metadata={"help": "orthogonal regularisation beta on G (BigGAN)"})
-    soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
-    noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
-    batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
-    n_steps: int = field(default=10000, metadata={"min": 1, "help": "discriminator steps"})
-    optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
-    lr: float | None = None
-    lr_d: float | None = field(default=None, metadata={"help": "D learning rate (TTUR); default --lr"})
-    beta1: float | None = None
-    beta2: float | None = None
-    train_g_interval: int | None = field(
-        default=None, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"}
-    )
-    ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
-    ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def check_config(cfg: Config) -> Config:
@@ -167,12 +135,8 @@ def main(cfg: Config) -> None:
     if cfg.only_test:
         score_snapshot(run, accelerator, dataset)
         return
-    n_classes = dataset.n_classes if cfg.conditional else 0
-    loader = iter(
-        make_loader(
-            dataset, cfg.batch_size, accelerator.process_index, accelerator.num_processes, cfg.seed, run.start_step
-        )
-    )
+    n_classes = conditioning_classes(cfg, dataset)
+    loader = train_batches(dataset, cfg, accelerator, run.start_step)
 
     # Models. Same init on every rank; the EMA and the evaluation copy are made before prepare() wraps anything.
     torch.manual_seed(cfg.seed)
@@ -217,16 +181,9 @@ def main(cfg: Config) -> None:
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
-        reals, labels = next(loader)
-        reals = reals.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True) if n_classes else None
+    loop = LoopTracker(run, accelerator, images_per_step, resumed.get("skipped", 0))
+    for step in loop.steps():
+        reals, labels = to_device(next(loader), device, labels=n_classes > 0)
         n = reals.shape[0]
         # Discriminator step: fakes come from the current G without building its graph.
         with torch.no_grad():
@@ -254,15 +211,9 @@ def main(cfg: Config) -> None:
             if ema is not None and g_applied:
                 # One EMA update per G step, which comes every train_g_interval steps of images_per_step images.
                 ema.update(unwrap(gen), cfg.train_g_interval * images_per_step, (step + 1) * images_per_step)
-        meters.add(**stats)
 
-        # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
-        skips.update(d_applied and g_applied, step)
-
-        # Log.
-        done = step + 1
-        if run.due(done, cfg.log_interval):
-            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
+        # Count a skipped update (too many in a row stop a diverged run); log.
+        done = loop.end_step(step, d_applied and g_applied, stats)
 
         # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
@@ -274,7 +225,7 @@ def main(cfg: Config) -> None:
                 kind="gan", model=cfg.model, model_kwargs=gen_kwargs, module=eval_generator(ema.module if ema else gen)
             )
             nets = dict(gen=gen, disc=disc, optim_g=optim_g, optim_d=optim_d, ema=ema, scaler=accelerator.scaler)
-            run.save(accelerator, done, replicas=(gen, disc), snapshot=snapshot, **nets, skipped=skips.total)
+            run.save(accelerator, done, replicas=(gen, disc), snapshot=snapshot, **nets, skipped=loop.skips.total)
 
     # Final save happened at the last step; close the trackers.
     accelerator.end_training()

@@ -34,13 +34,13 @@ from modelling.common import latent_batches, recalibrate_batchnorm
 from sampling import gan_images
 from utils.ckpt import build_from_snapshot, load_snapshot, tensors_sha256
 from utils.cli import UserError, script_cli
-from utils.data import DATASETS, TOY_DATASETS, build_dataset, step_seed
+from utils.data import DATASETS, TOY_DATASETS, build_dataset
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, save_scatter
-from utils.optim import SkipCounter, set_hyperparameters, step_optimizer
+from utils.optim import set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.tracking import LoopTracker
 
 GRID_ROWS = 10
 SCATTER_POINTS = 4000
@@ -259,13 +259,8 @@ def main(cfg: Config) -> None:
 
     # Loop.
     images_per_step = cfg.batch_size * accelerator.num_processes
-    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))
+    loop = LoopTracker(run, accelerator, images_per_step, resumed.get("skipped", 0))
+    for step in loop.steps():
         n = cfg.batch_size
 
         # Score step: D_gen learns the score of the current generator's samples (drawn without G's graph).
@@ -293,15 +288,9 @@ def main(cfg: Config) -> None:
             # Update EMA, only after an update that really happened.
             if ema is not None and g_applied:
                 ema.update(unwrap(gen), cfg.score_steps * images_per_step, (step + 1) * images_per_step)
-        meters.add(**stats)
 
-        # Non-finite policy: skip the update and count it; stop after too many in a row (a diverged run).
-        skips.update(s_applied and g_applied, step)
-
-        # Log.
-        done = step + 1
-        if run.due(done, cfg.log_interval):
-            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"skipped": skips.total})
+        # Count a skipped update (too many in a row stop a diverged run); log.
+        done = loop.end_step(step, s_applied and g_applied, stats)
 
         # Sample grids; evaluate the EMA (or raw) generator; save checkpoints (also at a new best evaluation). The
         # data score never changes: its weights are checked against their hash at every checkpoint.
@@ -318,7 +307,7 @@ def main(cfg: Config) -> None:
             )  # fmt: skip
             run.save(
                 accelerator, done, replicas=(gen, score_net), snapshot=snapshot, **stateful,
-                data_score_sha256=data_sha, skipped=skips.total,
+                data_score_sha256=data_sha, skipped=loop.skips.total,
             )  # fmt: skip
 
     # Final save happened at the last step; close the trackers.

@@ -43,11 +43,11 @@ from metrics.ssim import ssim
 from modelling import build_translator
 from modelling.translation import PatchDiscriminator
 from utils.cli import UserError, script_cli
-from utils.data import make_loader, step_seed
+from utils.data import make_loader
 from utils.dist import set_backends, unwrap
 from utils.ema import EMA
 from utils.grid import save_grid, to_uint8
-from utils.optim import SkipCounter, make_optimizer, set_hyperparameters, step_optimizer
+from utils.optim import make_optimizer, set_hyperparameters, step_optimizer
 from utils.pairs import (
     DEMOS,
     fashion_mnist_edges,
@@ -58,7 +58,7 @@ from utils.pairs import (
     unpaired_folders,
 )
 from utils.run import Run, RunConfig
-from utils.tracking import KimgClock, RunningMeans, progress
+from utils.tracking import LoopTracker
 
 GRID_EXAMPLES = 12  # grids: 12 triplets, two per row
 PAIRED = {"pix2pix": ("fashion_mnist_edges", "paired"), "cyclegan": ("fashion_mnist_sneakers_boots", "unpaired")}
@@ -455,14 +455,9 @@ def main(cfg: Config) -> None:
     # Loop.
     train_step = pix2pix_step if paired else cyclegan_step
     images_per_step = cfg.batch_size * world
-    meters, clock = RunningMeans(), KimgClock(run.start_step, images_per_step)
-    skips = SkipCounter(cfg.max_skipped_steps, run.dir / "states", resumed.get("skipped", 0))
+    loop = LoopTracker(run, accelerator, images_per_step, resumed.get("skipped", 0))
     decay_from = cfg.lr_decay_start * cfg.n_steps
-    pbar = progress(
-        range(run.start_step, cfg.n_steps), is_main, initial=run.start_step, total=cfg.n_steps, desc=run.dir.name
-    )
-    for step in pbar:
-        torch.manual_seed(step_seed(cfg.seed, rank, step))
+    for step in loop.steps():
         # Learning rate: constant, then linear to 0 over the last part of the run (both papers); a function of step.
         lr = cfg.lr * min(1.0, (cfg.n_steps - step) / max(cfg.n_steps - decay_from, 1))
         for optimizer in (optim_g, optim_d):
@@ -475,13 +470,9 @@ def main(cfg: Config) -> None:
         # Update EMA, only after an update that really happened.
         if ema is not None and g_applied:
             ema.update(gen_module, images_per_step, (step + 1) * images_per_step)
-        meters.add(**stats)
-        skips.update(d_applied and g_applied, step)
 
-        # Log.
-        done = step + 1
-        if run.due(done, cfg.log_interval):
-            run.log(accelerator, done, clock.tick(done) | meters.pop(accelerator) | {"lr": lr, "skipped": skips.total})
+        # Count a skipped update (too many in a row stop a diverged run); log.
+        done = loop.end_step(step, d_applied and g_applied, stats, {"lr": lr})
 
         # Grids; evaluate the EMA generator on held-out data; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
@@ -496,7 +487,7 @@ def main(cfg: Config) -> None:
             snapshot = dict(kind="translation", model=snapshot_model, model_kwargs=gen_kwargs, module=module)
             extra = dict(pools=pool_state(accelerator, pools)) if pools else {}  # a collective: all processes
             replicas = tuple(models.values())
-            run.save(accelerator, done, replicas=replicas, snapshot=snapshot, **nets, **extra, skipped=skips.total)
+            run.save(accelerator, done, replicas=replicas, snapshot=snapshot, **nets, **extra, skipped=loop.skips.total)
 
     # Final save happened at the last step; close the trackers.
     accelerator.end_training()

@@ -11,7 +11,12 @@ beta1 0.5); BigGAN, Brock et al. 2019 (hinge, G 5e-5 / D 2e-4, Adam (0, 0.999), 
 regularisation 1e-4).
 """
 
+from dataclasses import dataclass, field
+
+from modelling import GENERATORS
 from utils.cli import UserError
+from utils.optim import OPTIMIZERS
+from utils.run import RunConfig
 
 GAN_RECIPES = {
     "dcgan": dict(method="gan", lr=2e-4, beta1=0.5, beta2=0.999),
@@ -28,6 +33,47 @@ RECIPE_FALLBACKS = dict(
 )
 # Parts of a recipe that are not flags: a script that cannot train them refuses the model (see `apply_recipe`).
 RECIPE_NEEDS = {"progressive_gan": "progressive growing", "stylegan": "R1", "stylegan2": "lazy R1 and path length"}
+
+
+@dataclass
+class GanConfig(RunConfig):
+    """The flags of both GAN scripts: data, networks, the recipe flags `apply_recipe` fills (None: the model's
+    recipe), Ganzo's label tricks, optimisation and the EMA. A script's `Config` extends it; a field it redeclares
+    (other default, choices or help) keeps its place in --help and config.json, its own fields come after."""
+
+    dataset: str = "mnist"
+    data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
+    download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
+    img_size: int = 32
+    model: str = field(default="dcgan", metadata={"choices": sorted(GENERATORS)})
+    gen_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the generator"})
+    disc_kwargs: dict = field(default_factory=dict, metadata={"help": "JSON, passed to the discriminator"})
+    z_dim: int = 128
+    conditional: bool = False
+    image_class: int | None = field(default=None, metadata={"help": "train on this label only (Ganzo)"})
+    method: str | None = field(
+        default=None, metadata={"choices": ["gan", "wgan", "wgan-gp", "hinge"], "help": "default: the model's recipe"}
+    )
+    gp_lambda: float = field(default=10.0, metadata={"help": "WGAN-GP penalty weight"})
+    clip_value: float = field(default=0.01, metadata={"help": "WGAN critic weight clipping"})
+    sn_disc: bool = field(default=False, metadata={"help": "spectral norm on every D layer, no BatchNorm (SN-GAN)"})
+    sn_gen: bool = field(default=False, metadata={"help": "spectral norm on every G layer (SA-GAN)"})
+    ortho_reg: float | None = field(default=None, metadata={"help": "orthogonal regularisation beta on G (BigGAN)"})
+    soft_labels: bool = field(default=False, metadata={"help": "Ganzo: targets U[0.9,1] / U[0,0.1] (--method gan)"})
+    noisy_labels: float = field(default=0.0, metadata={"help": "Ganzo: P(swap a term's targets) per D step"})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "per process"})
+    n_steps: int = field(default=10000, metadata={"min": 1, "help": "discriminator steps"})
+    optimizer: str = field(default="Adam", metadata={"choices": OPTIMIZERS})
+    lr: float | None = None
+    lr_d: float | None = field(default=None, metadata={"help": "D learning rate (TTUR); default --lr"})
+    beta1: float | None = None
+    beta2: float | None = None
+    train_g_interval: int | None = field(
+        default=None, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"}
+    )
+    ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
+    ema_halflife_kimg: float = 10.0
+    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def apply_recipe(cfg, script: str, other_script: str, trains: tuple[str, ...] = tuple(GAN_RECIPES)) -> None:

@@ -425,3 +425,48 @@ def test_deterministic_sets_the_kernel_choices_and_resumes_bit_exactly(tmp_path,
         from utils.dist import set_backends
 
         set_backends(False)  # the fast settings the other tests in this process expect
+
+
+def test_the_loop_tracker_seeds_each_step_logs_when_due_and_counts_skips(tmp_path):
+    """LoopTracker (utils/tracking.py), the bookkeeping of every script's loop: each step starts with the RNG seeded
+    from (seed, rank, step); a row is logged every --log_interval steps and at the last step, with the means since
+    the previous row (a gradient norm only from applied updates), the script's values and the skipped count;
+    skipped updates in a row past --max_skipped_steps stop the run."""
+    from accelerate import Accelerator
+
+    from utils.cli import UserError
+    from utils.data import step_seed
+    from utils.run import Run, RunConfig
+    from utils.tracking import LoopTracker
+
+    cfg = RunConfig(log_dir=str(tmp_path), log_name="loop", n_steps=5, log_interval=2, loggers="none", seed=3)
+    cfg.max_skipped_steps = 2
+    run = Run(cfg, "unused", ())
+    accelerator = Accelerator(**run.accelerator_kwargs())
+    run.open(accelerator)
+    run.begin(accelerator)
+    loop = LoopTracker(run, accelerator, images_per_step=8, skipped=1)
+    skipped_steps = {1, 3}  # never two in a row: the run goes on
+    dones = []
+    for step in loop.steps():
+        assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(step_seed(3, 0, step))))
+        applied = step not in skipped_steps
+        loss, grad_norm = torch.tensor(float(step)), torch.tensor(10.0 * step if applied else float("nan"))
+        dones.append(loop.end_step(step, applied, {"loss": loss}, {"lr": 0.5}, grad_norm))
+    run.close()
+    assert dones == [1, 2, 3, 4, 5]
+    rows = read_stats(tmp_path / "loop")
+    assert [r["step"] for r in rows] == [2, 4, 5]  # every 2 steps and the last
+    assert [r["loss"] for r in rows] == [0.5, 2.5, 4.0]  # the means since the previous row
+    assert [r["grad_norm"] for r in rows] == [0.0, 20.0, 40.0]  # steps 1 and 3 were skipped: their NaN is left out
+    assert [r["kimg"] for r in rows] == [0.016, 0.032, 0.04] and {r["lr"] for r in rows} == {0.5}
+    assert [r["skipped"] for r in rows] == [2, 3, 3]  # counted on from the resumed total
+    assert list(rows[0])[-2:] == ["skipped", "mem_gb"]
+
+    # Two skipped updates in a row stop the run, naming the step.
+    run.start_step = 3
+    loop = LoopTracker(run, accelerator, images_per_step=8)
+    assert next(loop.steps()) == 3
+    loop.end_step(3, False)
+    with pytest.raises(UserError, match="stopping at step 5: 2 steps in a row"):
+        loop.end_step(4, False)

@@ -705,6 +705,27 @@ def make_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int,
     )
 
 
+def conditioning_classes(cfg, dataset) -> int:
+    """The number of classes a run conditions on: the dataset's with --conditional (refused for unlabelled data),
+    else 0."""
+    if cfg.conditional and not dataset.n_classes:
+        raise UserError(f"--conditional needs class labels, and {cfg.dataset} at {cfg.data_dir} has none")
+    return dataset.n_classes if cfg.conditional else 0
+
+
+def train_batches(dataset, cfg, accelerator, start_step: int, num_workers: int = 0):
+    """This process's endless batches in a training run: `cfg.batch_size` per process, its share of an order that is
+    a pure function of (cfg.seed, position), from batch `start_step` on (a resumed run goes on where it stopped)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    return iter(make_loader(dataset, cfg.batch_size, rank, world, cfg.seed, start_step, num_workers))
+
+
+def to_device(batch: tuple, device, labels: bool = True) -> tuple:
+    """A loader's (reals, labels) on `device`; the labels are None where the training is unconditional."""
+    reals, ys = batch
+    return reals.to(device, non_blocking=True), ys.to(device, non_blocking=True) if labels else None
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of one process at one step. Reseeding from (seed, rank, step) makes every random draw of a step a
     pure function of the step, so a resumed run repeats the uninterrupted one bit for bit without storing RNG state

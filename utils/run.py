@@ -12,8 +12,9 @@ and save itself (`run.due` says when: every interval and at the last step); `Run
     extras = run.restore(gen=gen, optim_g=optim_g, ema=ema, scaler=accelerator.scaler)   # {} on a fresh start
     evaluator = loop_evaluator(run, accelerator, dataset)   # metrics/evaluate.py; None without an FD metric
     run.begin(accelerator, dataset, evaluator, summary)   # folders, config.json, code version, trackers
-    for step in range(run.start_step, cfg.n_steps): ...
-        if run.due(done, cfg.log_interval): run.log(accelerator, done, values)
+    loop = LoopTracker(run, accelerator, images_per_step, extras.get("skipped", 0))   # utils/tracking.py
+    for step in loop.steps(): ...                # from run.start_step, each step seeded from (seed, rank, step)
+        done = loop.end_step(step, applied, stats, values)   # run.log(...) when run.due(done, cfg.log_interval)
         if run.due(done, cfg.eval_interval): run.evaluate(accelerator, done, sample_fn, model, n_classes)  # -> new_best
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             run.save(accelerator, done, replicas=(gen, disc), snapshot=dict(...), gen=gen, optim_g=optim_g, ...)
