@@ -32,7 +32,7 @@ from sampling.diffusion import StackedNoise, sample
 from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, conditioning_classes, to_device, train_batches
 from utils.dist import set_backends, unwrap
-from utils.ema import EMA
+from utils.ema import EMA, EmaConfig
 from utils.grid import save_grid, save_scatter
 from utils.optim import step_optimizer
 from utils.run import Run, RunConfig
@@ -46,7 +46,7 @@ RESUME_KEYS = ("dataset", "img_size", "method", "model", "net_kwargs", "conditio
 
 
 @dataclass
-class Config(RunConfig):
+class Config(EmaConfig, RunConfig):
     dataset: str = field(default="fashion_mnist", metadata={"choices": DATASETS})
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
@@ -72,7 +72,6 @@ class Config(RunConfig):
     )
     ema: bool = field(default=True, metadata={"help": "keep an EMA denoiser; samples and snapshots use it"})
     ema_halflife_kimg: float = 500.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
     ema_decay: float | None = field(
         default=None,
         metadata={

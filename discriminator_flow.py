@@ -36,7 +36,7 @@ from sampling.particles import discr_flow_images, discriminator_flow
 from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, to_device, train_batches
 from utils.dist import set_backends, unwrap
-from utils.ema import EMA
+from utils.ema import EMA, EmaConfig
 from utils.grid import save_grid, save_scatter
 from utils.optim import set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
@@ -60,7 +60,7 @@ RESUME_KEYS += ("entropy_reg",)
 
 
 @dataclass
-class Config(RunConfig):
+class Config(EmaConfig, RunConfig):
     dataset: str = field(default="mnist", metadata={"choices": DATASETS})
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download MNIST-like data"})
@@ -86,8 +86,6 @@ class Config(RunConfig):
     beta1: float = 0.5
     beta2: float = 0.999
     ema: bool = field(default=False, metadata={"help": "keep an EMA critic; grids, evaluation, snapshots use it"})
-    ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def gpm_settings(dataset: str) -> dict:

@@ -49,7 +49,7 @@ from utils.ckpt import load_snapshot
 from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset, to_device, train_batches
 from utils.dist import set_backends, unwrap
-from utils.ema import EMA
+from utils.ema import EMA, EmaConfig
 from utils.grid import save_grid, save_scatter
 from utils.optim import OPTIMIZERS, make_optimizer, set_hyperparameters, step_optimizer
 from utils.run import EVAL_METRIC_CHOICES, Run, RunConfig
@@ -74,7 +74,7 @@ RESUME_KEYS = (
 
 
 @dataclass
-class Config(RunConfig):
+class Config(EmaConfig, RunConfig):
     dataset: str = field(default="cifar10", metadata={"choices": DATASETS})
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
     download: bool = field(default=True, metadata={"help": "let torchvision try to download missing data"})
@@ -115,8 +115,6 @@ class Config(RunConfig):
     kale_interval: int = field(default=2000, metadata={"min": 1, "help": "iterations between --eval_kale"})
     eval_metric: str = field(default="auto", metadata={"choices": EVAL_METRIC_CHOICES + ["kale"], "help": "see README"})
     ema: bool = field(default=False, metadata={"help": "EMA of base, energy and A; grids and snapshots use it"})
-    ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def resolve_config(cfg: Config) -> Config:

@@ -36,7 +36,7 @@ from utils.ckpt import build_from_snapshot, load_snapshot, tensors_sha256
 from utils.cli import UserError, script_cli
 from utils.data import DATASETS, TOY_DATASETS, build_dataset
 from utils.dist import set_backends, unwrap
-from utils.ema import EMA
+from utils.ema import EMA, EmaConfig
 from utils.grid import save_grid, save_scatter
 from utils.optim import set_hyperparameters, step_optimizer
 from utils.run import Run, RunConfig
@@ -62,7 +62,7 @@ RESUME_KEYS = ("dataset", "img_size", "model", "gen_kwargs", "z_dim", "score_kwa
 
 
 @dataclass
-class Config(RunConfig):
+class Config(EmaConfig, RunConfig):
     data_score: str = field(default="", metadata={"help": "diffusion_train.py EDM snapshot, or its run folder"})
     dataset: str | None = field(default=None, metadata={"choices": DATASETS, "help": "default: the data score's"})
     data_dir: str | None = field(default=None, metadata={"help": "default: the data score's"})
@@ -88,8 +88,6 @@ class Config(RunConfig):
     beta1: float = 0.9
     beta2: float = 0.999
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; grids, evaluation, snapshots use it"})
-    ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def gpm_settings(dataset: str) -> dict:

@@ -45,7 +45,7 @@ from modelling.translation import PatchDiscriminator
 from utils.cli import UserError, script_cli
 from utils.data import make_loader
 from utils.dist import set_backends, unwrap
-from utils.ema import EMA
+from utils.ema import EMA, EmaConfig
 from utils.grid import save_grid, to_uint8
 from utils.optim import make_optimizer, set_hyperparameters, step_optimizer
 from utils.pairs import (
@@ -66,7 +66,7 @@ RESUME_KEYS = ("model", "dataset", "img_size", "gen_kwargs", "disc_kwargs", "dir
 
 
 @dataclass
-class Config(RunConfig):
+class Config(EmaConfig, RunConfig):
     model: str = field(default="pix2pix", metadata={"choices": ["pix2pix", "cyclegan"]})
     dataset: str = field(default="paired", metadata={"choices": [*DEMOS, "paired", "unpaired"]})
     data_dir: str = field(default="data", metadata={"help": "paired/unpaired folder; demos: where Fashion-MNIST is"})
@@ -89,8 +89,6 @@ class Config(RunConfig):
     pool_size: int = field(default=50, metadata={"min": 0, "help": "cyclegan: fakes kept per domain; 0 = none"})
     augment: bool = field(default=True, metadata={"help": "training images: 286/256 resize, random crop, mirroring"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; grids, evaluations, snapshots use it"})
-    ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
     num_workers: int = field(default=2, metadata={"min": 0, "help": "decoding processes for image folders"})
     eval_metric: str = field(
         default="auto", metadata={"choices": ["auto", "l1", "ssim", "fd_target"], "help": "auto: l1 / fd_target"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from modelling import GENERATORS
 from utils.cli import UserError
+from utils.ema import EmaConfig
 from utils.optim import OPTIMIZERS
 from utils.run import RunConfig
 
@@ -36,10 +37,11 @@ RECIPE_NEEDS = {"progressive_gan": "progressive growing", "stylegan": "R1", "sty
 
 
 @dataclass
-class GanConfig(RunConfig):
+class GanConfig(EmaConfig, RunConfig):
     """The flags of both GAN scripts: data, networks, the recipe flags `apply_recipe` fills (None: the model's
-    recipe), Ganzo's label tricks, optimisation and the EMA. A script's `Config` extends it; a field it redeclares
-    (other default, choices or help) keeps its place in --help and config.json, its own fields come after."""
+    recipe), Ganzo's label tricks, optimisation and the EMA (its half-life flags: utils/ema.py's EmaConfig, listed
+    after the run flags). A script's `Config` extends it; a field it redeclares (other default, choices or help) keeps
+    its place in --help and config.json, its own fields come after."""
 
     dataset: str = "mnist"
     data_dir: str = field(default="data", metadata={"help": "looked up first; then system copies; then download"})
@@ -72,8 +74,6 @@ class GanConfig(RunConfig):
         default=None, metadata={"min": 1, "help": "one G step every k D steps (WGAN n_critic)"}
     )
     ema: bool = field(default=False, metadata={"help": "keep an EMA generator; samples and snapshots use it"})
-    ema_halflife_kimg: float = 10.0
-    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def apply_recipe(cfg, script: str, other_script: str, trains: tuple[str, ...] = tuple(GAN_RECIPES)) -> None:

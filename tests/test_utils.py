@@ -365,3 +365,33 @@ def test_to_uint8_and_grid(tmp_path):
 
     img = Image.open(tmp_path / "g.png")
     assert img.mode == "L" and img.size == (10 * 10 + 2, 2 * 10 + 2)
+
+
+def test_the_half_life_ema_flags_are_declared_once():
+    """Every script with --ema_rampup takes the half-life EMA flags from utils/ema.py's EmaConfig: the same default,
+    bound and help everywhere; only diffusion_train.py lengthens the half-life (EDM's 500 kimg)."""
+    import importlib
+    from pathlib import Path
+
+    from utils.cli import field_metadata, make_parser
+    from utils.ema import EmaConfig
+
+    found = []
+    for path in sorted(Path(__file__).resolve().parents[1].glob("*.py")):
+        if "\nclass Config" not in path.read_text():
+            continue
+        config = importlib.import_module(path.stem).Config
+        if "ema_rampup" not in config.__dataclass_fields__:
+            continue
+        found.append(path.name)
+        assert issubclass(config, EmaConfig), path.name
+        flags = {action.dest: action for action in make_parser(config)._actions}
+        assert flags["ema_rampup"].default == 0.05, path.name
+        assert flags["ema_rampup"].help == "half-life <= ratio x images seen; 0 = off", path.name
+        assert field_metadata(config, "ema_rampup")["min"] == 0, path.name
+        assert flags["ema_halflife_kimg"].default == (500.0 if path.stem == "diffusion_train" else 10.0), path.name
+        assert "ema" in flags and "EMA" in flags["ema"].help, path.name
+    assert found == [
+        "diffusion_train.py", "discriminator_flow.py", "ebm_train.py", "gan_celeba.py", "gan_mnist.py",
+        "score_gan.py", "translate.py",
+    ]  # fmt: skip

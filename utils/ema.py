@@ -10,10 +10,22 @@ Call `update` only after a real optimizer step (not a skipped fp16 step, not a g
 """
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 
 from utils.cli import UserError
+
+
+@dataclass
+class EmaConfig:
+    """The half-life EMA flags, one meaning in every script that has them. A script's `Config` lists it before
+    `RunConfig` (`class Config(EmaConfig, RunConfig)`, so the run flags come first in --help) and redeclares `ema`
+    with its default and a help that names what it averages (utils.cli.field_metadata)."""
+
+    ema: bool = field(default=False, metadata={"help": "keep an EMA of the trained network; snapshots use it"})
+    ema_halflife_kimg: float = 10.0
+    ema_rampup: float = field(default=0.05, metadata={"min": 0, "help": "half-life <= ratio x images seen; 0 = off"})
 
 
 def ema_beta(batch_size: int, halflife_kimg: float, cur_nimg: int, rampup_ratio: float | None = None) -> float:
