@@ -33,9 +33,9 @@ from metrics.kale import KALEEvaluator
 from modelling import build_gebm
 from sampling.latent_mcmc import (
     METROPOLIS,
-    SAMPLERS,
     ChainNoise,
     LatentChains,
+    LatentMcmcConfig,
     latent_potential,
     latent_sampler_settings,
     save_chain_animation,
@@ -50,7 +50,7 @@ GIF_CHAINS = 64
 
 
 @dataclass
-class Config:
+class Config(LatentMcmcConfig):  # sample.py's latent-MCMC flags (sampling/latent_mcmc.py) first
     checkpoint: str = field(default="", metadata={"help": "GEBM snapshot, or an ebm_train.py run folder"})
     out_dir: str = "chain"
     n_samples: int = field(default=5000, metadata={"help": "chains (seeds 0..N-1); GEBM's sampling.yaml: 5000"})
@@ -60,14 +60,6 @@ class Config:
     eval_weights: str = field(default="", metadata={"help": "fid: the Inception file; fd_cls: another classifier"})
     kale: bool = field(default=True, metadata={"help": "also KALE along the chain"})
     data_dir: str = field(default="", metadata={"help": "the training data (default: the snapshot's --data_dir)"})
-    # Latent MCMC: sample.py's flags and defaults (None = the seed's sampling run).
-    latent_sampler: str | None = field(default=None, metadata={"choices": SAMPLERS, "help": "(langevin)"})
-    num_sampler_steps: int | None = field(default=None, metadata={"help": "(1000)"})
-    lmc_gamma: float | None = field(default=None, metadata={"help": "(1e-4)"})
-    lmc_kappa: float | None = field(default=None, metadata={"help": "(100)"})
-    temperature: float | None = field(default=None, metadata={"help": "(100)"})
-    lmc_gamma_decay: float | None = field(default=None, metadata={"help": "(0.1)"})
-    lmc_gamma_decay_every: int | None = field(default=None, metadata={"help": "(200)"})
 
 
 def save_plot(

@@ -67,7 +67,7 @@ from sampling import SNAPSHOT_KINDS
 from sampling.diffusion import SOLVERS, use_distilled_grid
 from sampling.latent_mcmc import (
     METROPOLIS,
-    SAMPLERS,
+    LatentMcmcConfig,
     acceptance_summary,
     latent_sampler_settings,
     save_chain_animation,
@@ -90,7 +90,7 @@ from utils.tracking import progress
 
 
 @dataclass
-class Config:
+class Config(LatentMcmcConfig):  # GEBM snapshots' latent-MCMC flags (sampling/latent_mcmc.py) first
     checkpoint: str = field(default="", metadata={"help": "snapshot .safetensors, or a run folder (newest snapshot)"})
     out_dir: str = field(
         default="samples",
@@ -151,14 +151,7 @@ class Config:
     # Translation snapshots only (translate.py).
     input_dir: str = field(default="", metadata={"help": "translation: folder of input images, one output each"})
     reverse: bool = field(default=False, metadata={"help": "translation: a CycleGAN snapshot's B -> A generator"})
-    # GEBM snapshots only (GEBM's names; None = its sampling run's value, in brackets).
-    latent_sampler: str | None = field(default=None, metadata={"choices": SAMPLERS, "help": "latent MCMC (langevin)"})
-    num_sampler_steps: int | None = field(default=None, metadata={"help": "MCMC steps (1000); 0 = the base generator"})
-    lmc_gamma: float | None = field(default=None, metadata={"help": "step size gamma (1e-4)"})
-    lmc_kappa: float | None = field(default=None, metadata={"help": "lmc: friction (100)"})
-    temperature: float | None = field(default=None, metadata={"help": "multiplies the energy (100); 1: the GEBM"})
-    lmc_gamma_decay: float | None = field(default=None, metadata={"help": "gamma x this every ... steps (0.1)"})
-    lmc_gamma_decay_every: int | None = field(default=None, metadata={"help": "... this many steps (200)"})
+    # GEBM snapshots only (and the latent-MCMC flags of LatentMcmcConfig, listed first).
     animation_every: int = field(default=0, metadata={"help": "GEBM: chain.gif of the first chains every K steps"})
 
 

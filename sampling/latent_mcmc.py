@@ -30,6 +30,7 @@ a chain does not depend on the batch it runs in.
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +47,20 @@ SEED_DEFAULTS = dict(
     lmc_gamma_decay=0.1,
     lmc_gamma_decay_every=200,
 )
+
+
+@dataclass
+class LatentMcmcConfig:
+    """The latent-MCMC flags of sample.py and ebm_chain.py (GEBM's names), read by `latent_sampler_settings`;
+    None = the seed's sampling run's value (`SEED_DEFAULTS`, in brackets in the help)."""
+
+    latent_sampler: str | None = field(default=None, metadata={"choices": SAMPLERS, "help": "latent MCMC (langevin)"})
+    num_sampler_steps: int | None = field(default=None, metadata={"help": "MCMC steps (1000); 0 = the base generator"})
+    lmc_gamma: float | None = field(default=None, metadata={"help": "step size gamma (1e-4)"})
+    lmc_kappa: float | None = field(default=None, metadata={"help": "lmc: friction (100)"})
+    temperature: float | None = field(default=None, metadata={"help": "multiplies the energy (100); 1: the GEBM"})
+    lmc_gamma_decay: float | None = field(default=None, metadata={"help": "gamma x this every ... steps (0.1)"})
+    lmc_gamma_decay_every: int | None = field(default=None, metadata={"help": "... this many steps (200)"})
 
 
 class ChainNoise:

@@ -214,3 +214,23 @@ def test_acceptance_and_frames_are_recorded(toy_gebm):
     assert record["chains"] == 6 and record["accepted_per_step"].shape == (5,)
     assert 0 < record["accepted_per_step"].sum() <= 30
     assert [f.shape for f in record["frames"]] == [(3, 3)] * 4  # steps 0, 2, 4, 5 of the first batch
+
+
+def test_sample_and_ebm_chain_take_the_same_latent_flags():
+    """sample.py and ebm_chain.py share LatentMcmcConfig: the same flags, defaults (None = the seed's sampling run)
+    and choices, resolved to the same settings."""
+    import ebm_chain
+    import sample
+    from sampling.latent_mcmc import SEED_DEFAULTS, LatentMcmcConfig, latent_sampler_settings
+    from utils.cli import UserError, parse
+
+    given = ["--latent_sampler", "mala", "--num_sampler_steps", "7", "--lmc_gamma", "0.01", "--lmc_kappa", "3",
+             "--temperature", "1", "--lmc_gamma_decay", "0.5", "--lmc_gamma_decay_every", "2"]  # fmt: skip
+    expected = dict(latent_sampler="mala", num_sampler_steps=7, lmc_gamma=0.01, lmc_kappa=3.0, temperature=1.0,
+                    lmc_gamma_decay=0.5, lmc_gamma_decay_every=2)  # fmt: skip
+    for config in (sample.Config, ebm_chain.Config):
+        assert issubclass(config, LatentMcmcConfig)
+        assert latent_sampler_settings(parse(config, [])) == SEED_DEFAULTS
+        assert latent_sampler_settings(parse(config, given)) == expected
+        with pytest.raises(UserError, match="invalid choice"):
+            parse(config, ["--latent_sampler", "gibbs"])
