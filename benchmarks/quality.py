@@ -220,13 +220,34 @@ def plot_curves(results: list[dict], path: Path) -> None:
     image.save(path)
 
 
+def against_dcgan(results: list[dict]) -> None:
+    """The target's comparison, in place: each FD_cls row's last in-loop FD_cls over DCGAN's in-loop FD_cls at the
+    same minutes (linear between DCGAN's evaluations, its first or last one outside them), conditional rows against
+    the conditional DCGAN. Both are 2,000-sample FDs: a final 10,000-sample FD is lower, so it is not mixed in."""
+    curves = {r["family"]: r["curve"] for r in results if r["family"] in ("dcgan", "dcgan_cond") and "curve" in r}
+    for r in results:
+        reference = "dcgan_cond" if "class_accuracy" in r else "dcgan"
+        if "error" in r or "metric" in r or reference not in curves:
+            continue
+        own, at = r["curve"][-1], r["curve"][-1]["minutes"]
+        ref = float(np.interp(at, [p["minutes"] for p in curves[reference]], [p["value"] for p in curves[reference]]))
+        r["vs_dcgan"] = {"reference": reference, "minutes": at, "fd_cls": own["value"], "reference_fd_cls": ref,
+                         "ratio": own["value"] / ref}  # fmt: skip
+
+
 def write_markdown(results: list[dict], path: Path, header: str) -> None:
     lines = [header, "", "| row | kimg | minutes | sec/kimg | FD_cls (first in-loop → final) | precision | recall | "
-             "class acc. | sampling s/1k | command |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "class acc. | sampling s/1k | last in-loop FD_cls ÷ DCGAN's at those minutes | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     fmt = lambda v, spec=".3g": "–" if v is None else format(v, spec)  # noqa: E731
+
+    def versus(r: dict) -> str:
+        v = r.get("vs_dcgan")
+        return "–" if v is None else f"{v['fd_cls']:.1f} ÷ {v['reference_fd_cls']:.1f} = {v['ratio']:.2f}"
+
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['family']} | error: {r['error'].splitlines()[0][:200]} | | | | | | | | |")
+            lines.append(f"| {r['family']} | error: {r['error'].splitlines()[0][:200]} | | | | | | | | | |")
             continue
         if "metric" in r:  # translation: its own metric
             extra = f", untranslated {r['fd_target_untranslated']:.2f}" if "fd_target_untranslated" in r else ""
@@ -238,7 +259,7 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
         lines.append(
             f"| {r['row']} | {r['kimg']:.1f} | {r['minutes']:.1f} | {r['sec_per_kimg']:.1f} | {score} | "
             f"{fmt(r.get('precision'))} | {fmt(r.get('recall'))} | {fmt(r.get('class_accuracy'))} | "
-            f"{fmt(r.get('sampling_s_per_1k'))} | `{r['command']}`"
+            f"{fmt(r.get('sampling_s_per_1k'))} | {versus(r)} | `{r['command']}`"
             + (f"; `{r['sample_command']}`" if "sample_command" in r else "")
             + " |"  # fmt: skip
         )
@@ -248,6 +269,7 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
 def write_table(results: list[dict], out: Path) -> None:
     """results.json, results.md (headed by the harness command(s) that made its rows, with their hours at the time
     the row was written) and curves.png."""
+    against_dcgan(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     runs = {json.dumps(r["table_command"], sort_keys=True) for r in results if "table_command" in r}
     made = [f"`{c['command']}` ({c['hours']:.2f} h, {c['jobs']} families side by side)" for c in map(json.loads, runs)]
