@@ -4,7 +4,7 @@ in the loop at fixed intervals and on many samples at the end, read from the run
     python benchmarks/quality.py --out benchmarks/results/quality              # the table (about 3 h on 2 cores)
     python benchmarks/quality.py --only dcgan,edm --out /tmp/q                 # some families
     python benchmarks/quality.py --smoke --data_dir /tmp/idx --out /tmp/q      # every code path on tiny budgets
-    python benchmarks/quality.py --publish       # write the committed table into README.md and docs/results.md
+    python benchmarks/quality.py --publish       # results.json again into results.md, README.md, docs/results.md
 
 Per family (benchmarks/quality_fashion_mnist.yaml says which script, flags and budget), as a user would run it: the
 training script with `--eval_interval` (FD_cls on `eval_samples` samples; translation: its own metric), timed by
@@ -321,14 +321,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated family names")
     parser.add_argument("--jobs", type=int, default=2, help="families trained side by side, one thread each")
     parser.add_argument("--smoke", action="store_true", help="a few steps and tiny networks: the pipeline only")
-    parser.add_argument("--publish", action="store_true", help="only write --out's table into the README and docs")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="only write --out's table (from its results.json) into the README and docs",
+    )
     args = parser.parse_args(argv)
     spec = yaml.safe_load(Path(args.config).read_text())
     families = spec["families"]
     out = Path(args.out).resolve()
     pages = {ROOT / "docs" / "results.md": "full", ROOT / "README.md": "short"}
-    if args.publish:
-        publish(json.loads((out / "results.json").read_text()), out, pages)
+    if args.publish:  # results.md, curves.png and the comparison with DCGAN are made again from results.json
+        results = json.loads((out / "results.json").read_text())
+        write_table(results, out)
+        publish(results, out, pages)
         return
     chosen = [n for n in args.only.split(",") if n] or list(families)
     unknown = sorted(set(chosen) - set(families))
