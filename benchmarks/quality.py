@@ -4,7 +4,7 @@ in the loop at fixed intervals and on many samples at the end, read from the run
     python benchmarks/quality.py --out benchmarks/results/quality              # the table (about 3 h on 2 cores)
     python benchmarks/quality.py --only dcgan,edm --out /tmp/q                 # some families
     python benchmarks/quality.py --smoke --data_dir /tmp/idx --out /tmp/q      # every code path on tiny budgets
-    python benchmarks/quality.py --publish       # write the committed table into README.md and docs/results.md
+    python benchmarks/quality.py --publish       # results.json again into results.md, README.md, docs/results.md
 
 Per family (benchmarks/quality_fashion_mnist.yaml says which script, flags and budget), as a user would run it: the
 training script with `--eval_interval` (FD_cls on `eval_samples` samples; translation: its own metric), timed by
@@ -220,13 +220,34 @@ def plot_curves(results: list[dict], path: Path) -> None:
     image.save(path)
 
 
+def against_dcgan(results: list[dict]) -> None:
+    """The target's comparison, in place: each FD_cls row's last in-loop FD_cls over DCGAN's in-loop FD_cls at the
+    same minutes (linear between DCGAN's evaluations, its first or last one outside them), conditional rows against
+    the conditional DCGAN. Both are 2,000-sample FDs: a final 10,000-sample FD is lower, so it is not mixed in."""
+    curves = {r["family"]: r["curve"] for r in results if r["family"] in ("dcgan", "dcgan_cond") and "curve" in r}
+    for r in results:
+        reference = "dcgan_cond" if "class_accuracy" in r else "dcgan"
+        if "error" in r or "metric" in r or reference not in curves:
+            continue
+        own, at = r["curve"][-1], r["curve"][-1]["minutes"]
+        ref = float(np.interp(at, [p["minutes"] for p in curves[reference]], [p["value"] for p in curves[reference]]))
+        r["vs_dcgan"] = {"reference": reference, "minutes": at, "fd_cls": own["value"], "reference_fd_cls": ref,
+                         "ratio": own["value"] / ref}  # fmt: skip
+
+
 def write_markdown(results: list[dict], path: Path, header: str) -> None:
     lines = [header, "", "| row | kimg | minutes | sec/kimg | FD_cls (first in-loop → final) | precision | recall | "
-             "class acc. | sampling s/1k | command |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "class acc. | sampling s/1k | last in-loop FD_cls ÷ DCGAN's at those minutes | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     fmt = lambda v, spec=".3g": "–" if v is None else format(v, spec)  # noqa: E731
+
+    def versus(r: dict) -> str:
+        v = r.get("vs_dcgan")
+        return "–" if v is None else f"{v['fd_cls']:.1f} ÷ {v['reference_fd_cls']:.1f} = {v['ratio']:.2f}"
+
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['family']} | error: {r['error'].splitlines()[0][:200]} | | | | | | | | |")
+            lines.append(f"| {r['family']} | error: {r['error'].splitlines()[0][:200]} | | | | | | | | | |")
             continue
         if "metric" in r:  # translation: its own metric
             extra = f", untranslated {r['fd_target_untranslated']:.2f}" if "fd_target_untranslated" in r else ""
@@ -238,7 +259,7 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
         lines.append(
             f"| {r['row']} | {r['kimg']:.1f} | {r['minutes']:.1f} | {r['sec_per_kimg']:.1f} | {score} | "
             f"{fmt(r.get('precision'))} | {fmt(r.get('recall'))} | {fmt(r.get('class_accuracy'))} | "
-            f"{fmt(r.get('sampling_s_per_1k'))} | `{r['command']}`"
+            f"{fmt(r.get('sampling_s_per_1k'))} | {versus(r)} | `{r['command']}`"
             + (f"; `{r['sample_command']}`" if "sample_command" in r else "")
             + " |"  # fmt: skip
         )
@@ -248,6 +269,7 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
 def write_table(results: list[dict], out: Path) -> None:
     """results.json, results.md (headed by the harness command(s) that made its rows, with their hours at the time
     the row was written) and curves.png."""
+    against_dcgan(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     runs = {json.dumps(r["table_command"], sort_keys=True) for r in results if "table_command" in r}
     made = [f"`{c['command']}` ({c['hours']:.2f} h, {c['jobs']} families side by side)" for c in map(json.loads, runs)]
@@ -299,14 +321,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated family names")
     parser.add_argument("--jobs", type=int, default=2, help="families trained side by side, one thread each")
     parser.add_argument("--smoke", action="store_true", help="a few steps and tiny networks: the pipeline only")
-    parser.add_argument("--publish", action="store_true", help="only write --out's table into the README and docs")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="only write --out's table (from its results.json) into the README and docs",
+    )
     args = parser.parse_args(argv)
     spec = yaml.safe_load(Path(args.config).read_text())
     families = spec["families"]
     out = Path(args.out).resolve()
     pages = {ROOT / "docs" / "results.md": "full", ROOT / "README.md": "short"}
-    if args.publish:
-        publish(json.loads((out / "results.json").read_text()), out, pages)
+    if args.publish:  # results.md, curves.png and the comparison with DCGAN are made again from results.json
+        results = json.loads((out / "results.json").read_text())
+        write_table(results, out)
+        publish(results, out, pages)
         return
     chosen = [n for n in args.only.split(",") if n] or list(families)
     unknown = sorted(set(chosen) - set(families))

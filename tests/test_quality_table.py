@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from benchmarks.quality import END, START, merge, publish, write_markdown
+from benchmarks.quality import END, START, against_dcgan, merge, publish, write_markdown
 from tests.conftest import run
 
 KEYS = {"family", "kimg", "minutes", "fd_cls", "first_fd_cls", "precision", "recall", "command"}
@@ -88,3 +88,23 @@ def test_publish_writes_the_table_between_the_markers_and_nothing_else(tmp_path)
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="no <!-- quality table"):
         publish(rows, out, {readme: "short"})
+
+
+def test_each_row_is_set_against_dcgan_at_the_same_minutes_conditional_against_conditional():
+    def curve(*points):
+        return [{"step": i, "metric": "fd_cls", "value": v, "minutes": m} for i, (m, v) in enumerate(points)]
+
+    rows = [{"family": "dcgan", "row": "dcgan", "curve": curve((2.0, 100.0), (6.0, 20.0))},
+            {"family": "dcgan_cond", "row": "dcgan_cond", "class_accuracy": 0.8,
+             "curve": curve((2.0, 80.0), (4.0, 40.0))},
+            {"family": "edm", "row": "edm", "curve": curve((3.0, 90.0), (5.0, 30.0))},
+            {"family": "biggan", "row": "biggan", "class_accuracy": 0.5, "curve": curve((9.0, 60.0))},
+            {"family": "stylegan2", "row": "stylegan2", "curve": curve((1.0, 50.0))},
+            {"family": "pix2pix", "row": "pix2pix", "metric": "l1", "curve": curve((1.0, 0.3))}]  # fmt: skip
+    against_dcgan(rows)
+    edm, biggan, early = rows[2]["vs_dcgan"], rows[3]["vs_dcgan"], rows[4]["vs_dcgan"]
+    assert edm["reference"] == "dcgan" and edm["reference_fd_cls"] == pytest.approx(40.0)  # halfway from 100 to 20
+    assert edm["ratio"] == pytest.approx(30.0 / 40.0)
+    assert biggan["reference"] == "dcgan_cond" and biggan["reference_fd_cls"] == 40.0  # after DCGAN's end: its last
+    assert early["reference_fd_cls"] == 100.0 and early["ratio"] == 0.5  # before DCGAN's first evaluation: its first
+    assert rows[0]["vs_dcgan"]["ratio"] == 1.0 and "vs_dcgan" not in rows[5]
