@@ -220,6 +220,13 @@ def plot_curves(results: list[dict], path: Path) -> None:
     image.save(path)
 
 
+def halved(r: dict) -> str:
+    """The table's "must": the final score (FD_cls; pix2pix L1; CycleGAN FD to the target domain) is at most half the
+    first in-loop evaluation."""
+    first, final = (r["first_value"], r["value"]) if "metric" in r else (r["first_fd_cls"], r["fd_cls"])
+    return "yes" if final <= first / 2 else "no"
+
+
 def against_dcgan(results: list[dict]) -> None:
     """The target's comparison, in place: each FD_cls row's last in-loop FD_cls over DCGAN's in-loop FD_cls at the
     same minutes (linear between DCGAN's evaluations, its first or last one outside them), conditional rows against
@@ -237,8 +244,9 @@ def against_dcgan(results: list[dict]) -> None:
 
 def write_markdown(results: list[dict], path: Path, header: str) -> None:
     lines = [header, "", "| row | kimg | minutes | sec/kimg | FD_cls (first in-loop → final) | precision | recall | "
-             "class acc. | sampling s/1k | last in-loop FD_cls ÷ DCGAN's at those minutes | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "class acc. | sampling s/1k | final ≤ ½ first | last in-loop FD_cls ÷ DCGAN's at those minutes | "
+             "command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     fmt = lambda v, spec=".3g": "–" if v is None else format(v, spec)  # noqa: E731
 
     def versus(r: dict) -> str:
@@ -247,7 +255,7 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
 
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['family']} | error: {r['error'].splitlines()[0][:200]} | | | | | | | | | |")
+            lines.append(f"| {r['family']} | error: {r['error'].splitlines()[0][:200]} | | | | | | | | | | |")
             continue
         if "metric" in r:  # translation: its own metric
             extra = f", untranslated {r['fd_target_untranslated']:.2f}" if "fd_target_untranslated" in r else ""
@@ -259,7 +267,7 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
         lines.append(
             f"| {r['row']} | {r['kimg']:.1f} | {r['minutes']:.1f} | {r['sec_per_kimg']:.1f} | {score} | "
             f"{fmt(r.get('precision'))} | {fmt(r.get('recall'))} | {fmt(r.get('class_accuracy'))} | "
-            f"{fmt(r.get('sampling_s_per_1k'))} | {versus(r)} | `{r['command']}`"
+            f"{fmt(r.get('sampling_s_per_1k'))} | {halved(r)} | {versus(r)} | `{r['command']}`"
             + (f"; `{r['sample_command']}`" if "sample_command" in r else "")
             + " |"  # fmt: skip
         )
@@ -283,14 +291,14 @@ START, END = "<!-- quality table: written by benchmarks/quality.py -->", "<!-- e
 def publish(results: list[dict], out: Path, pages: dict[Path, str]) -> None:
     """Write the table into each page between the START and END markers (already there): docs/results.md gets the
     whole results.md and the curve plot, README.md a short table (row, FD_cls first → final, minutes)."""
-    short = ["| row | FD_cls (first in-loop → final) | minutes | kimg |", "|---|---|---|---|"]
+    short = ["| row | FD_cls (first in-loop → final) | final ≤ ½ first | minutes | kimg |", "|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            short.append(f"| {r['family']} | error | | |")
+            short.append(f"| {r['family']} | error | | | |")
             continue
         score = f"{r['first_fd_cls']:.1f} → **{r['fd_cls']:.1f}**" if "metric" not in r else (
             f"{r['metric']} {r['first_value']:.3g} → **{r['value']:.3g}**")  # fmt: skip
-        short.append(f"| {r['row']} | {score} | {r['minutes']:.1f} | {r['kimg']:.1f} |")
+        short.append(f"| {r['row']} | {score} | {halved(r)} | {r['minutes']:.1f} | {r['kimg']:.1f} |")
     for page, kind in pages.items():
         text = page.read_text()
         if START not in text or END not in text:

@@ -70,7 +70,7 @@ def test_publish_writes_the_table_between_the_markers_and_nothing_else(tmp_path)
     out.mkdir()
     (out / "results.md").write_text("| row | ... |\n| dcgan | 100.00 → **20.00** |\n")
     rows = [{"family": "dcgan", "row": "dcgan", "first_fd_cls": 100.0, "fd_cls": 20.0, "minutes": 9.5, "kimg": 128.0},
-            {"family": "pix2pix", "row": "pix2pix", "metric": "l1", "first_value": 0.3, "value": 0.1, "minutes": 6.0,
+            {"family": "pix2pix", "row": "pix2pix", "metric": "l1", "first_value": 0.3, "value": 0.16, "minutes": 6.0,
              "kimg": 12.0}]  # fmt: skip
     docs, readme = tmp_path / "docs" / "results.md", tmp_path / "README.md"
     docs.parent.mkdir()
@@ -81,9 +81,8 @@ def test_publish_writes_the_table_between_the_markers_and_nothing_else(tmp_path)
     full, short = docs.read_text(), readme.read_text()
     assert full.startswith(f"before\n{START}\n| row | ... |") and full.endswith(f"{END}\nafter\n")
     assert "![FD_cls against minutes](../quality/curves.png)" in full and "old table" not in full
-    assert (
-        "| dcgan | 100.0 → **20.0** | 9.5 | 128.0 |" in short and "| pix2pix | l1 0.3 → **0.1** | 6.0 | 12.0 |" in short
-    )
+    assert "| dcgan | 100.0 → **20.0** | yes | 9.5 | 128.0 |" in short
+    assert "| pix2pix | l1 0.3 → **0.16** | no | 6.0 | 12.0 |" in short  # L1 not halved: the "must" is missed
     assert short.count(START) == 1 and short.endswith(f"{END}\nafter\n")
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="no <!-- quality table"):
