@@ -275,8 +275,8 @@ def write_markdown(results: list[dict], path: Path, header: str) -> None:
 
 
 def write_table(results: list[dict], out: Path) -> None:
-    """results.json, results.md (headed by the harness command(s) that made its rows, with their hours at the time
-    the row was written) and curves.png."""
+    """results.json, results.md (headed by each harness command that made its rows, with the hours of its run) and
+    curves.png."""
     against_dcgan(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     hours = {}  # per harness command, the hours when its last row was written: the run's length
@@ -301,13 +301,13 @@ def publish(results: list[dict], out: Path, pages: dict[Path, str]) -> None:
         score = f"{r['first_fd_cls']:.1f} → **{r['fd_cls']:.1f}**" if "metric" not in r else (
             f"{r['metric']} {r['first_value']:.3g} → **{r['value']:.3g}**")  # fmt: skip
         short.append(f"| {r['row']} | {score} | {halved(r)} | {r['minutes']:.1f} | {r['kimg']:.1f} |")
+    full = (out / "results.md").read_text().strip()
     for page, kind in pages.items():
         text = page.read_text()
         if START not in text or END not in text:
             raise SystemExit(f"{page}: no {START} ... {END} block to write the table into")
-        rel = os.path.relpath(out, page.parent)
-        body = (out / "results.md").read_text().strip() + f"\n\n![FD_cls against minutes]({rel}/curves.png)"
-        body = body if kind == "full" else "\n".join(short)
+        plot = f"![FD_cls against minutes]({os.path.relpath(out, page.parent)}/curves.png)"
+        body = f"{full}\n\n{plot}" if kind == "full" else "\n".join(short)
         head, rest = text.split(START, 1)
         page.write_text(f"{head}{START}\n{body}\n{END}{rest.split(END, 1)[1]}")
 
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             earlier = out / "results.json" if args.only else None  # the whole table replaces an earlier one
             write_table(merge(results, earlier, list(families)), out)
     if out == (ROOT / "benchmarks" / "results" / "quality").resolve() and not args.smoke:  # the committed table
-        publish(merge(results, out / "results.json" if args.only else None, list(families)), out, pages)
+        publish(json.loads((out / "results.json").read_text()), out, pages)  # as merged and written above
     print(f"wrote {out / 'results.md'}: {len(results)} new rows ({sum('error' in r for r in results)} errors)")
 
 
