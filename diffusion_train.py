@@ -248,7 +248,7 @@ def main(cfg: Config) -> None:
         # Sample grids; evaluate the EMA denoiser (its default solver); save checkpoints (also at a new best).
         if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             run.evaluate(
                 accelerator, done, diffusion_images, (ema.module if ema else unwrap(denoiser)).eval(), n_classes
             )

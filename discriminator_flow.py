@@ -246,7 +246,7 @@ def main(cfg: Config) -> None:
         # Sample grids; evaluate the flow of the EMA (or raw) critic; save checkpoints (also at a new best).
         if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             run.evaluate(accelerator, done, discr_flow_images, ema.module if ema else unwrap(model), 0)
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             snapshot = dict(

@@ -374,7 +374,7 @@ def main(cfg: Config) -> None:
         # Sample grids; evaluate the one-step EMA student; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
             save_grids(run, done, student, target, teacher, t_max, device)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             run.evaluate(accelerator, done, one_step_sampler(t_max), target, n_classes)
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             grid_params = {"t_min": t_min, "t_max": t_max, "rho": rho}

@@ -404,7 +404,7 @@ def main(cfg: Config) -> None:
         if is_main and run.due(done, cfg.sample_interval):
             sources = [("raw", model)] + ([("ema", ema.module)] if ema else [])
             save_grids(run, done, sources, eval_model, toy, device)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             scored = eval_model(ema.module if ema else model)
             if cfg.eval_metric == "kale":  # a family metric: computed here, passed as scores
                 run.evaluate(accelerator, done, scores=kale_scores(kale_eval(gebm_images, scored)))

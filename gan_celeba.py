@@ -376,7 +376,7 @@ def main(cfg: Config) -> None:
         if is_main and run.due(done, cfg.sample_interval):
             sources = [("raw", gen)] + ([("ema", ema.module)] if ema else [])
             save_grids(cfg, run, done, sources, eval_generator, n_classes, device)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), n_classes)
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             snapshot = dict(

@@ -218,7 +218,7 @@ def main(cfg: Config) -> None:
         # Sample grids; evaluate the EMA generator; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), n_classes)
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             snapshot = dict(

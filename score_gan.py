@@ -294,7 +294,7 @@ def main(cfg: Config) -> None:
         # data score never changes: its weights are checked against their hash at every checkpoint.
         if is_main and run.due(done, cfg.sample_interval):
             save_grids(done)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             run.evaluate(accelerator, done, gan_images, eval_generator(ema.module if ema else gen), 0)
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             if tensors_sha256(sorted(data_score.state_dict().items())) != data_sha:

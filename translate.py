@@ -475,7 +475,7 @@ def main(cfg: Config) -> None:
         # Grids; evaluate the EMA generator on held-out data; save checkpoints (also at a new best evaluation).
         if is_main and run.due(done, cfg.sample_interval):
             save_grids(run.dir / "grids", done, grid_modules, grid_inputs, paired)
-        if run.due(done, cfg.eval_interval):
+        if run.eval_due(done):
             model = ema.module if ema else gen_module
             was_training = model.training
             run.evaluate(accelerator, done, scores=scorer(model.eval()))

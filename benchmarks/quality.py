@@ -44,7 +44,7 @@ CONFIG = ROOT / "benchmarks" / "quality_fashion_mnist.yaml"
 # The in-loop evaluation line of utils/run.py: "step 500: fd_cls 41.2345 on 2000 samples ...".
 EVAL_LINE = re.compile(r"^step (\d+): (\w+) (-?[\d.]+(?:e[-+]?\d+)?|nan|inf)\b")
 # --smoke: every family at a few steps with its tiny networks (`smoke_args`), so a test can run the whole pipeline.
-SMOKE = {"n_steps": 4, "eval_interval": 2, "eval_samples": 32, "final_samples": 48}
+SMOKE = {"n_steps": 4, "eval_first": 1, "eval_interval": 2, "eval_samples": 32, "final_samples": 48}
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 60, 0),
            (0, 90, 160), (200, 0, 120), (90, 140, 0), (160, 160, 255)]  # fmt: skip
@@ -84,11 +84,12 @@ def train(name: str, family: dict, spec: dict, args, work: Path) -> dict:
     if args.smoke:
         flags += [str(a) for a in family.get("smoke_args", [])] + ["--n_steps", str(SMOKE["n_steps"])]
     interval = SMOKE["eval_interval"] if args.smoke else family["eval_interval"]
+    first = SMOKE["eval_first"] if args.smoke else family.get("eval_first", 0)
     samples = SMOKE["eval_samples"] if args.smoke else spec["eval_samples"]
     data = [] if family.get("needs_flag") == "--teacher" else ["--data_dir", args.data_dir, "--no-download"]
     every = str(interval)  # evaluation, log row and grid together; one checkpoint, the final one
     cmd = [sys.executable, family["script"], *flags, *data, "--workdir", str(run_dir), "--loggers", "none",
-           "--eval_interval", every, "--eval_samples", str(samples), "--seed", "0", "--sample_interval", every,
+           "--eval_interval", every, "--eval_first", str(first), "--eval_samples", str(samples), "--seed", "0", "--sample_interval", every,
            "--log_interval", every, "--checkpoint_interval", str(10**9)]  # fmt: skip
     curve = []
 

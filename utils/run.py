@@ -15,7 +15,7 @@ and save itself (`run.due` says when: every interval and at the last step); `Run
     loop = LoopTracker(run, accelerator, images_per_step, extras.get("skipped", 0))   # utils/tracking.py
     for step in loop.steps(): ...                # from run.start_step, each step seeded from (seed, rank, step)
         done = loop.end_step(step, applied, stats, values)   # run.log(...) when run.due(done, cfg.log_interval)
-        if run.due(done, cfg.eval_interval): run.evaluate(accelerator, done, sample_fn, model, n_classes)  # -> new_best
+        if run.eval_due(done): run.evaluate(accelerator, done, sample_fn, model, n_classes)  # -> new_best
         if run.due(done, cfg.checkpoint_interval) or run.new_best:
             run.save(accelerator, done, replicas=(gen, disc), snapshot=dict(...), gen=gen, optim_g=optim_g, ...)
 
@@ -91,6 +91,9 @@ class RunConfig:
     checkpoint_interval: int = field(default=5000, metadata={"min": 1})
     keep_states: int = field(default=2, metadata={"min": 2, "help": "newest training states kept (>= 2)"})
     eval_interval: int = field(default=0, metadata={"min": 0, "help": "steps between evaluations; 0 = none"})
+    eval_first: int = field(
+        default=0, metadata={"min": 0, "help": "one more evaluation after this many steps (a learning curve's start)"}
+    )
     eval_metric: str = field(default="auto", metadata={"choices": EVAL_METRIC_CHOICES, "help": "see README"})
     eval_samples: int = field(default=1000, metadata={"min": 2, "help": "generated samples per evaluation"})
     eval_weights: str = field(default="", metadata={"help": "fid: the Inception file; fd_cls: another classifier"})
@@ -111,6 +114,8 @@ class RunConfig:
             raise UserError(
                 "--delete starts over: it cannot be combined with --resume/--load, --load_best or --only_test"
             )
+        if self.eval_first and not self.eval_interval:
+            raise UserError("--eval_first adds one evaluation to those of --eval_interval: set --eval_interval too")
         name = PurePath(self.log_name)
         if name.is_absolute() or ".." in name.parts:
             raise UserError(
@@ -456,6 +461,11 @@ class Run:
         `interval` steps and at the last step, so that a run always ends logged, evaluated and saved; never when
         `interval` is 0 (the task is off)."""
         return bool(interval) and (done % interval == 0 or done == self.cfg.n_steps)
+
+    def eval_due(self, done: int) -> bool:
+        """Whether to evaluate after `done` steps: `due` for --eval_interval, and once at --eval_first, so that a
+        learning curve can start early without evaluating that often all along."""
+        return self.due(done, self.cfg.eval_interval) or (bool(self.cfg.eval_interval) and done == self.cfg.eval_first)
 
     def log(self, accelerator, step: int, values: dict) -> None:
         """One log step: `values` (losses, kimg, ...) with the step and the peak memory, as a stats.jsonl row and the
