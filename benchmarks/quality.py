@@ -65,6 +65,7 @@ def run_command(cmd: list[str], log: Path, on_line=None) -> float:
         tail = []
         for line in process.stdout:
             out.write(line)
+            out.flush()  # the log can be followed while the family trains
             tail = (tail + [line])[-30:]
             if on_line is not None:
                 on_line(line.rstrip("\n"), time.perf_counter() - start)

@@ -470,3 +470,21 @@ def test_the_loop_tracker_seeds_each_step_logs_when_due_and_counts_skips(tmp_pat
     loop.end_step(3, False)
     with pytest.raises(UserError, match="stopping at step 5: 2 steps in a row"):
         loop.end_step(4, False)
+
+
+def test_eval_first_adds_one_early_evaluation_to_the_intervals(tmp_path):
+    """--eval_first N evaluates once after N steps besides every --eval_interval steps and the last step (a learning
+    curve that starts early); alone it is refused, since the evaluation it would add has no interval to join."""
+    from utils.cli import UserError
+    from utils.run import Run, RunConfig
+
+    cfg = RunConfig(log_dir=str(tmp_path), log_name="due", n_steps=10, eval_interval=4, eval_first=1)
+    cfg.check()
+    run = Run(cfg, "unused", ())
+    assert [done for done in range(1, 11) if run.eval_due(done)] == [1, 4, 8, 10]
+    cfg.eval_first = 0
+    assert [done for done in range(1, 11) if run.eval_due(done)] == [4, 8, 10]
+    cfg.eval_first, cfg.eval_interval = 3, 0
+    assert not any(run.eval_due(done) for done in range(1, 11))
+    with pytest.raises(UserError, match="--eval_first adds one evaluation"):
+        cfg.check()
