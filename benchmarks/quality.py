@@ -90,8 +90,8 @@ def train(name: str, family: dict, spec: dict, args, work: Path) -> dict:
     data = [] if family.get("needs_flag") == "--teacher" else ["--data_dir", args.data_dir, "--no-download"]
     every = str(interval)  # evaluation, log row and grid together; one checkpoint, the final one
     cmd = [sys.executable, family["script"], *flags, *data, "--workdir", str(run_dir), "--loggers", "none",
-           "--eval_interval", every, "--eval_first", str(first), "--eval_samples", str(samples), "--seed", "0", "--sample_interval", every,
-           "--log_interval", every, "--checkpoint_interval", str(10**9)]  # fmt: skip
+           "--eval_interval", every, "--eval_first", str(first), "--eval_samples", str(samples), "--seed", "0",
+           "--sample_interval", every, "--log_interval", every, "--checkpoint_interval", str(10**9)]  # fmt: skip
     curve = []
 
     def on_line(line: str, seconds: float) -> None:
