@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import bench_device, run_script, timed_seconds, timed_steps  # noqa: E402
+from benchmarks.timing import bench_device, run_script, step_bench_args, timed_seconds, timed_steps  # noqa: E402
 from losses import get_diffusion_loss  # noqa: E402
 from modelling import NETWORK_PRESETS, build_denoiser  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
@@ -84,15 +84,8 @@ def main() -> None:
     parser.add_argument("--model", default="ddpmpp-small", choices=[m for m in NETWORK_PRESETS if m != "mlp"])
     parser.add_argument("--method", default="edm", choices=["edm", "follmer"])
     parser.add_argument("--img_size", type=int, default=28, choices=[28, 32])
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--n_steps", type=int, default=40, help="timed steps, after the warm-up")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 1)")
     parser.add_argument("--mixed_precision", default=None, choices=["fp16", "bf16"])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads, both sides")
-    args = parser.parse_args()
-    if min(args.batch_size, args.n_steps, args.warmup, args.threads) < 1:
-        parser.error("--batch_size, --n_steps, --warmup and --threads must be >= 1")
-    torch.set_num_threads(args.threads)
+    args = step_bench_args(parser, batch_size=64, n_steps=40, warmup=5)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), {args.method} {args.model} at {args.img_size}px, "
         f"batch {args.batch_size}, {args.warmup} warm-up + {args.n_steps} timed steps, "

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import bench_device, run_script, timed_seconds, timed_steps  # noqa: E402
+from benchmarks.timing import bench_device, run_script, step_bench_args, timed_seconds, timed_steps  # noqa: E402
 from losses import get_gan_loss, gradient_penalty  # noqa: E402
 from modelling import build_discriminator, build_generator  # noqa: E402
 from tests.idx import make_mnist_dir  # noqa: E402
@@ -124,15 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--method", default="gan", choices=["gan", "wgan-gp", "hinge", "wgan"])
     parser.add_argument("--conditional", action="store_true", help="class-conditional G and D (10 classes)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--n_steps", type=int, default=300, help="timed steps, after the warm-up")
-    parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (>= 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads, both sides")
     parser.add_argument("--data_dir", default=None, help="MNIST IDX files; default: synthetic, in a temp dir")
-    args = parser.parse_args()
-    if min(args.batch_size, args.n_steps, args.warmup, args.threads) < 1:
-        parser.error("--batch_size, --n_steps, --warmup and --threads must be >= 1")
-    torch.set_num_threads(args.threads)
+    args = step_bench_args(parser, batch_size=64, n_steps=300, warmup=30)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), method {args.method}, batch size {args.batch_size}, "
         f"{args.warmup} warm-up + {args.n_steps} timed steps, EMA on" + (", conditional" if args.conditional else "")

@@ -1,6 +1,7 @@
 """Shared by the benchmarks: running a training script as a user would and reading its steady-state time back from
 its stats.jsonl, and timing a bare loop in this process with the accelerator's queue drained at both ends."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,6 +13,20 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_bench_args(parser: argparse.ArgumentParser, batch_size: int, n_steps: int, warmup: int) -> argparse.Namespace:
+    """Add the flags both step benchmarks share (batch size, timed and warm-up steps, torch threads), parse the
+    command line, refuse counts below 1 and set torch's thread count for both the script and the bare loop."""
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--n_steps", type=int, default=n_steps, help="timed steps, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first (>= 1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads, both sides")
+    args = parser.parse_args()
+    if min(args.batch_size, args.n_steps, args.warmup, args.threads) < 1:
+        parser.error("--batch_size, --n_steps, --warmup and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def bench_device() -> torch.device:
