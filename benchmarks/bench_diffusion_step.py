@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,10 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import bench_device, run_script, step_bench_args, timed_seconds, timed_steps  # noqa: E402
+from benchmarks.timing import bench_device, run_script, script_then_bare, step_bench_args, timed_seconds, timed_steps  # noqa: E402
 from losses import get_diffusion_loss  # noqa: E402
 from modelling import NETWORK_PRESETS, build_denoiser  # noqa: E402
-from tests.idx import make_mnist_dir  # noqa: E402
 from utils.data import build_dataset  # noqa: E402
 from utils.dist import set_backends  # noqa: E402
 
@@ -91,12 +89,12 @@ def main() -> None:
         f"batch {args.batch_size}, {args.warmup} warm-up + {args.n_steps} timed steps, "
         f"precision {args.mixed_precision or 'fp32'}"
     )
-    with tempfile.TemporaryDirectory(prefix="bench_diffusion_") as tmp:
-        data_dir = str(make_mnist_dir(Path(tmp) / "data", n_train=1024))
-        script, mem_gb = script_run(args, data_dir, str(Path(tmp) / "logs"))  # first, then bare: never concurrent
-        print(f"diffusion_train.py: {script:.2f} sec/kimg, peak memory {mem_gb:.2f} GiB")
-        bare = bare_sec_per_kimg(args, data_dir)
-        print(f"bare loop:          {bare:.2f} sec/kimg")
+    (script, mem_gb), bare = script_then_bare(
+        "bench_diffusion_", None, 1024, lambda data, logs: script_run(args, data, logs),
+        lambda data: bare_sec_per_kimg(args, data),
+    )  # fmt: skip
+    print(f"diffusion_train.py: {script:.2f} sec/kimg, peak memory {mem_gb:.2f} GiB")
+    print(f"bare loop:          {bare:.2f} sec/kimg")
     print(f"overhead ratio (diffusion_train.py / bare loop): {script / bare:.3f}")
 
 

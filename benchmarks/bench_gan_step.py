@@ -16,7 +16,6 @@ The last line printed is the ratio of the two.
 import argparse
 import copy
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,10 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.timing import bench_device, run_script, step_bench_args, timed_seconds, timed_steps  # noqa: E402
+from benchmarks.timing import bench_device, run_script, script_then_bare, step_bench_args, timed_seconds, timed_steps  # noqa: E402
 from losses import get_gan_loss, gradient_penalty  # noqa: E402
 from modelling import build_discriminator, build_generator  # noqa: E402
-from tests.idx import make_mnist_dir  # noqa: E402
 from utils.data import build_dataset  # noqa: E402
 from utils.dist import set_backends  # noqa: E402
 
@@ -131,12 +129,12 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.n_steps} timed steps, EMA on" + (", conditional" if args.conditional else "")
     )
 
-    with tempfile.TemporaryDirectory(prefix="bench_gan_") as tmp:
-        data_dir = args.data_dir or str(make_mnist_dir(Path(tmp) / "data", n_train=2048))
-        script = script_sec_per_step(args, data_dir, str(Path(tmp) / "logs"))  # first, then bare: never concurrent
-        print(f"gan_mnist.py: {script * 1000:.2f} ms/step, {1 / script:.1f} steps/s")
-        bare = bare_sec_per_step(args, data_dir)
-        print(f"bare loop:    {bare * 1000:.2f} ms/step, {1 / bare:.1f} steps/s")
+    script, bare = script_then_bare(
+        "bench_gan_", args.data_dir, 2048, lambda data, logs: script_sec_per_step(args, data, logs),
+        lambda data: bare_sec_per_step(args, data),
+    )  # fmt: skip
+    print(f"gan_mnist.py: {script * 1000:.2f} ms/step, {1 / script:.1f} steps/s")
+    print(f"bare loop:    {bare * 1000:.2f} ms/step, {1 / bare:.1f} steps/s")
     print(f"overhead ratio (gan_mnist.py / bare loop): {script / bare:.3f}")
 
 

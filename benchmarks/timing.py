@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,3 +82,15 @@ def timed_steps(step: Callable[[], None], warmup: int, n_steps: int, device: tor
 
     run(warmup)
     return timed(lambda: run(n_steps), device)[1]
+
+
+def script_then_bare(prefix: str, data_dir: str | None, n_train: int, script_fn: Callable, bare_fn: Callable) -> tuple:
+    """Time the training script (`script_fn(data_dir, log_dir)`), then the bare loop (`bare_fn(data_dir)`), one after
+    the other and never side by side, on the same IDX files: `data_dir`, or `n_train` synthetic MNIST images in a
+    temporary folder that is removed afterwards. Returns both results."""
+    from tests.idx import make_mnist_dir
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        data_dir = data_dir or str(make_mnist_dir(Path(tmp) / "data", n_train=n_train))
+        script = script_fn(data_dir, str(Path(tmp) / "logs"))
+        return script, bare_fn(data_dir)
