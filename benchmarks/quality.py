@@ -153,7 +153,7 @@ def score_translation(name: str, trained: dict, n: int, work: Path) -> dict:
 
 
 def run_family(name: str, family: dict, spec: dict, args, work: Path, ref: dict, waits: dict) -> list[dict]:
-    if family.get("needs"):
+    if family.get("needs") in waits:  # else --reuse_needs: the run already in --work
         waits[family["needs"]].result()  # a teacher or data score first (its failure fails this family too)
     trained = train(name, family, spec, args, work)
     n = SMOKE["final_samples"] if args.smoke else spec["final_samples"]
@@ -331,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="", help="runs, samples and logs (default: <out>/work, not committed)")
     parser.add_argument("--data_dir", default="data", help="Fashion-MNIST IDX files (else /usr/share/datasets)")
     parser.add_argument("--only", default="", help="comma-separated family names")
+    parser.add_argument(
+        "--reuse_needs",
+        action="store_true",
+        help="with --only: a teacher or data score already trained in --work "
+        "is used as it is, not trained again (its own row stays as it is in the table)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="families trained side by side, one thread each")
     parser.add_argument("--smoke", action="store_true", help="a few steps and tiny networks: the pipeline only")
     parser.add_argument(
@@ -352,15 +358,16 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(chosen) - set(families))
     if unknown:
         parser.error(f"unknown families {unknown}; valid: {sorted(families)}")
-    for name in list(chosen):  # a family's dependency runs too
+    work = Path(args.work).resolve() if args.work else out / "work"
+    for name in list(chosen):  # a family's dependency runs too, unless --reuse_needs finds its finished run
         need = families[name].get("needs")
-        if need and need not in chosen:
+        reuse = args.reuse_needs and any((work / "runs" / str(need) / "snapshots").glob("snapshot-*.safetensors"))
+        if need and need not in chosen and not reuse:
             chosen.insert(0, need)
     # Teachers and data scores start first and the families that wait for them last, so that no worker sits idle
     # waiting while the family it waits for is still queued behind it.
     needed = {families[n].get("needs") for n in chosen}
     chosen.sort(key=lambda n: 0 if n in needed else 2 if families[n].get("needs") else 1)
-    work = Path(args.work).resolve() if args.work else out / "work"
     for sub in ("logs", "stats", "runs", "samples"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     (out / "grids").mkdir(parents=True, exist_ok=True)
