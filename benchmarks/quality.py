@@ -152,6 +152,20 @@ def score_translation(name: str, trained: dict, n: int, work: Path) -> dict:
                      "grid": grids[-1] if grids else None}  # fmt: skip
 
 
+def schedule(chosen: list[str], families: dict, work: Path, reuse_needs: bool = False) -> list[str]:
+    """The families to train, in the order they are started: a chosen family's dependency (a teacher, a data score)
+    is added, unless `reuse_needs` and its run in `work` has a snapshot; dependencies first and the families that
+    wait for them last, so that no worker sits idle waiting while the family it waits for is queued behind it."""
+    chosen = list(chosen)
+    for name in list(chosen):
+        need = families[name].get("needs")
+        reuse = reuse_needs and any((work / "runs" / str(need) / "snapshots").glob("snapshot-*.safetensors"))
+        if need and need not in chosen and not reuse:
+            chosen.insert(0, need)
+    needed = {families[n].get("needs") for n in chosen}
+    return sorted(chosen, key=lambda n: 0 if n in needed else 2 if families[n].get("needs") else 1)
+
+
 def run_family(name: str, family: dict, spec: dict, args, work: Path, ref: dict, waits: dict) -> list[dict]:
     if family.get("needs") in waits:  # else --reuse_needs: the run already in --work
         waits[family["needs"]].result()  # a teacher or data score first (its failure fails this family too)
@@ -359,15 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown families {unknown}; valid: {sorted(families)}")
     work = Path(args.work).resolve() if args.work else out / "work"
-    for name in list(chosen):  # a family's dependency runs too, unless --reuse_needs finds its finished run
-        need = families[name].get("needs")
-        reuse = args.reuse_needs and any((work / "runs" / str(need) / "snapshots").glob("snapshot-*.safetensors"))
-        if need and need not in chosen and not reuse:
-            chosen.insert(0, need)
-    # Teachers and data scores start first and the families that wait for them last, so that no worker sits idle
-    # waiting while the family it waits for is still queued behind it.
-    needed = {families[n].get("needs") for n in chosen}
-    chosen.sort(key=lambda n: 0 if n in needed else 2 if families[n].get("needs") else 1)
+    chosen = schedule(chosen, families, work, args.reuse_needs)
     for sub in ("logs", "stats", "runs", "samples"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     (out / "grids").mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from benchmarks.quality import END, START, against_dcgan, merge, publish, write_markdown
+from benchmarks.quality import END, START, against_dcgan, merge, publish, schedule, write_markdown
 from tests.conftest import run
 
 KEYS = {"family", "kimg", "minutes", "fd_cls", "first_fd_cls", "precision", "recall", "command"}
@@ -108,3 +108,16 @@ def test_each_row_is_set_against_dcgan_at_the_same_minutes_conditional_against_c
     assert biggan["reference"] == "dcgan_cond" and biggan["reference_fd_cls"] == 40.0  # after DCGAN's end: its last
     assert early["reference_fd_cls"] == 100.0 and early["ratio"] == 0.5  # before DCGAN's first evaluation: its first
     assert rows[0]["vs_dcgan"]["ratio"] == 1.0 and "vs_dcgan" not in rows[5]
+
+
+def test_dependencies_run_first_and_reuse_needs_keeps_a_finished_one(tmp_path):
+    """A chosen family's teacher is trained too, before it, and families that wait come last; with --reuse_needs
+    a teacher whose run in --work has a snapshot is not trained again, one without a snapshot still is."""
+    families = {"teacher": {}, "student": {"needs": "teacher"}, "gan": {}}
+    assert schedule(["student", "gan"], families, tmp_path) == ["teacher", "gan", "student"]
+    assert schedule(["student"], families, tmp_path, reuse_needs=True) == ["teacher", "student"]
+    snapshots = tmp_path / "runs" / "teacher" / "snapshots"
+    snapshots.mkdir(parents=True)
+    (snapshots / "snapshot-00000010.safetensors").write_bytes(b"")
+    assert schedule(["student", "gan"], families, tmp_path, reuse_needs=True) == ["gan", "student"]
+    assert schedule(["student"], families, tmp_path) == ["teacher", "student"]
