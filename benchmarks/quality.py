@@ -159,8 +159,9 @@ def schedule(chosen: list[str], families: dict, work: Path, reuse_needs: bool = 
     chosen = list(chosen)
     for name in list(chosen):
         need = families[name].get("needs")
-        reuse = reuse_needs and any((work / "runs" / str(need) / "snapshots").glob("snapshot-*.safetensors"))
-        if need and need not in chosen and not reuse:
+        if not need or need in chosen:
+            continue
+        if not (reuse_needs and any((work / "runs" / need / "snapshots").glob("snapshot-*.safetensors"))):
             chosen.insert(0, need)
     needed = {families[n].get("needs") for n in chosen}
     return sorted(chosen, key=lambda n: 0 if n in needed else 2 if families[n].get("needs") else 1)
