@@ -68,19 +68,14 @@ class Config(RunConfig):
     download: bool = True
     img_size: int | None = field(default=None, metadata={"help": "default: the teacher's; must match it"})
     batch_size: int = field(
-        default=64,
-        metadata={
-            "min": 1,
-            "aliases": ("bsz",),
-            "help": "images per process per accumulation round (--bsz: CharacteristicGenerator's)",
-        },
+        default=64, metadata={"min": 1, "aliases": ("bsz",), "help": "images per process per accumulation round"}
     )
     global_batch_size: int = field(
         default=0,
         metadata={
             "min": 0,
             "aliases": ("global_bsz",),
-            "help": "images per optimizer step; 0 = --batch_size x processes (--global_bsz: CharacteristicGenerator's)",
+            "help": "images per optimizer step; 0 = --batch_size x processes",
         },
     )
     optimizer: str = field(default="RAdam", metadata={"choices": ["Adam", "AdamW", "RAdam"]})

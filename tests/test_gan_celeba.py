@@ -64,20 +64,8 @@ def test_every_model_trains_and_samples(tmp_path, image_dir, model):
     growth = ["--fade_kimg", "0.004"] if model == "progressive_gan" else []  # 1 step per phase: it grows
     lazy = ["--r1_interval", "2", "--pl_interval", "2"] if model == "stylegan2" else []
     intervals = ["--log_interval", "2", "--sample_interval", "4", "--checkpoint_interval", "4"]
-    train(
-        image_dir,
-        tmp_path,
-        model,
-        "--log_name",
-        "run",
-        "--n_steps",
-        "4",
-        "--ema",
-        *intervals,
-        *conditional,
-        *growth,
-        *lazy,
-    )
+    train(image_dir, tmp_path, model, "--log_name", "run", "--n_steps", "4", "--ema", *intervals, *conditional, *growth,
+          *lazy)  # fmt: skip
     run_dir = tmp_path / "run"
     config = json.loads((run_dir / "config.json").read_text())
     expected_method = {"progressive_gan": "wgan-gp", "sagan": "hinge"}.get(model, "gan")
@@ -255,14 +243,20 @@ def test_two_processes_with_torchrun(tmp_path, image_dir, case):
         assert json.loads((tmp_path / "s" / "sample_info.json").read_text())["n_images"] == 2
 
 
-def test_sn_disc_drops_batchnorm_unless_a_norm_is_asked_for():
+@pytest.mark.parametrize("script", ["gan_mnist", "gan_celeba"])
+def test_sn_disc_drops_batchnorm_unless_a_norm_is_asked_for(script):
     """SN-GAN's critic is spectrally normalised with no BatchNorm (the recipe in the README of gau-nernst/gan);
-    an explicit --disc_kwargs norm still wins."""
-    from gan_celeba import Config, build_models, resolve_config
+    an explicit --disc_kwargs norm still wins. Both GAN scripts build the DCGAN critic this way."""
+    import importlib
+
+    module = importlib.import_module(script)
 
     def disc_layers(**kwargs):
-        cfg = resolve_config(Config(model="dcgan", img_size=16, **kwargs))
-        _, _, disc = build_models(cfg, img_channels=3, n_classes=0)
+        cfg = module.Config(model="dcgan", img_size=16, **kwargs)
+        if script == "gan_celeba":
+            _, _, disc = module.build_models(module.resolve_config(cfg), img_channels=3, n_classes=0)
+        else:
+            _, _, disc = module.build_models(cfg, n_classes=0)
         convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
         n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
         return n_bn, all(hasattr(c, "parametrizations") for c in convs)

@@ -27,21 +27,9 @@ def _same_tree(a, b, path="") -> list[str]:
 
 def test_run_folder_holds_every_artefact(tmp_path, mnist_dir):
     result = train(
-        mnist_dir,
-        tmp_path,
-        "--log_name",
-        "cond",
-        "--conditional",
-        "--ema",
-        "--n_steps",
-        "4",
-        "--log_interval",
-        "2",
-        "--sample_interval",
-        "2",
-        "--checkpoint_interval",
-        "2",
-    )
+        mnist_dir, tmp_path, "--log_name", "cond", "--conditional", "--ema", "--n_steps", "4",
+        "--log_interval", "2", "--sample_interval", "2", "--checkpoint_interval", "2",
+    )  # fmt: skip
     run_dir = tmp_path / "cond"
     config = json.loads((run_dir / "config.json").read_text())
     assert (
@@ -220,19 +208,9 @@ def test_accelerate_launch(tmp_path, mnist_dir):
 def test_compile_with_gradient_penalty(tmp_path, mnist_dir):
     """G and D are compiled; the second-order penalty runs on the eager module and training stays finite."""
     result = train(
-        mnist_dir,
-        tmp_path,
-        "--log_name",
-        "compiled",
-        "--n_steps",
-        "3",
-        "--method",
-        "wgan-gp",
-        "--compile",
-        "--log_interval",
-        "1",
-        timeout=900,
-    )
+        mnist_dir, tmp_path, "--log_name", "compiled", "--n_steps", "3", "--method", "wgan-gp", "--compile",
+        "--log_interval", "1", timeout=900,
+    )  # fmt: skip
     assert "step 3/3" in result.stdout
     assert all(r["skipped"] == 0 and r["penalty/gp"] < 10 for r in read_stats(tmp_path / "compiled"))
 
@@ -240,22 +218,9 @@ def test_compile_with_gradient_penalty(tmp_path, mnist_dir):
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, mnist_dir):
     result = train(
-        mnist_dir,
-        tmp_path,
-        "--log_name",
-        "nan",
-        "--n_steps",
-        "20",
-        "--lr",
-        "1e30",
-        "--log_interval",
-        "1",
-        "--checkpoint_interval",
-        "1",
-        "--max_skipped_steps",
-        "2",
-        ok=False,
-    )
+        mnist_dir, tmp_path, "--log_name", "nan", "--n_steps", "20", "--lr", "1e30", "--log_interval", "1",
+        "--checkpoint_interval", "1", "--max_skipped_steps", "2", ok=False,
+    )  # fmt: skip
     assert_one_line_error(result, "non-finite gradients", "newest training state is")
     rows = read_stats(tmp_path / "nan")
     assert rows[-1]["skipped"] >= 1  # logged before the stop
@@ -358,21 +323,3 @@ def test_real_fashion_mnist_from_the_system_copy(tmp_path):
     )
     assert "60000 training samples" in result.stdout
     assert read_stats(tmp_path / "fashion_mnist_dcgan_gan")[-1]["step"] == 3
-
-
-def test_sn_disc_drops_batchnorm_unless_a_norm_is_asked_for():
-    """SN-GAN's critic is spectrally normalised with no BatchNorm (the recipe in the README of gau-nernst/gan);
-    an explicit --disc_kwargs norm still wins."""
-    import torch
-
-    from gan_mnist import Config, build_models
-
-    def disc_layers(**kwargs):
-        _, _, disc = build_models(Config(img_size=16, **kwargs), n_classes=0)
-        convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
-        n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules())
-        return n_bn, all(hasattr(c, "parametrizations") for c in convs)
-
-    assert disc_layers() == (1, False)
-    assert disc_layers(sn_disc=True) == (0, True)
-    assert disc_layers(sn_disc=True, disc_kwargs={"norm": "batch"}) == (1, True)
