@@ -298,8 +298,8 @@ def write_table(results: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     hours = {}  # per harness command, the hours when its last row was written: the run's length
     for c in (r["table_command"] for r in results if "table_command" in r):
-        hours[c["command"], c["jobs"]] = max(c["hours"], hours.get((c["command"], c["jobs"]), 0.0))
-    made = [f"`{command}` ({h:.2f} h)" for (command, jobs), h in hours.items()]
+        hours[c["command"]] = max(c["hours"], hours.get(c["command"], 0.0))
+    made = [f"`{command}` ({h:.2f} h)" for command, h in hours.items()]
     write_markdown(results, out / "results.md", f"Made by {'; '.join(sorted(made))}, each family on one thread.")
     plot_curves(results, out / "curves.png")
 
